@@ -1,0 +1,275 @@
+"""The configuration model: one dataclass for a training run, one per concept.
+
+Field names are the AUTOMATIC1111 Dreambooth extension's own ``db_config.json`` / concept keys
+(see ``fields.md``), so a user's saved parameters read the same here. Each field carries its
+label, help, group and limits (:func:`colab_dreambooth.fields.setting`); JSON save/load lives in
+:mod:`colab_dreambooth.params` and the checks in :mod:`colab_dreambooth.validation`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .fields import setting
+from .prompts import EXISTING_PROMPT_CONTENTS
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine",
+                 "cosine_with_restarts", "polynomial")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+ATTENTION = ("default", "xformers", "flash_attention")
+OPTIMIZERS = ("AdamW",)
+TINY_MODEL = "tiny"
+DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+@dataclass
+class Concept:
+    """One subject (or style) to teach, with its prompts, images and class images."""
+
+    instance_prompt: str = setting(
+        "", "Instance prompt", "The prompt that calls your subject: a rare one-token word plus "
+        "the class word, e.g. 'shs girl'. Keep it simple: complex prompts drift. May hold "
+        "[filewords] to use each image's caption.", "Concepts")
+    class_prompt: str = setting(
+        "", "Class prompt", "Describes the class images, e.g. 'girl'. Must not hold the instance "
+        "token. Blank = no prior preservation. May hold [filewords].", "Concepts")
+    instance_data_dir: str = setting(
+        "", "Instance dataset directory", "Folder with the subject's images (jpg, png, webp, "
+        "bmp), each optionally with a same-name .txt caption.", "Concepts", path=True)
+    class_data_dir: str = setting(
+        "", "Classification dataset directory", "Folder with the class (regularization) "
+        "images. Blank while a class prompt is set: they are generated into "
+        "<models root>/dreambooth/<model name>/classifiers/concept_<n>.", "Concepts", path=True)
+    file_prompt_contents: str = setting(
+        "Description", "Existing Prompt Contents", "What your captions already hold; decides how "
+        "[filewords] captions are rewritten to carry the instance token.", "Concepts",
+        choices=EXISTING_PROMPT_CONTENTS)
+    instance_token: str = setting(
+        "", "Instance Token", "Just the rare word (e.g. 'sks'), never 'a photo of sks' or "
+        "'sks dog'. Used when a prompt holds [filewords].", "Concepts")
+    class_token: str = setting(
+        "", "Class Token", "The class word; several allowed, comma-separated ('a woman, "
+        "woman'). Used when a prompt holds [filewords].", "Concepts")
+    num_class_images: int = setting(
+        0, "Total Number of Class/Reg Images", "How many class images this concept uses; "
+        "missing ones are generated, existing ones kept. 0 = no prior preservation. "
+        "Users take about 100-200 per concept (each costs a generation).", "Concepts",
+        minimum=0, maximum=100000)
+    class_negative_prompt: str = setting(
+        "", "Classification Image Negative Prompt", "Negative prompt when generating class "
+        "images.", "Class images")
+    class_guidance_scale: float = setting(
+        7.5, "Classification CFG Scale", "Classifier-free guidance when generating class "
+        "images.", "Class images", minimum=0.0, maximum=50.0)
+    class_infer_steps: int = setting(
+        40, "Classification Steps", "Inference steps per class image: more is slower, "
+        "rarely better beyond 40.", "Class images", minimum=1, maximum=500)
+    class_seed: int = setting(
+        -1, "Class image seed", "Seed for class images; -1 = random.", "Class images",
+        minimum=-1)
+    save_sample_prompt: str = setting(
+        "", "Sample Image Prompt", "Prompt for preview samples. Blank = the instance prompt. "
+        "May hold [filewords].", "Sampling")
+    save_sample_negative_prompt: str = setting(
+        "", "Sample Negative Prompt", "Negative prompt for preview samples.", "Sampling")
+    save_sample_template: str = setting(
+        "", "Sample Prompt Template File", "A text file with one sample prompt per line "
+        "(used instead of the sample prompt).", "Sampling", path=True)
+    n_save_sample: int = setting(
+        1, "Number of Samples to Generate", "Preview images per concept at each preview.",
+        "Sampling", minimum=0, maximum=100)
+    sample_seed: int = setting(
+        -1, "Sample Seed", "Seed for preview samples; -1 = random. A fixed seed shows how "
+        "the same image evolves.", "Sampling", minimum=-1)
+    save_guidance_scale: float = setting(
+        7.5, "Sample CFG Scale", "Classifier-free guidance for preview samples.", "Sampling",
+        minimum=0.0, maximum=50.0)
+    save_infer_steps: int = setting(
+        20, "Sample Steps", "Inference steps per preview sample.", "Sampling",
+        minimum=1, maximum=500)
+
+    @property
+    def wants_prior_preservation(self) -> bool:
+        """True when this concept trains with class images."""
+        return bool(self.class_prompt.strip()) and (
+            self.num_class_images > 0 or bool(self.class_data_dir.strip()))
+
+
+@dataclass
+class DreamBoothConfig:
+    """Every setting of a DreamBooth run (the extension's form, as JSON keys)."""
+
+    # Model
+    model_name: str = setting(
+        "dreambooth-model", "Model name", "Names the working folder "
+        "<models root>/dreambooth/<name>/ where the trained model and class images go.", "Model")
+    pretrained_model_name_or_path: str = setting(
+        DEFAULT_BASE_MODEL, "Base model", "A Hugging Face Hub id, a local diffusers folder, a "
+        ".safetensors/.ckpt file, or 'tiny' for the small built-in model (tests and demos; "
+        "learns nothing useful).", "Model", path=True)
+    src: str = setting(
+        "", "Create Model (source checkpoint)", "A single-file .ckpt/.safetensors to convert "
+        "to the diffusers layout once; when set it is the base model.", "Model", path=True)
+    models_root: str = setting(
+        "", "Models root", "Folder that holds dreambooth/<model name>/. Blank = ./models in "
+        "the current folder.", "Model", path=True)
+    # Parameters
+    max_train_steps: Optional[int] = setting(
+        None, "Training Steps", "Total optimizer steps. When set it wins over Training Epochs.",
+        "Parameters", minimum=1)
+    num_train_epochs: Optional[int] = setting(
+        100, "Training Epochs", "Passes over the instance images, used when Training Steps is "
+        "blank. Rule of thumb: about 100 (images x 100 steps at batch size 1).", "Parameters",
+        minimum=1)
+    learning_rate: float = setting(
+        2e-6, "Learning rate", "UNet learning rate. Higher learns faster and over-fits sooner.",
+        "Parameters", minimum=0.0, maximum=1.0)
+    text_encoder_learning_rate: float = setting(
+        1e-6, "Text encoder learning rate", "Learning rate of the text encoder when it "
+        "trains.", "Parameters", minimum=0.0, maximum=1.0)
+    scale_lr: bool = setting(
+        False, "Scale learning rate", "Multiply the learning rates by GPUs x gradient "
+        "accumulation steps x batch size.", "Parameters")
+    lr_scheduler: str = setting(
+        "constant_with_warmup", "LR scheduler", "How the learning rate changes over the run.",
+        "Parameters", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = setting(
+        0, "Warmup Steps", "Linear warm-up of the learning rate from 0 over this many steps.",
+        "Parameters", minimum=0)
+    lr_cycles: int = setting(
+        1, "Learning rate cycles", "Restarts for cosine_with_restarts.", "Parameters",
+        minimum=1, maximum=100)
+    lr_power: float = setting(
+        1.0, "Polynomial power", "Power of the polynomial scheduler.", "Parameters",
+        minimum=0.0, maximum=10.0)
+    resolution: int = setting(
+        512, "Resolution", "Training side length in pixels (a multiple of 64). 640 helps when "
+        "you will generate above 512; VRAM grows with its square.", "Parameters",
+        minimum=64, maximum=2048)
+    center_crop: bool = setting(
+        False, "Center Crop", "Crop the center square; otherwise resize the short side and "
+        "crop at random each epoch.", "Parameters")
+    hflip: bool = setting(
+        True, "Apply Horizontal Flip", "Random left-right flip. Turn off for asymmetric "
+        "subjects (text, logos, parted hair).", "Parameters")
+    seed: Optional[int] = setting(
+        None, "Seed", "Seed for the whole run; blank = random (printed so you can repeat it).",
+        "Parameters", minimum=0, maximum=2**32 - 1)
+    concepts_path: str = setting(
+        "", "Concepts List", "A JSON file holding a list of concepts (used instead of the "
+        "concepts below).", "Parameters", path=True)
+    concepts_list: list[Concept] = setting(
+        [], "Concepts", "The concepts trained together in this run. Train several concepts in "
+        "one run: training concept B later blurs concept A.", "Concepts")
+    # Advanced
+    train_batch_size: int = setting(
+        1, "Batch size", "Instance images per step (with prior preservation each step also "
+        "takes as many class images). More VRAM.", "Advanced", minimum=1, maximum=256)
+    sample_batch_size: int = setting(
+        1, "Class batch size", "Images generated at once when making class images.",
+        "Advanced", minimum=1, maximum=256)
+    gradient_accumulation_steps: int = setting(
+        1, "Gradient accumulation steps", "Batches summed per optimizer step: a larger "
+        "effective batch at no VRAM cost, slower per step.", "Advanced", minimum=1, maximum=1024)
+    use_cpu: bool = setting(
+        False, "Use CPU Only (SLOW)", "Train on the CPU (needs about 48 GB RAM for SD 1.x). "
+        "Cannot use 8-bit Adam.", "Advanced")
+    use_8bit_adam: Optional[bool] = setting(
+        None, "Use 8bit Adam", "bitsandbytes AdamW8bit: saves VRAM, slightly less exact; CUDA "
+        "only. Blank = on when a CUDA GPU and bitsandbytes are present.", "Advanced")
+    optimizer: str = setting(
+        "AdamW", "Optimizer", "The optimizer (8-bit or not is chosen by Use 8bit Adam).",
+        "Advanced", choices=OPTIMIZERS)
+    weight_decay: float = setting(
+        1e-2, "Weight decay", "AdamW weight decay.", "Advanced", minimum=0.0, maximum=1.0)
+    adam_beta1: float = setting(0.9, "Adam beta 1", "AdamW first-moment decay.", "Advanced",
+                                minimum=0.0, maximum=0.99999)
+    adam_beta2: float = setting(0.999, "Adam beta 2", "AdamW second-moment decay.", "Advanced",
+                                minimum=0.0, maximum=0.99999)
+    adam_epsilon: float = setting(1e-8, "Adam epsilon", "AdamW epsilon.", "Advanced",
+                                  minimum=0.0, maximum=1.0)
+    max_grad_norm: float = setting(
+        1.0, "Max grad norm", "Clip gradients to this norm; 0 = no clipping.", "Advanced",
+        minimum=0.0)
+    mixed_precision: str = setting(
+        "fp16", "Mixed precision", "no / fp16 / bf16. bf16 needs an A100, L4, H100 or newer "
+        "(not T4/V100). On the CPU training runs in fp32.", "Advanced", choices=MIXED_PRECISION)
+    attention: str = setting(
+        "default", "Memory Attention", "default = PyTorch scaled-dot-product attention "
+        "(memory-efficient, no extra install); xformers needs its package and CUDA; "
+        "flash_attention = PyTorch's flash kernel.", "Advanced", choices=ATTENTION)
+    cache_latents: bool = setting(
+        True, "Cache latents", "Run the VAE once over all images and keep the latents (both "
+        "flips when flipping), so the VAE leaves the GPU. Turn off to encode each step.",
+        "Advanced")
+    train_text_encoder: bool = setting(
+        True, "Train Text Encoder", "Also fine-tune CLIP: better faces, more VRAM.", "Advanced")
+    stop_text_encoder: float = setting(
+        1.0, "Step Ratio of Text Encoder Training", "Fraction of the run during which the text "
+        "encoder trains (1.0 = all of it).", "Advanced", minimum=0.0, maximum=1.0)
+    use_ema: bool = setting(
+        False, "Train EMA", "Keep an exponential moving average of the UNet and save it: "
+        "guards against over-fitting late in the run; costs one more UNet of memory.",
+        "Advanced")
+    ema_on_cpu: bool = setting(
+        False, "Keep EMA on CPU", "Hold the EMA weights in host memory: saves VRAM, slower "
+        "steps.", "Advanced")
+    ema_decay: float = setting(
+        0.9999, "EMA max decay", "Upper bound of the EMA decay (warmed up from 0).", "Advanced",
+        minimum=0.0, maximum=1.0)
+    prior_loss_weight: float = setting(
+        1.0, "Prior Loss Weight", "Weight of the class-image (prior-preservation) loss.",
+        "Advanced", minimum=0.0, maximum=100.0)
+    pad_tokens: bool = setting(
+        True, "Pad Tokens", "Pad every prompt to the full 75 tokens (77 with BOS/EOS).",
+        "Advanced")
+    gradient_checkpointing: Optional[bool] = setting(
+        None, "Gradient checkpointing", "Recompute activations in the backward pass: much less "
+        "VRAM, about 25% slower. Blank = on with a CUDA GPU.", "Advanced")
+    # Saving and sampling cadence
+    save_every_steps: int = setting(
+        0, "Save model every N steps", "Write the model to the output folder every N steps "
+        "(replacing the previous save); 0 = only at the end and on cancel.", "Saving",
+        minimum=0)
+    save_every_epochs: int = setting(
+        0, "Save model every N epochs", "As above, counted in epochs; 0 = off.", "Saving",
+        minimum=0)
+    save_preview_every: int = setting(
+        0, "Generate a preview every N epochs", "Preview samples of each concept every N "
+        "epochs (and at the end when non-zero); 0 = none.", "Sampling", minimum=0)
+
+    # ----------------------------------------------------------------- derived paths
+    @property
+    def base_model(self) -> str:
+        """The model training starts from: ``src`` when set, else the base model."""
+        return self.src.strip() or self.pretrained_model_name_or_path.strip()
+
+    @property
+    def model_dir(self) -> Path:
+        """``<models root>/dreambooth/<model name>``: where this run's files go."""
+        root = Path(self.models_root).expanduser() if self.models_root.strip() else Path("models")
+        return root / "dreambooth" / safe_name(self.model_name)
+
+    def class_dir(self, index: int) -> Path:
+        """The class image folder of concept ``index`` (0-based), its own or the default."""
+        concept = self.concepts_list[index]
+        if concept.class_data_dir.strip():
+            return Path(concept.class_data_dir).expanduser()
+        return self.model_dir / "classifiers" / f"concept_{index + 1}"
+
+    def copy(self, **changes) -> "DreamBoothConfig":
+        """A deep copy with some fields changed."""
+        new = dataclasses.replace(self, **changes)
+        if "concepts_list" not in changes:
+            new.concepts_list = [dataclasses.replace(c) for c in self.concepts_list]
+        return new
+
+
+def safe_name(name: str) -> str:
+    """A model name usable as a folder name (what the extension keeps: letters, digits, ._- )."""
+    kept = "".join(ch for ch in name.strip() if ch.isalnum() or ch in "._- ").strip(" .")
+    return kept or "dreambooth-model"
+

@@ -1,0 +1,203 @@
+"""The training data: which images train, with which prompts, and how batches are formed.
+
+:func:`collect_training_data` reads every concept's instance and class folders, checks every
+image and builds every prompt before any model is loaded, and raises one :class:`DataError`
+listing all that is wrong. :class:`DreamBoothDataset` then yields instance images paired with a
+class image of the same concept (prior preservation), as pixels or as cached latents.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .images import ImageProblem, check_images, crop_and_resize, hflip, load_image, to_tensor
+from .prompts import PromptError, build_prompts, read_caption
+
+if TYPE_CHECKING:
+    from .config import DreamBoothConfig
+
+
+class DataError(ValueError):
+    """The training data cannot be used; ``problems`` lists every reason (file and fix)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) with the training data:\n{lines}")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training image and the prompt it trains with."""
+
+    image: Path
+    prompt: str
+    concept: int  # 0-based index into the config's concepts_list
+
+
+@dataclass
+class TrainingData:
+    """Every instance example, and the class examples of each concept that has them."""
+
+    instance: list[Example]
+    classes: dict[int, list[Example]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def with_prior_preservation(self) -> bool:
+        """True when any concept trains with class images."""
+        return any(self.classes.values())
+
+
+def collect_training_data(config: "DreamBoothConfig") -> TrainingData:
+    """Check all images and build all prompts of ``config``'s concepts.
+
+    Raises :class:`DataError` with every unreadable, truncated, too-small or mislabelled file,
+    empty or missing folder, unusable caption and missing class image at once.
+    """
+    problems: list[str] = []
+    data = TrainingData(instance=[])
+    for index, concept in enumerate(config.concepts_list):
+        label = f"concept {index + 1}"
+        images, image_problems = check_images(concept.instance_data_dir, config.resolution)
+        _sort_problems(image_problems, label, "instance", problems, data.warnings)
+        for path in images:
+            prompts = _prompts_for(path, concept, label, problems)
+            if prompts:
+                data.instance.append(Example(path, prompts[0], index))
+        if concept.wants_prior_preservation:
+            data.classes[index] = _class_examples(config, index, problems, data.warnings)
+    if problems:
+        raise DataError(problems)
+    return data
+
+
+def _class_examples(config: "DreamBoothConfig", index: int, problems: list[str],
+                    warnings: list[str]) -> list[Example]:
+    concept = config.concepts_list[index]
+    label = f"concept {index + 1}"
+    folder = config.class_dir(index)
+    wanted = concept.num_class_images
+    images: list[Path] = []
+    if folder.is_dir():
+        images, image_problems = check_images(folder, config.resolution)
+        # An empty class folder is reported below with the count; no need to say it twice.
+        image_problems = [p for p in image_problems if p.path != folder]
+        _sort_problems(image_problems, label, "class", problems, warnings)
+    if wanted and len(images) < wanted:
+        problems.append(f"{label}: the class folder {folder} holds {len(images)} usable images "
+                        f"but Total Number of Class Images is {wanted}: add the missing "
+                        f"{wanted - len(images)} (generated with the base model from the class "
+                        "prompt), or lower the number")
+        return []
+    if not images:
+        problems.append(f"{label}: the class folder {folder} holds no usable image: add class "
+                        "images, or clear the class prompt to train without prior preservation")
+        return []
+    examples = []
+    for path in images[:wanted] if wanted else images:
+        prompts = _prompts_for(path, concept, label, problems)
+        if prompts:
+            examples.append(Example(path, prompts[1], index))
+    return examples
+
+
+def _prompts_for(path: Path, concept: Any, label: str, problems: list[str]
+                 ) -> tuple[str, str] | None:
+    try:
+        caption = read_caption(path, concept=label)
+        return build_prompts(caption, concept.instance_prompt, concept.class_prompt,
+                             concept.instance_token, concept.class_token,
+                             concept.file_prompt_contents, caption_file=_caption_file(path),
+                             concept=label)
+    except PromptError as exc:
+        problems.append(str(exc))
+        return None
+
+
+def _caption_file(path: Path) -> Path:
+    txt = path.with_suffix(".txt")
+    return txt if txt.exists() else path
+
+
+def _sort_problems(found: list[ImageProblem], label: str, kind: str, problems: list[str],
+                   warnings: list[str]) -> None:
+    for p in found:
+        (problems if p.severity == "error" else warnings).append(f"{label} {kind} image {p}")
+
+
+# ----------------------------------------------------------------------------- batches
+class DreamBoothDataset(torch.utils.data.Dataset):
+    """Instance examples, each paired with the next class example of its concept.
+
+    An item is ``{"instance": (image, prompt), "class": (image, prompt) | None}`` where image is
+    a ``[-1, 1]`` CHW tensor, or, once :meth:`use_latents` is called, a cached latent
+    distribution ``(mean, std)`` from which the loop samples.
+    """
+
+    def __init__(self, data: TrainingData, resolution: int, center_crop: bool, flip: bool,
+                 seed: int):
+        self.data = data
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.flip = flip
+        self.rng = random.Random(seed)
+        self.class_cursor = {concept: 0 for concept in data.classes}
+        self.latents: dict[tuple[Path, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.data.instance)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        example = self.data.instance[i]
+        item = {"instance": self._load(example), "class": None}
+        pool = self.data.classes.get(example.concept)
+        if pool:
+            # Walk through the class images in turn so every one is used across epochs.
+            cursor = self.class_cursor[example.concept]
+            self.class_cursor[example.concept] = cursor + 1
+            item["class"] = self._load(pool[cursor % len(pool)])
+        return item
+
+    def _load(self, example: Example) -> tuple[Any, str]:
+        flipped = self.flip and self.rng.random() < 0.5
+        if self.latents is not None:
+            return self.latents[(example.image, flipped)], example.prompt
+        pixels = self.pixels(example.image)
+        return (hflip(pixels) if flipped else pixels), example.prompt
+
+    def pixels(self, image: Path) -> torch.Tensor:
+        """The image cropped to the training resolution as a ``[-1, 1]`` tensor."""
+        return to_tensor(crop_and_resize(load_image(image), self.resolution, self.center_crop,
+                                         self.rng))
+
+    def all_images(self) -> list[Path]:
+        """Every distinct image the dataset can yield."""
+        seen = dict.fromkeys(e.image for e in self.data.instance)
+        for pool in self.data.classes.values():
+            seen.update(dict.fromkeys(e.image for e in pool))
+        return list(seen)
+
+    def use_latents(self, latents: dict[tuple[Path, bool], tuple[torch.Tensor, torch.Tensor]]
+                    ) -> None:
+        """Serve cached latent distributions keyed by ``(image, flipped)`` instead of pixels."""
+        self.latents = latents
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a batch: instance rows first, then the class rows (prior preservation)."""
+    rows = [it["instance"] for it in items] + [it["class"] for it in items if it["class"]]
+    images = [r[0] for r in rows]
+    if isinstance(images[0], tuple):  # cached latent distributions
+        pixels = None
+        latent_mean = torch.stack([m for m, _ in images])
+        latent_std = torch.stack([s for _, s in images])
+    else:
+        pixels, latent_mean, latent_std = torch.stack(images), None, None
+    return {"pixels": pixels, "latent_mean": latent_mean, "latent_std": latent_std,
+            "prompts": [r[1] for r in rows], "num_instance": len(items)}

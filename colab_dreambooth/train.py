@@ -1,0 +1,298 @@
+"""The DreamBooth training run: config -> data -> models -> loop -> saved diffusers folder.
+
+The loop body is the paper's step in one place: encode images to latents, add noise at random
+timesteps, predict the noise (or velocity), take the MSE on the instance half of the batch plus
+Prior Loss Weight times the MSE on the class half, backward, step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import DreamBoothConfig
+from .data import DreamBoothDataset, TrainingData, collate, collect_training_data
+from .models import Components, load_components, save_folder_atomic
+from .optim import EMA, make_lr_scheduler, make_optimizer, plan_steps, set_memory_attention
+from .params import resolve_concepts, save_params
+from .runtime import DeviceInfo, detect_device
+from .validation import check_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run produced."""
+
+    model_dir: Path  # the saved diffusers folder
+    steps: int
+    total_steps: int
+    epochs: int
+    seed: int
+    losses: list[float] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
+          stop: threading.Event | None = None, progress: bool = True,
+          on_step: Callable[[int, float, float], None] | None = None) -> TrainResult:
+    """Train ``config`` and save the result as a diffusers folder under ``config.model_dir``.
+
+    Everything that can be checked is checked before a model is loaded. ``stop`` (set from
+    another thread or a Stop button) or Ctrl-C end the run cleanly: the model trained so far is
+    saved. ``on_step(step, loss, lr)`` is called after each optimizer step.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    # ---- configuration and data, checked before any model is loaded
+    device = device or (DeviceInfo.cpu() if config.use_cpu else detect_device())
+    config = resolve_concepts(config)
+    check_config(config, device)
+    data = collect_training_data(config)
+    for warning in data.warnings:
+        log.warning("%s", warning)
+    seed = config.seed if config.seed is not None else random.randrange(2**32)
+    log.info("Seed %d", seed)
+
+    accelerator = Accelerator(mixed_precision=_mixed_precision(config, device),
+                              gradient_accumulation_steps=config.gradient_accumulation_steps,
+                              cpu=config.use_cpu)
+    set_seed(seed)
+    on_cuda = accelerator.device.type == "cuda"
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32)
+
+    # ---- models: frozen parts in the compute dtype, trained parts kept in fp32
+    parts = load_components(config.base_model)
+    unet, text_encoder, vae = parts.unet, parts.text_encoder, parts.vae
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(config.train_text_encoder)
+    unet.train()
+    text_encoder.train(config.train_text_encoder)
+    set_memory_attention(unet, config.attention, on_cuda)
+    checkpointing = config.gradient_checkpointing
+    if checkpointing if checkpointing is not None else on_cuda:
+        unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    frozen = [vae] + ([] if config.train_text_encoder else [text_encoder])
+    for module in frozen:
+        module.to(accelerator.device)
+        if weight_dtype != torch.float32:
+            module.to(dtype=weight_dtype)
+
+    # ---- data loader, with the VAE run once up front when caching latents
+    dataset = DreamBoothDataset(data, config.resolution, config.center_crop, config.hflip, seed)
+    if config.cache_latents:
+        dataset.use_latents(cache_latents(dataset, vae, accelerator.device, weight_dtype,
+                                          progress and accelerator.is_local_main_process))
+        vae.to("cpu")  # no longer needed on the GPU
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=config.train_batch_size, shuffle=True, collate_fn=collate,
+        generator=torch.Generator().manual_seed(seed))
+
+    # ---- optimizer and schedule
+    plan = plan_steps(math.ceil(len(loader) / accelerator.num_processes),
+                      config.gradient_accumulation_steps, config.max_train_steps,
+                      config.num_train_epochs)
+    scale = (accelerator.num_processes * config.gradient_accumulation_steps
+             * config.train_batch_size) if config.scale_lr else 1
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad],
+               "lr": config.learning_rate * scale}]
+    if config.train_text_encoder:
+        groups.append({"params": list(text_encoder.parameters()),
+                        "lr": config.text_encoder_learning_rate * scale})
+    optimizer = make_optimizer(groups, use_8bit=config.use_8bit_adam, on_cuda=on_cuda,
+                               betas=(config.adam_beta1, config.adam_beta2),
+                               weight_decay=config.weight_decay, eps=config.adam_epsilon)
+    lr_scheduler = make_lr_scheduler(
+        config.lr_scheduler, optimizer, warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        total_steps=plan.total_steps * accelerator.num_processes, cycles=config.lr_cycles,
+        power=config.lr_power)
+    if config.train_text_encoder:
+        unet, text_encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
+            unet, text_encoder, optimizer, loader, lr_scheduler)
+    else:
+        unet, optimizer, loader, lr_scheduler = accelerator.prepare(
+            unet, optimizer, loader, lr_scheduler)
+    ema = EMA(unet.parameters(), config.ema_decay,
+              "cpu" if config.ema_on_cpu else None) if config.use_ema else None
+
+    noise_scheduler = parts.noise_scheduler
+    prediction_type = parts.prediction_type
+    text_encoder_stops_at = math.floor(config.stop_text_encoder * plan.total_steps)
+    trains_text = config.train_text_encoder and text_encoder_stops_at > 0
+    if config.train_text_encoder and not trains_text:
+        text_encoder.requires_grad_(False)
+    log.info("%d instance images, %d class images, %d steps (%d epochs of %d steps)",
+             len(data.instance), sum(map(len, data.classes.values())), plan.total_steps,
+             plan.epochs, plan.steps_per_epoch)
+
+    # ---- the loop
+    step, losses, stopped = 0, [], False
+    bar = tqdm(total=plan.total_steps, desc="Training", unit="step",
+               disable=not (progress and accelerator.is_local_main_process))
+    try:
+        for epoch in range(plan.epochs):
+            for batch in loader:
+                with accelerator.accumulate(unet, text_encoder):
+                    latents = encode_latents(batch, vae, accelerator.device, weight_dtype)
+                    noise = torch.randn_like(latents)
+                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
+                                              (latents.shape[0],), device=latents.device)
+                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                    input_ids = tokenize(parts.tokenizer, batch["prompts"], config.pad_tokens)
+                    with torch.set_grad_enabled(trains_text):
+                        text_states = text_encoder(input_ids.to(accelerator.device))[0]
+                    prediction = unet(noisy_latents, timesteps, text_states).sample
+                    target = (noise_scheduler.get_velocity(latents, noise, timesteps)
+                              if prediction_type == "v_prediction" else noise)
+
+                    n = batch["num_instance"]  # instance rows first, then class rows
+                    loss = F.mse_loss(prediction[:n].float(), target[:n].float())
+                    if prediction.shape[0] > n:
+                        prior_loss = F.mse_loss(prediction[n:].float(), target[n:].float())
+                        loss = loss + config.prior_loss_weight * prior_loss
+
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        trained = list(unet.parameters())
+                        if trains_text:
+                            trained += list(text_encoder.parameters())
+                        accelerator.clip_grad_norm_(trained, config.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                if ema:
+                    ema.update(unet.parameters())
+                if trains_text and step >= text_encoder_stops_at:
+                    trains_text = False  # Step Ratio of Text Encoder Training reached
+                    accelerator.unwrap_model(text_encoder).requires_grad_(False)
+                losses.append(accelerator.gather(loss.detach()).mean().item())
+                lr = lr_scheduler.get_last_lr()[0]
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1)
+                if on_step:
+                    on_step(step, losses[-1], lr)
+                if config.save_every_steps and step % config.save_every_steps == 0 \
+                        and step < plan.total_steps:
+                    _save(accelerator, config, parts, unet, text_encoder, ema, step, seed, plan)
+                if step >= plan.total_steps or (stop is not None and stop.is_set()):
+                    break
+            if step >= plan.total_steps or (stop is not None and stop.is_set()):
+                stopped = step < plan.total_steps
+                break
+            if config.save_every_epochs and (epoch + 1) % config.save_every_epochs == 0 \
+                    and epoch + 1 < plan.epochs:
+                _save(accelerator, config, parts, unet, text_encoder, ema, step, seed, plan)
+    except KeyboardInterrupt:
+        stopped = True
+        log.warning("Interrupted at step %d: saving the model trained so far", step)
+    finally:
+        bar.close()
+
+    model_dir = _save(accelerator, config, parts, unet, text_encoder, ema, step, seed, plan)
+    accelerator.end_training()
+    return TrainResult(model_dir, step, plan.total_steps, plan.epochs, seed, losses, stopped)
+
+
+def tokenize(tokenizer, prompts: list[str], pad_tokens: bool) -> torch.Tensor:
+    """Token ids; Pad Tokens pads every prompt to the full 77, else to the batch's longest."""
+    return tokenizer(prompts, padding="max_length" if pad_tokens else "longest", truncation=True,
+                     max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def encode_latents(batch: dict, vae, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Scaled latents of a batch: sampled from the cached distribution or from the VAE."""
+    if batch["latent_mean"] is not None:
+        mean = batch["latent_mean"].to(device)
+        latents = mean + batch["latent_std"].to(device) * torch.randn_like(mean)
+    else:
+        pixels = batch["pixels"].to(device, dtype=dtype)
+        latents = vae.encode(pixels).latent_dist.sample().float()
+    return latents * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def cache_latents(dataset: DreamBoothDataset, vae, device: torch.device, dtype: torch.dtype,
+                  progress: bool = True) -> dict:
+    """Run the VAE once over every image (and its mirror image when flipping); keep the latent
+    distributions on the CPU."""
+    cache = {}
+    flips = (False, True) if dataset.flip else (False,)
+    for image in tqdm(dataset.all_images(), desc="Caching latents", disable=not progress):
+        pixels = dataset.pixels(image)
+        for flipped in flips:
+            x = (pixels.flip(-1) if flipped else pixels)[None].to(device, dtype=dtype)
+            dist = vae.encode(x).latent_dist
+            cache[(image, flipped)] = (dist.mean[0].float().cpu(), dist.std[0].float().cpu())
+    return cache
+
+
+def _mixed_precision(config: DreamBoothConfig, device: DeviceInfo) -> str:
+    if config.mixed_precision != "no" and (config.use_cpu or device.kind != "cuda"):
+        log.warning("Mixed precision %s needs a GPU: training on the CPU in fp32",
+                    config.mixed_precision)
+        return "no"
+    return config.mixed_precision
+
+
+def _save(accelerator, config: DreamBoothConfig, parts: Components, unet, text_encoder,
+          ema: EMA | None, step: int, seed: int, plan) -> Path:
+    """Write the model as a diffusers folder, ``<model dir>/model``, atomically."""
+    from diffusers import StableDiffusionPipeline
+
+    target = config.model_dir / "model"
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return target
+    unet = accelerator.unwrap_model(unet)
+    text_encoder = accelerator.unwrap_model(text_encoder)
+
+    def write(folder: Path) -> None:
+        pipe = StableDiffusionPipeline(
+            vae=parts.vae, text_encoder=text_encoder, tokenizer=parts.tokenizer, unet=unet,
+            scheduler=parts.inference_scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+        pipe.save_pretrained(folder)
+        # Frozen parts may have been cast to fp16 for training: copy the base's exact files.
+        frozen = ["vae"] + ([] if config.train_text_encoder else ["text_encoder"])
+        for name in frozen:
+            shutil.rmtree(folder / name)
+            shutil.copytree(Path(parts.source) / name, folder / name)
+        if ema is not None:
+            ema_unet = type(unet).from_config(unet.config)
+            ema.copy_to(ema_unet.parameters())
+            ema_unet.save_pretrained(folder / "unet_ema")
+        save_params(config, folder / "params.json")
+        info = {"base_model": config.base_model, "steps": step, "total_steps": plan.total_steps,
+                "epochs": plan.epochs, "seed": seed, "ema": ema is not None,
+                "instance_prompts": [c.instance_prompt for c in config.concepts_list],
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        (folder / "training_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+
+    save_folder_atomic(write, target)
+    log.info("Saved the model at step %d to %s", step, target)
+    return target
+
+
+__all__ = ["train", "TrainResult", "TrainingData", "tokenize", "encode_latents", "cache_latents"]

@@ -1,0 +1,168 @@
+"""Checks on a configuration, run before any model is loaded.
+
+:func:`validate` returns every problem at once, each naming the field (or the concept number and
+field) and saying what to do, so a user fixes them all in one go instead of one per GPU start.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+from .fields import coerce, field_specs
+from .prompts import contains_token
+
+if TYPE_CHECKING:
+    from .config import DreamBoothConfig
+    from .runtime import DeviceInfo
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the configuration or the data, and what to do about it."""
+
+    where: str  # a field name, "concept 2 class_prompt", or a file path
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; ``problems`` lists every reason."""
+
+    def __init__(self, problems: Iterable[Problem]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) with the configuration:\n{lines}")
+
+
+def validate(config: "DreamBoothConfig", device: "DeviceInfo | None" = None, *,
+             check_paths: bool = True) -> list[Problem]:
+    """Every problem with ``config``; an empty list means it can train.
+
+    ``device`` is the GPU (or CPU) it will run on (detected when omitted); ``check_paths``
+    checks that local folders and files exist.
+    """
+    from .config import Concept, DreamBoothConfig
+
+    if device is None:
+        from .runtime import detect_device
+
+        device = detect_device()
+    problems = list(_field_problems(config, DreamBoothConfig, ""))
+
+    if not config.max_train_steps and not config.num_train_epochs:
+        problems.append(Problem("max_train_steps", "Training Steps and Training Epochs are both "
+                                "blank: set one of them (steps win when both are set)"))
+    if config.resolution % 64:
+        problems.append(Problem("resolution", f"{config.resolution} is not a multiple of 64: "
+                                "use 512, 576, 640, 704 or 768"))
+    if config.use_cpu and config.use_8bit_adam:
+        problems.append(Problem("use_8bit_adam", "8-bit Adam needs a CUDA GPU and Use CPU Only "
+                                "is on: turn one of them off"))
+    if (config.mixed_precision == "bf16" and not config.use_cpu and device.kind == "cuda"
+            and not device.bf16):
+        problems.append(Problem("mixed_precision", f"bf16 is not supported by this GPU "
+                                f"({device.name}): choose fp16 (T4, V100) or no"))
+    if check_paths:
+        problems += _base_model_problems(config)
+
+    if not config.concepts_list and not config.concepts_path.strip():
+        problems.append(Problem("concepts_list", "no concept to train: add one with an instance "
+                                "prompt and an instance dataset directory"))
+    for number, concept in enumerate(config.concepts_list, start=1):
+        if not isinstance(concept, Concept):
+            problems.append(Problem(f"concept {number}", "is not a Concept object"))
+            continue
+        problems += _concept_problems(concept, f"concept {number} ", check_paths)
+    return problems
+
+
+def check_config(config: "DreamBoothConfig", device: "DeviceInfo | None" = None) -> None:
+    """Raise :class:`ConfigError` when :func:`validate` finds anything."""
+    problems = validate(config, device)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _concept_problems(concept, prefix: str, check_paths: bool) -> list[Problem]:
+    from .config import Concept
+
+    problems = list(_field_problems(concept, Concept, prefix))
+    token = concept.instance_token.strip()
+    if re.search(r"[\s,]", token):
+        problems.append(Problem(prefix + "instance_token", f"'{token}' holds spaces or commas: "
+                                "the instance token is one rare word such as 'sks' (put the "
+                                "class word in Class Token)"))
+    if token and contains_token(concept.class_prompt, token):
+        problems.append(Problem(prefix + "class_prompt", f"'{concept.class_prompt}' holds the "
+                                f"instance token '{token}': class images must show the generic "
+                                "class, so remove it"))
+    if not concept.instance_prompt.strip():
+        problems.append(Problem(prefix + "instance_prompt", "blank: write the prompt that calls "
+                                "your subject, e.g. 'photo of sks dog' or '[filewords]'"))
+    if not concept.class_prompt.strip() and (concept.num_class_images > 0
+                                             or concept.class_data_dir.strip()):
+        problems.append(Problem(prefix + "class_prompt", "prior preservation is asked for (class "
+                                "images or a class folder are set) but the class prompt is "
+                                "blank: write one, e.g. 'photo of a dog', or set Total Number of "
+                                "Class Images to 0 and clear the class folder"))
+    folder = concept.instance_data_dir.strip()
+    if not folder:
+        problems.append(Problem(prefix + "instance_data_dir", "blank: set the folder that holds "
+                                "the subject's images"))
+    elif check_paths and not Path(folder).expanduser().is_dir():
+        problems.append(Problem(prefix + "instance_data_dir", f"folder {folder} does not exist "
+                                "on this machine (a file from another machine?): point it at "
+                                "your images"))
+    template = concept.save_sample_template.strip()
+    if check_paths and template and not Path(template).expanduser().is_file():
+        problems.append(Problem(prefix + "save_sample_template", f"file {template} not found"))
+    return problems
+
+
+def _field_problems(obj, cls, prefix: str) -> Iterable[Problem]:
+    """Types, ranges and choices of every declared field."""
+    for name, spec in field_specs(cls).items():
+        value = getattr(obj, name)
+        if name == "concepts_list":
+            continue
+        try:
+            value = coerce(spec, value)
+        except TypeError as exc:
+            yield Problem(prefix + name, str(exc))
+            continue
+        s = spec.setting
+        if value is None:
+            continue
+        if s.choices is not None and value not in s.choices:
+            yield Problem(prefix + name, f"{value!r} is not one of: "
+                          + ", ".join(repr(c) for c in s.choices))
+        if s.minimum is not None and value < s.minimum:
+            yield Problem(prefix + name, f"{value} is below the minimum {s.minimum:g}")
+        if s.maximum is not None and value > s.maximum:
+            yield Problem(prefix + name, f"{value} is above the maximum {s.maximum:g}")
+
+
+def looks_like_local_path(name: str) -> bool:
+    """True for a file-system path, False for a Hub id like ``org/model`` or ``tiny``."""
+    return (name.startswith((".", "/", "~")) or "\\" in name or re.match(r"^[A-Za-z]:", name)
+            is not None or name.count("/") > 1 or Path(name).suffix in (".ckpt", ".safetensors")
+            or Path(name).expanduser().exists())
+
+
+def _base_model_problems(config) -> list[Problem]:
+    from .config import TINY_MODEL
+
+    field = "src" if config.src.strip() else "pretrained_model_name_or_path"
+    name = config.base_model
+    if not name:
+        return [Problem(field, "blank: name a Hub id, a diffusers folder, a .safetensors/.ckpt "
+                        "file or 'tiny'")]
+    if name != TINY_MODEL and looks_like_local_path(name) and not Path(name).expanduser().exists():
+        return [Problem(field, f"{name} does not exist on this machine: point it at a diffusers "
+                        "folder or a .safetensors/.ckpt file, or give a Hub id")]
+    return []
