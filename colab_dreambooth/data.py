@@ -54,31 +54,42 @@ class TrainingData:
         return any(self.classes.values())
 
 
-def collect_training_data(config: "DreamBoothConfig") -> TrainingData:
+def collect_training_data(config: "DreamBoothConfig", *,
+                          require_class_images: bool = True) -> TrainingData:
     """Check all images and build all prompts of ``config``'s concepts.
 
     Raises :class:`DataError` with every unreadable, truncated, too-small or mislabelled file,
     empty or missing folder, unusable caption and missing class image at once.
+    ``require_class_images=False`` accepts class folders that still lack images (to show the
+    prompts before class images are generated).
     """
     problems: list[str] = []
     data = TrainingData(instance=[])
     for index, concept in enumerate(config.concepts_list):
         label = f"concept {index + 1}"
-        images, image_problems = check_images(concept.instance_data_dir, config.resolution)
-        _sort_problems(image_problems, label, "instance", problems, data.warnings)
+        if not concept.instance_data_dir.strip():
+            # Path("") is the current folder: never train on whatever happens to be there.
+            problems.append(f"{label}: the Instance dataset directory is blank: set the folder "
+                            "that holds the subject's images")
+            images = []
+        else:
+            images, image_problems = check_images(Path(concept.instance_data_dir).expanduser(),
+                                                  config.resolution)
+            _sort_problems(image_problems, label, "instance", problems, data.warnings)
         for path in images:
-            prompts = _prompts_for(path, concept, label, problems)
-            if prompts:
-                data.instance.append(Example(path, prompts[0], index))
+            prompt = _prompt_for(path, concept, label, problems, "instance")
+            if prompt is not None:
+                data.instance.append(Example(path, prompt, index))
         if concept.wants_prior_preservation:
-            data.classes[index] = _class_examples(config, index, problems, data.warnings)
+            data.classes[index] = _class_examples(config, index, problems, data.warnings,
+                                                  require_class_images)
     if problems:
         raise DataError(problems)
     return data
 
 
 def _class_examples(config: "DreamBoothConfig", index: int, problems: list[str],
-                    warnings: list[str]) -> list[Example]:
+                    warnings: list[str], required: bool) -> list[Example]:
     concept = config.concepts_list[index]
     label = f"concept {index + 1}"
     folder = config.class_dir(index)
@@ -89,40 +100,53 @@ def _class_examples(config: "DreamBoothConfig", index: int, problems: list[str],
         # An empty class folder is reported below with the count; no need to say it twice.
         image_problems = [p for p in image_problems if p.path != folder]
         _sort_problems(image_problems, label, "class", problems, warnings)
+    report = problems if required else warnings
     if wanted and len(images) < wanted:
-        problems.append(f"{label}: the class folder {folder} holds {len(images)} usable images "
-                        f"but Total Number of Class Images is {wanted}: add the missing "
-                        f"{wanted - len(images)} (generated with the base model from the class "
-                        "prompt), or lower the number")
-        return []
+        report.append(f"{label}: the class folder {folder} holds {len(images)} usable images but "
+                      f"Total Number of Class Images is {wanted}: add the missing "
+                      f"{wanted - len(images)} (generated with the base model from the class "
+                      "prompt), or lower the number")
+        if required:
+            return []
     if not images:
-        problems.append(f"{label}: the class folder {folder} holds no usable image: add class "
-                        "images, or clear the class prompt to train without prior preservation")
+        report.append(f"{label}: the class folder {folder} holds no usable image: add class "
+                      "images, or clear the class prompt to train without prior preservation")
         return []
     examples = []
     for path in images[:wanted] if wanted else images:
-        prompts = _prompts_for(path, concept, label, problems)
-        if prompts:
-            examples.append(Example(path, prompts[1], index))
+        prompt = _prompt_for(path, concept, label, problems, "class")
+        if prompt is not None:
+            examples.append(Example(path, prompt, index))
     return examples
 
 
-def _prompts_for(path: Path, concept: Any, label: str, problems: list[str]
-                 ) -> tuple[str, str] | None:
+def _prompt_for(path: Path, concept: Any, label: str, problems: list[str], side: str
+                ) -> str | None:
+    """The prompt ``path`` trains with: the instance prompt of an instance image, the class
+    prompt of a class image. Only that side is built (and checked): a class image's caption
+    need not give a valid instance prompt, nor an instance image's a valid class prompt."""
+    instance_prompt = concept.instance_prompt if side == "instance" else ""
+    class_prompt = concept.class_prompt if side == "class" else ""
     try:
         caption = read_caption(path, concept=label)
-        return build_prompts(caption, concept.instance_prompt, concept.class_prompt,
-                             concept.instance_token, concept.class_token,
-                             concept.file_prompt_contents, caption_file=_caption_file(path),
-                             concept=label)
+        prompts = build_prompts(caption, instance_prompt, class_prompt,
+                                concept.instance_token, concept.class_token,
+                                concept.file_prompt_contents, caption_file=_caption_file(path),
+                                concept=label)
     except PromptError as exc:
         problems.append(str(exc))
         return None
+    return prompts[0] if side == "instance" else prompts[1]
 
 
 def _caption_file(path: Path) -> Path:
-    txt = path.with_suffix(".txt")
-    return txt if txt.exists() else path
+    """The caption file :func:`read_caption` reads for ``path`` (same suffixes), else the
+    image itself (its name is the caption)."""
+    for suffix in (".txt", ".TXT"):
+        txt = path.with_suffix(suffix)
+        if txt.is_file():
+            return txt
+    return path
 
 
 def _sort_problems(found: list[ImageProblem], label: str, kind: str, problems: list[str],

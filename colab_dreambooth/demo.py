@@ -90,3 +90,40 @@ def _draw_toy(draw: ImageDraw.ImageDraw, rng: random.Random, size: int, shape: s
         draw.ellipse(box, outline=colour, width=max(3, size // 16))
     else:
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+
+
+def run_demo(out: str | Path = "demo-output", *, steps: int = 150) -> Path:
+    """Make the data, train the tiny model, sample it, and print what was made where."""
+    import time
+
+    from .params import save_params
+    from .sample import generate_samples, image_grid, load_pipeline, save_images
+    from .train import train
+
+    started = time.time()
+    root = Path(out).resolve()
+    instance_dir, class_dir = make_demo_data(root / "data")
+    config = demo_config(root, steps=steps)
+    params = save_params(config, root / "params.json")
+    result = train(config)
+
+    pipe = load_pipeline(result.model_dir, device="cpu")
+    prompts = ["a photo of zwx toy", "a photo of a toy"]
+    images, labels = [], []
+    for prompt in prompts:
+        images += generate_samples(pipe, prompt, n=2, seed=7, steps=10, progress=False)
+        labels += [prompt] * 2
+    samples = save_images(images, root / "samples", "sample")
+    grid = root / "samples" / "grid.png"
+    image_grid(images, labels, columns=2).save(grid)
+
+    print("\nDemo finished in {:.0f} s.".format(time.time() - started))
+    print(f"  instance images (with .txt captions): {instance_dir}")
+    print(f"  class images:                         {class_dir}")
+    print(f"  parameters JSON:                      {params}")
+    print(f"  trained model (diffusers folder):     {result.model_dir}")
+    print(f"  samples ({len(samples)} PNGs and a grid):       {grid}")
+    print(f"  steps {result.steps}, loss {result.losses[0]:.3f} -> "
+          f"{sum(result.losses[-10:]) / len(result.losses[-10:]):.3f} (mean of the last 10)")
+    print("Train on this data again with:  colab-dreambooth train --config " + str(params))
+    return result.model_dir

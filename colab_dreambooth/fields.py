@@ -8,6 +8,7 @@ so a field is declared once.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -100,6 +101,8 @@ def coerce(spec: FieldSpec, value: Any) -> Any:
             return int(value)
     elif spec.type is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # json reads NaN and Infinity; no setting means them
+                raise TypeError(f"expected a finite number, got {value!r}")
             return float(value)
     elif spec.type is str:
         if isinstance(value, str):

@@ -15,7 +15,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from .config import Concept, DreamBoothConfig
@@ -51,6 +51,10 @@ EXTENSION_ONLY_KEYS = frozenset("""
     shuffle_tags snapshot split_loss strict_tokens tenc_grad_clip_norm tenc_weight_decay tomesd
     train_imagic train_imagic_only train_unet train_unfrozen use_concepts use_dream use_lora
     use_lora_extended use_shared_src use_subdir use_unet v2 weight_dtype
+    full_mixed_precision input_pertubation adaptation_growth_rate adaptation_momentum
+    enable_tomesd half_lora lora_rank min_learning_rate tf32_enable train_conditioning
+    unfreeze_model use_filename_as_label use_txt_as_label train_text_encoder_steps
+    name output_dir working_dir total_steps with_prior_preservation negative_prompt
 """.split())
 EXTENSION_ONLY_CONCEPT_KEYS = frozenset({"is_valid", "max_steps", "num_class_images_per"})
 # The extension's optimizer display names: (our optimizer, 8-bit or not).
@@ -162,6 +166,7 @@ def params_from_dict(data: dict[str, Any], *, source: str = "parameters",
     ignored: list[str] = []
     notes: list[str] = []
     values: dict[str, Any] = {}
+    top_level_concept: dict[str, Any] = {}
     data = {_strip_db_prefix(k): v for k, v in data.items()}
 
     for key, value in data.items():
@@ -175,15 +180,31 @@ def params_from_dict(data: dict[str, Any], *, source: str = "parameters",
                 problems.append(Problem("concepts_list", "expected a list of concept objects"))
                 continue
             values[key] = _concepts_from_list(value, problems, notes, base_dir=None)
-        elif key in RUN_FIELDS:
-            _set_value(values, RUN_FIELDS[key], value, key, problems)
         elif key in _SPECIAL_KEYS:
             continue  # handled below, once every plain key is known
+        elif key in RUN_FIELDS:
+            _set_value(values, RUN_FIELDS[key], value, key, problems)
+        elif key in CONCEPT_FIELDS:
+            top_level_concept[key] = value  # the extension's first files: one concept, flat
         elif key in EXTENSION_ONLY_KEYS or key in RENAMED_KEYS:
             ignored.append(key)
         else:
-            problems.append(Problem(key, _unknown_key_message(key, RUN_FIELDS)))
+            problems.append(Problem(key, _unknown_key_message(key, RUN_FIELDS, RENAMED_KEYS)))
 
+    if top_level_concept:
+        if values.get("concepts_list") or any(p.where == "concepts_list" for p in problems):
+            ignored += sorted(top_level_concept)
+            notes.append(f"{source}: concept keys at the top level ("
+                         f"{', '.join(sorted(top_level_concept))}) were ignored: "
+                         "concepts_list is set")
+        elif any(isinstance(top_level_concept.get(k), str) and top_level_concept[k].strip()
+                 for k in ("instance_prompt", "instance_data_dir")):
+            values["concepts_list"] = _concepts_from_list([top_level_concept], problems, notes,
+                                                          base_dir=None)
+            notes.append(f"{source}: read the top-level concept keys of an early extension file "
+                         "as concept 1")
+        else:  # blank concept fields of an early file: nothing to train from them
+            ignored += sorted(top_level_concept)
     _import_extension_specials(data, values, problems, notes, ignored)
     if problems:
         raise ConfigError(problems)
@@ -194,13 +215,23 @@ def params_from_dict(data: dict[str, Any], *, source: str = "parameters",
     return LoadedParams(config, sorted(ignored), notes)
 
 
-_SPECIAL_KEYS = {"not_cache_latents", "optimizer", "stop_text_encoder"}
+_SPECIAL_KEYS = {"not_cache_latents", "optimizer", "stop_text_encoder", "max_train_steps"}
+
 
 
 def _import_extension_specials(data: dict[str, Any], values: dict[str, Any],
                                problems: list[Problem], notes: list[str],
                                ignored: list[str]) -> None:
     """The extension keys whose meaning needs more than a rename."""
+    if "max_train_steps" in data:
+        steps = data["max_train_steps"]
+        if (isinstance(steps, (int, float)) and not isinstance(steps, bool) and steps < 1
+                and float(steps).is_integer()):
+            # The extension's late-2022 files write 0 (or -1) for "use the epochs".
+            notes.append(f"read max_train_steps {steps!r} as blank: the epochs decide")
+            values["max_train_steps"] = None
+        else:
+            _set_value(values, RUN_FIELDS["max_train_steps"], steps, "max_train_steps", problems)
     if "not_cache_latents" in data and "cache_latents" not in data:
         if isinstance(data["not_cache_latents"], bool):
             values["cache_latents"] = not data["not_cache_latents"]
@@ -230,28 +261,47 @@ def _import_extension_specials(data: dict[str, Any], values: dict[str, Any],
 def _concepts_from_list(items: list[Any], problems: list[Problem], notes: list[str], *,
                         base_dir: Path | None, where: str = "concepts_list") -> list[Concept]:
     concepts = []
+    ignored: set[str] = set()
     for number, item in enumerate(items, start=1):
         label = f"concept {number}"
         if not isinstance(item, dict):
             problems.append(Problem(label, f"{where}: expected a concept object"))
             continue
         values: dict[str, Any] = {}
+        extension: dict[str, Any] = {}
         for key, value in item.items():
             key = _strip_db_prefix(key)
             if key in CONCEPT_FIELDS:
                 _set_value(values, CONCEPT_FIELDS[key], value, f"{label} {key}", problems)
-            elif key not in EXTENSION_ONLY_CONCEPT_KEYS:
-                problems.append(Problem(f"{label} {key}", _unknown_key_message(key, CONCEPT_FIELDS)))
+            elif key in EXTENSION_ONLY_CONCEPT_KEYS:
+                extension[key] = value
+                if key != "num_class_images_per":
+                    ignored.add(key)
+            else:
+                problems.append(Problem(f"{label} {key}",
+                                        _unknown_key_message(key, CONCEPT_FIELDS)))
         if base_dir is not None:
             for key in ("instance_data_dir", "class_data_dir"):
                 folder = values.get(key, "")
-                if folder and not Path(folder).expanduser().is_absolute():
+                if folder and not _is_absolute(folder):
                     values[key] = str(base_dir / folder)
-        per_image = item.get("num_class_images_per")
-        if "num_class_images" not in item and isinstance(per_image, int) and per_image > 0:
+        per_image = extension.get("num_class_images_per")
+        # Files of early 2023 hold both keys, the total zeroed once converted to per-image.
+        if (not values.get("num_class_images") and isinstance(per_image, int)
+                and not isinstance(per_image, bool) and per_image > 0):
             values["num_class_images"] = _per_image_total(per_image, values, label, notes)
         concepts.append(Concept(**values))
+    if ignored:
+        notes.append(f"{where}: ignored concept key(s) this package does not use: "
+                     f"{', '.join(sorted(ignored))}")
     return concepts
+
+
+def _is_absolute(folder: str) -> bool:
+    r"""Absolute here or on Windows (``E:\dev\...``, ``\\server\share``, ``\dev``): such a
+    path from another machine must not be glued onto the concepts file's folder."""
+    return Path(folder).expanduser().is_absolute() or PureWindowsPath(folder).is_absolute() \
+        or folder.startswith("\\")
 
 
 def _per_image_total(per_image: int, values: dict[str, Any], label: str,
@@ -259,8 +309,9 @@ def _per_image_total(per_image: int, values: dict[str, Any], label: str,
     """The extension's ``num_class_images_per`` counts per instance image; ours is a total."""
     from .images import list_image_files  # the data module; imported late to keep this light
 
-    folder = Path(values.get("instance_data_dir", "")).expanduser()
-    if folder.is_dir():
+    text = values.get("instance_data_dir", "").strip()
+    folder = Path(text).expanduser()
+    if text and folder.is_dir():
         count = len(list_image_files(folder))
         total = per_image * count
         notes.append(f"{label}: num_class_images_per {per_image} x {count} instance images = "
@@ -281,11 +332,13 @@ def _set_value(values: dict[str, Any], spec: FieldSpec, value: Any, where: str,
         problems.append(Problem(where, str(exc)))
 
 
-def _unknown_key_message(key: str, fields: dict[str, FieldSpec]) -> str:
-    names = list(fields) + list(RENAMED_KEYS)
+def _unknown_key_message(key: str, fields: dict[str, FieldSpec],
+                         renamed: dict[str, str] | None = None) -> str:
+    renamed = renamed or {}
+    names = list(fields) + list(renamed)
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     if close:
-        return f"unknown key '{key}': did you mean '{RENAMED_KEYS.get(close[0], close[0])}'?"
+        return f"unknown key '{key}': did you mean '{renamed.get(close[0], close[0])}'?"
     return f"unknown key '{key}': not a setting of colab-dreambooth; remove it"
 
 

@@ -133,7 +133,6 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
               "cpu" if config.ema_on_cpu else None) if config.use_ema else None
 
     noise_scheduler = parts.noise_scheduler
-    prediction_type = parts.prediction_type
     text_encoder_stops_at = math.floor(config.stop_text_encoder * plan.total_steps)
     trains_text = config.train_text_encoder and text_encoder_stops_at > 0
     if config.train_text_encoder and not trains_text:
@@ -151,22 +150,11 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
             for batch in loader:
                 with accelerator.accumulate(unet, text_encoder):
                     latents = encode_latents(batch, vae, accelerator.device, weight_dtype)
-                    noise = torch.randn_like(latents)
-                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
-                                              (latents.shape[0],), device=latents.device)
-                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                     input_ids = tokenize(parts.tokenizer, batch["prompts"], config.pad_tokens)
                     with torch.set_grad_enabled(trains_text):
                         text_states = text_encoder(input_ids.to(accelerator.device))[0]
-                    prediction = unet(noisy_latents, timesteps, text_states).sample
-                    target = (noise_scheduler.get_velocity(latents, noise, timesteps)
-                              if prediction_type == "v_prediction" else noise)
-
-                    n = batch["num_instance"]  # instance rows first, then class rows
-                    loss = F.mse_loss(prediction[:n].float(), target[:n].float())
-                    if prediction.shape[0] > n:
-                        prior_loss = F.mse_loss(prediction[n:].float(), target[n:].float())
-                        loss = loss + config.prior_loss_weight * prior_loss
+                    loss = dreambooth_loss(unet, noise_scheduler, latents, text_states,
+                                           batch["num_instance"], config.prior_loss_weight)
 
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and config.max_grad_norm > 0:
@@ -197,11 +185,14 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
                     _save(accelerator, config, parts, unet, text_encoder, ema, step, seed, plan)
                 if step >= plan.total_steps or (stop is not None and stop.is_set()):
                     break
-            if step >= plan.total_steps or (stop is not None and stop.is_set()):
+            finished = step >= plan.total_steps or (stop is not None and stop.is_set())
+            if config.save_preview_every and ((epoch + 1) % config.save_preview_every == 0
+                                              or finished):
+                preview_samples(accelerator, config, data, parts, unet, text_encoder, epoch + 1)
+            if finished:
                 stopped = step < plan.total_steps
                 break
-            if config.save_every_epochs and (epoch + 1) % config.save_every_epochs == 0 \
-                    and epoch + 1 < plan.epochs:
+            if config.save_every_epochs and (epoch + 1) % config.save_every_epochs == 0:
                 _save(accelerator, config, parts, unet, text_encoder, ema, step, seed, plan)
     except KeyboardInterrupt:
         stopped = True
@@ -212,6 +203,32 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
     model_dir = _save(accelerator, config, parts, unet, text_encoder, ema, step, seed, plan)
     accelerator.end_training()
     return TrainResult(model_dir, step, plan.total_steps, plan.epochs, seed, losses, stopped)
+
+
+def dreambooth_loss(unet, noise_scheduler, latents: torch.Tensor, text_states: torch.Tensor,
+                    num_instance: int, prior_loss_weight: float) -> torch.Tensor:
+    """The DreamBooth objective on one batch (instance rows first, then class rows).
+
+    Noise the latents at random timesteps, predict the noise (or the velocity for
+    v-prediction models), and return the instance MSE plus Prior Loss Weight times the MSE on
+    the class rows (prior preservation).
+    """
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
+                              (latents.shape[0],), device=latents.device)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction = unet(noisy_latents, timesteps, text_states).sample
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+
+    n = num_instance
+    loss = F.mse_loss(prediction[:n].float(), target[:n].float())
+    if prediction.shape[0] > n:
+        prior_loss = F.mse_loss(prediction[n:].float(), target[n:].float())
+        loss = loss + prior_loss_weight * prior_loss
+    return loss
 
 
 def tokenize(tokenizer, prompts: list[str], pad_tokens: bool) -> torch.Tensor:
@@ -248,6 +265,56 @@ def cache_latents(dataset: DreamBoothDataset, vae, device: torch.device, dtype: 
     return cache
 
 
+@torch.no_grad()
+def preview_samples(accelerator, config: DreamBoothConfig, data: TrainingData, parts: Components,
+                    unet, text_encoder, epoch: int) -> Path | None:
+    """Sample each concept with the model as it is now; save PNGs and a labelled grid under
+    ``<model dir>/samples``. Returns the grid's path."""
+    from diffusers import StableDiffusionPipeline
+
+    from .sample import generate_samples, image_grid, save_images
+
+    if not accelerator.is_main_process:
+        return None
+    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    was_training = unet.training, text_encoder.training
+    vae_device = next(parts.vae.parameters()).device
+    parts.vae.to(accelerator.device)
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=text_encoder, tokenizer=parts.tokenizer, unet=unet,
+        scheduler=parts.inference_scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    images, labels = [], []
+    for index, concept in enumerate(config.concepts_list):
+        prompt = concept.save_sample_prompt.strip()
+        if not prompt or "[filewords]" in prompt.lower():
+            # The instance prompt as built for this concept's first image.
+            prompt = next(e.prompt for e in data.instance if e.concept == index)
+        with torch.autocast(accelerator.device.type, enabled=accelerator.mixed_precision != "no",
+                            dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16"
+                            else torch.float16):
+            new = generate_samples(pipe, prompt, n=concept.n_save_sample,
+                                   seed=concept.sample_seed,
+                                   negative_prompt=concept.save_sample_negative_prompt,
+                                   guidance_scale=concept.save_guidance_scale,
+                                   steps=concept.save_infer_steps, height=config.resolution,
+                                   width=config.resolution, progress=False)
+        images += new
+        labels += [prompt] * len(new)
+    unet.train(was_training[0])
+    text_encoder.train(was_training[1])
+    parts.vae.to(vae_device)
+    if not images:
+        return None
+    out = config.model_dir / "samples"
+    save_images(images, out, f"epoch-{epoch:04d}")
+    grid = out / f"epoch-{epoch:04d}-grid.png"
+    image_grid(images, labels).save(grid)
+    log.info("Preview samples of epoch %d: %s", epoch, grid)
+    return grid
+
+
 def _mixed_precision(config: DreamBoothConfig, device: DeviceInfo) -> str:
     if config.mixed_precision != "no" and (config.use_cpu or device.kind != "cuda"):
         log.warning("Mixed precision %s needs a GPU: training on the CPU in fp32",
@@ -274,9 +341,9 @@ def _save(accelerator, config: DreamBoothConfig, parts: Components, unet, text_e
             scheduler=parts.inference_scheduler, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
         pipe.save_pretrained(folder)
-        # Frozen parts may have been cast to fp16 for training: copy the base's exact files.
+        # Frozen parts cast to fp16/bf16 for training are saved as the base's exact files.
         frozen = ["vae"] + ([] if config.train_text_encoder else ["text_encoder"])
-        for name in frozen:
+        for name in frozen if parts.vae.dtype != torch.float32 else []:
             shutil.rmtree(folder / name)
             shutil.copytree(Path(parts.source) / name, folder / name)
         if ema is not None:
@@ -295,4 +362,5 @@ def _save(accelerator, config: DreamBoothConfig, parts: Components, unet, text_e
     return target
 
 
-__all__ = ["train", "TrainResult", "TrainingData", "tokenize", "encode_latents", "cache_latents"]
+__all__ = ["train", "TrainResult", "TrainingData", "dreambooth_loss", "tokenize", "encode_latents",
+           "cache_latents"]

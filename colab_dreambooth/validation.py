@@ -57,7 +57,7 @@ def validate(config: "DreamBoothConfig", device: "DeviceInfo | None" = None, *,
     if not config.max_train_steps and not config.num_train_epochs:
         problems.append(Problem("max_train_steps", "Training Steps and Training Epochs are both "
                                 "blank: set one of them (steps win when both are set)"))
-    if config.resolution % 64:
+    if isinstance(config.resolution, int) and config.resolution % 64:
         problems.append(Problem("resolution", f"{config.resolution} is not a multiple of 64: "
                                 "use 512, 576, 640, 704 or 768"))
     if config.use_cpu and config.use_8bit_adam:
@@ -70,10 +70,19 @@ def validate(config: "DreamBoothConfig", device: "DeviceInfo | None" = None, *,
     if check_paths:
         problems += _base_model_problems(config)
 
-    if not config.concepts_list and not config.concepts_path.strip():
+    concepts_path = _text(config.concepts_path)
+    if check_paths and concepts_path and not Path(concepts_path).expanduser().is_file():
+        problems.append(Problem("concepts_path", f"the concepts file {concepts_path} does not "
+                                "exist: fix the path or clear it to use the inline concepts"))
+    concepts = config.concepts_list
+    if not isinstance(concepts, list):
+        problems.append(Problem("concepts_list", f"expected a list of concepts, got "
+                                f"{type(concepts).__name__}"))
+        concepts = []
+    elif not concepts and not concepts_path:
         problems.append(Problem("concepts_list", "no concept to train: add one with an instance "
                                 "prompt and an instance dataset directory"))
-    for number, concept in enumerate(config.concepts_list, start=1):
+    for number, concept in enumerate(concepts, start=1):
         if not isinstance(concept, Concept):
             problems.append(Problem(f"concept {number}", "is not a Concept object"))
             continue
@@ -92,25 +101,27 @@ def _concept_problems(concept, prefix: str, check_paths: bool) -> list[Problem]:
     from .config import Concept
 
     problems = list(_field_problems(concept, Concept, prefix))
-    token = concept.instance_token.strip()
+    token = _text(concept.instance_token)
+    class_prompt = _text(concept.class_prompt)
     if re.search(r"[\s,]", token):
         problems.append(Problem(prefix + "instance_token", f"'{token}' holds spaces or commas: "
                                 "the instance token is one rare word such as 'sks' (put the "
                                 "class word in Class Token)"))
-    if token and contains_token(concept.class_prompt, token):
-        problems.append(Problem(prefix + "class_prompt", f"'{concept.class_prompt}' holds the "
+    if token and contains_token(class_prompt, token):
+        problems.append(Problem(prefix + "class_prompt", f"'{class_prompt}' holds the "
                                 f"instance token '{token}': class images must show the generic "
                                 "class, so remove it"))
-    if not concept.instance_prompt.strip():
+    if not _text(concept.instance_prompt):
         problems.append(Problem(prefix + "instance_prompt", "blank: write the prompt that calls "
                                 "your subject, e.g. 'photo of sks dog' or '[filewords]'"))
-    if not concept.class_prompt.strip() and (concept.num_class_images > 0
-                                             or concept.class_data_dir.strip()):
+    num_class_images = concept.num_class_images
+    if not class_prompt and ((isinstance(num_class_images, int) and num_class_images > 0)
+                             or _text(concept.class_data_dir)):
         problems.append(Problem(prefix + "class_prompt", "prior preservation is asked for (class "
                                 "images or a class folder are set) but the class prompt is "
                                 "blank: write one, e.g. 'photo of a dog', or set Total Number of "
                                 "Class Images to 0 and clear the class folder"))
-    folder = concept.instance_data_dir.strip()
+    folder = _text(concept.instance_data_dir)
     if not folder:
         problems.append(Problem(prefix + "instance_data_dir", "blank: set the folder that holds "
                                 "the subject's images"))
@@ -118,10 +129,15 @@ def _concept_problems(concept, prefix: str, check_paths: bool) -> list[Problem]:
         problems.append(Problem(prefix + "instance_data_dir", f"folder {folder} does not exist "
                                 "on this machine (a file from another machine?): point it at "
                                 "your images"))
-    template = concept.save_sample_template.strip()
+    template = _text(concept.save_sample_template)
     if check_paths and template and not Path(template).expanduser().is_file():
         problems.append(Problem(prefix + "save_sample_template", f"file {template} not found"))
     return problems
+
+
+def _text(value) -> str:
+    """A text field stripped; a value of the wrong type (reported elsewhere) counts as blank."""
+    return value.strip() if isinstance(value, str) else ""
 
 
 def _field_problems(obj, cls, prefix: str) -> Iterable[Problem]:
@@ -157,8 +173,9 @@ def looks_like_local_path(name: str) -> bool:
 def _base_model_problems(config) -> list[Problem]:
     from .config import TINY_MODEL
 
-    field = "src" if config.src.strip() else "pretrained_model_name_or_path"
-    name = config.base_model
+    src = _text(config.src)
+    field = "src" if src else "pretrained_model_name_or_path"
+    name = src or _text(config.pretrained_model_name_or_path)
     if not name:
         return [Problem(field, "blank: name a Hub id, a diffusers folder, a .safetensors/.ckpt "
                         "file or 'tiny'")]

@@ -1,0 +1,177 @@
+"""``colab-dreambooth`` (also ``python -m colab_dreambooth``): train, check data, show prompts, demo.
+
+Every configuration field is also a ``train``/``prompts`` option (``--learning-rate 1e-6``),
+generated from the configuration model, so the CLI never lags behind the fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .config import DreamBoothConfig
+from .data import DataError, collect_training_data
+from .fields import FieldSpec, field_specs
+from .images import check_folders
+from .params import load_params, resolve_concepts, save_params
+from .validation import ConfigError
+
+OVERRIDABLE = {name: spec for name, spec in field_specs(DreamBoothConfig).items()
+               if spec.type in (str, int, float, bool)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return args.run(args)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="colab-dreambooth", description=(
+        "DreamBooth fine-tuning of Stable Diffusion with the AUTOMATIC1111 extension's fields."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train from a parameters JSON")
+    _add_config_options(p)
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("check-data", help="report every problem with image folders (exit 1 if any)")
+    p.add_argument("folders", nargs="*", type=Path, help="image folders to check")
+    p.add_argument("--config", type=Path, help="check every folder of this parameters JSON")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="training resolution (default: the config's, else 512)")
+    p.set_defaults(run=_check_data)
+
+    p = sub.add_parser("prompts", help="show the prompt each training image will get")
+    _add_config_options(p)
+    p.set_defaults(run=_prompts)
+
+    p = sub.add_parser("params", help="write a parameters JSON with every field at its default")
+    p.add_argument("out", type=Path, help="where to write it")
+    p.set_defaults(run=_params)
+
+    p = sub.add_parser("demo", help="train the tiny built-in model on a synthetic subject")
+    p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder")
+    p.add_argument("--steps", type=int, default=150, help="training steps")
+    p.set_defaults(run=_demo)
+    return parser
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, required=True, help="parameters JSON")
+    group = p.add_argument_group("overrides (any field of the parameters JSON)")
+    for name, spec in OVERRIDABLE.items():
+        group.add_argument("--" + name.replace("_", "-"), dest=f"set_{name}",
+                           type=_parser_type(spec), default=None, metavar=_metavar(spec),
+                           help=f"{spec.setting.label}: {spec.setting.help}".replace("%", "%%"))
+
+
+def _parser_type(spec: FieldSpec):
+    if spec.type is bool:
+        return _boolean
+    return spec.type
+
+
+def _metavar(spec: FieldSpec) -> str:
+    if spec.setting.choices:
+        return "{" + ",".join(map(str, spec.setting.choices)) + "}"
+    return {bool: "true|false", int: "N", float: "X", str: "TEXT"}[spec.type]
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def config_from_args(args: argparse.Namespace) -> DreamBoothConfig:
+    """The parameters JSON of ``--config`` with the command-line overrides applied."""
+    config = load_params(args.config)
+    changes = {name: getattr(args, f"set_{name}") for name in OVERRIDABLE
+               if getattr(args, f"set_{name}") is not None}
+    return config.copy(**changes) if changes else config
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    result = train(config_from_args(args))
+    state = "stopped early" if result.stopped_early else "finished"
+    print(f"Training {state} after {result.steps}/{result.total_steps} steps (seed {result.seed}).")
+    print(f"Trained model (diffusers folder): {result.model_dir}")
+    return 0
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    folders = list(args.folders)
+    resolution = args.resolution
+    blank = []  # concepts without an instance folder: Path("") would check the current folder
+    if args.config:
+        config = resolve_concepts(load_params(args.config))
+        resolution = resolution or config.resolution
+        for index, concept in enumerate(config.concepts_list):
+            if concept.instance_data_dir.strip():
+                folders.append(Path(concept.instance_data_dir).expanduser())
+            else:
+                blank.append(f"concept {index + 1}: the Instance dataset directory is blank: "
+                             "set the folder that holds the subject's images")
+            if concept.wants_prior_preservation and config.class_dir(index).is_dir():
+                folders.append(config.class_dir(index))
+    if not folders and not blank:
+        print("error: name image folders or --config", file=sys.stderr)
+        return 2
+    problems = check_folders(folders, resolution or 512)
+    for message in blank:
+        print(f"{'ERROR':7} {message}")
+    for problem in problems:
+        print(f"{problem.severity.upper():7} {problem}")
+    errors = sum(p.severity == "error" for p in problems) + len(blank)
+    print(f"{len(folders)} folder(s) checked: {errors} error(s), "
+          f"{len(problems) + len(blank) - errors} warning(s).")
+    return 1 if problems or blank else 0
+
+
+def _prompts(args: argparse.Namespace) -> int:
+    config = resolve_concepts(config_from_args(args))
+    data = collect_training_data(config, require_class_images=False)
+    for index, concept in enumerate(config.concepts_list):
+        print(f"Concept {index + 1} ({concept.instance_data_dir})")
+        for example in (e for e in data.instance if e.concept == index):
+            print(f"  instance  {example.image.name:32} {example.prompt}")
+        for example in data.classes.get(index, []):
+            print(f"  class     {example.image.name:32} {example.prompt}")
+    for warning in data.warnings:
+        print(f"WARNING {warning}")
+    return 0
+
+
+def _params(args: argparse.Namespace) -> int:
+    save_params(DreamBoothConfig(), args.out)
+    print(f"Wrote the default parameters to {args.out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, steps=args.steps)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
