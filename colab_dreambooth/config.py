@@ -134,16 +134,19 @@ class DreamBoothConfig:
         False, "Scale learning rate", "Multiply the learning rates by GPUs x gradient "
         "accumulation steps x batch size.", "Parameters")
     lr_scheduler: str = setting(
-        "constant_with_warmup", "LR scheduler", "How the learning rate changes over the run.",
+        "constant_with_warmup", "LR scheduler", "How the learning rate changes over the run: "
+        "constant keeps it, linear/cosine/polynomial lower it towards 0 by the end.",
         "Parameters", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = setting(
         0, "Warmup Steps", "Linear warm-up of the learning rate from 0 over this many steps.",
         "Parameters", minimum=0)
     lr_cycles: int = setting(
-        1, "Learning rate cycles", "Restarts for cosine_with_restarts.", "Parameters",
+        1, "Learning rate cycles", "Number of cosine cycles (restarts) for "
+        "cosine_with_restarts; other schedulers ignore it.", "Parameters",
         minimum=1, maximum=100)
     lr_power: float = setting(
-        1.0, "Polynomial power", "Power of the polynomial scheduler.", "Parameters",
+        1.0, "Polynomial power", "Power of the polynomial scheduler's decay (1.0 = linear); "
+        "other schedulers ignore it.", "Parameters",
         minimum=0.0, maximum=10.0)
     resolution: int = setting(
         512, "Resolution", "Training side length in pixels (a multiple of 64). 640 helps when "
@@ -184,12 +187,16 @@ class DreamBoothConfig:
         "AdamW", "Optimizer", "The optimizer (8-bit or not is chosen by Use 8bit Adam).",
         "Advanced", choices=OPTIMIZERS)
     weight_decay: float = setting(
-        1e-2, "Weight decay", "AdamW weight decay.", "Advanced", minimum=0.0, maximum=1.0)
-    adam_beta1: float = setting(0.9, "Adam beta 1", "AdamW first-moment decay.", "Advanced",
+        1e-2, "Weight decay", "AdamW weight decay: pulls weights towards 0 each step, a mild "
+        "guard against over-fitting.", "Advanced", minimum=0.0, maximum=1.0)
+    adam_beta1: float = setting(0.9, "Adam beta 1", "AdamW first-moment (momentum) decay; "
+                                "the default rarely needs changing.", "Advanced",
                                 minimum=0.0, maximum=0.99999)
-    adam_beta2: float = setting(0.999, "Adam beta 2", "AdamW second-moment decay.", "Advanced",
+    adam_beta2: float = setting(0.999, "Adam beta 2", "AdamW second-moment decay; the "
+                                "default rarely needs changing.", "Advanced",
                                 minimum=0.0, maximum=0.99999)
-    adam_epsilon: float = setting(1e-8, "Adam epsilon", "AdamW epsilon.", "Advanced",
+    adam_epsilon: float = setting(1e-8, "Adam epsilon", "AdamW's small constant that keeps "
+                                  "steps finite; the default rarely needs changing.", "Advanced",
                                   minimum=0.0, maximum=1.0)
     max_grad_norm: float = setting(
         1.0, "Max grad norm", "Clip gradients to this norm; 0 = no clipping.", "Advanced",
@@ -235,7 +242,8 @@ class DreamBoothConfig:
         "(replacing the previous save); 0 = only at the end and on cancel.", "Saving",
         minimum=0)
     save_every_epochs: int = setting(
-        0, "Save model every N epochs", "As above, counted in epochs; 0 = off.", "Saving",
+        0, "Save model every N epochs", "Write the model to the output folder every N epochs "
+        "(replacing the previous save); 0 = off.", "Saving",
         minimum=0)
     save_preview_every: int = setting(
         0, "Generate a preview every N epochs", "Preview samples of each concept every N "

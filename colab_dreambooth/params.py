@@ -32,7 +32,6 @@ RENAMED_KEYS = {
     "txt_learning_rate": "text_encoder_learning_rate",
     "adamw_weight_decay": "weight_decay",
     "adam_weight_decay": "weight_decay",
-    "save_embedding_every": "save_every_epochs",
 }
 # Keys the extension writes that we have no use for (ignored, and the load says which).
 EXTENSION_ONLY_KEYS = frozenset("""
@@ -215,8 +214,11 @@ def params_from_dict(data: dict[str, Any], *, source: str = "parameters",
     return LoadedParams(config, sorted(ignored), notes)
 
 
-_SPECIAL_KEYS = {"not_cache_latents", "optimizer", "stop_text_encoder", "max_train_steps"}
-
+_SPECIAL_KEYS = {"not_cache_latents", "optimizer", "stop_text_encoder", "max_train_steps",
+                 "lr_scheduler", "save_embedding_every"}
+# The extension's scheduler names that are ours under another name.
+EXTENSION_SCHEDULERS = {"linear_with_warmup": "linear", "cosine_annealing": "cosine",
+                        "cosine_annealing_with_restarts": "cosine_with_restarts"}
 
 
 def _import_extension_specials(data: dict[str, Any], values: dict[str, Any],
@@ -232,6 +234,21 @@ def _import_extension_specials(data: dict[str, Any], values: dict[str, Any],
             values["max_train_steps"] = None
         else:
             _set_value(values, RUN_FIELDS["max_train_steps"], steps, "max_train_steps", problems)
+    if "lr_scheduler" in data:
+        name = data["lr_scheduler"]
+        if name in EXTENSION_SCHEDULERS:
+            notes.append(f"read the extension's lr_scheduler {name!r} as "
+                         f"{EXTENSION_SCHEDULERS[name]!r}")
+            name = EXTENSION_SCHEDULERS[name]
+        _set_value(values, RUN_FIELDS["lr_scheduler"], name, "lr_scheduler", problems)
+    if "save_embedding_every" in data and "save_every_epochs" not in data:
+        # Late-2022 files count it in steps unless their save_use_epochs is on.
+        target = ("save_every_steps" if data.get("save_use_epochs") is False
+                  else "save_every_epochs")
+        if target not in data:
+            _set_value(values, RUN_FIELDS[target], data["save_embedding_every"],
+                       "save_embedding_every", problems)
+            notes.append(f"read the extension's save_embedding_every as {target}")
     if "not_cache_latents" in data and "cache_latents" not in data:
         if isinstance(data["not_cache_latents"], bool):
             values["cache_latents"] = not data["not_cache_latents"]

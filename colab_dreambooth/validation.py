@@ -57,7 +57,8 @@ def validate(config: "DreamBoothConfig", device: "DeviceInfo | None" = None, *,
     if not config.max_train_steps and not config.num_train_epochs:
         problems.append(Problem("max_train_steps", "Training Steps and Training Epochs are both "
                                 "blank: set one of them (steps win when both are set)"))
-    if isinstance(config.resolution, int) and config.resolution % 64:
+    if (isinstance(config.resolution, int) and config.resolution % 64
+            and "resolution" not in {p.where for p in problems}):  # one message per field
         problems.append(Problem("resolution", f"{config.resolution} is not a multiple of 64: "
                                 "use 512, 576, 640, 704 or 768"))
     if config.use_cpu and config.use_8bit_adam:
