@@ -21,6 +21,18 @@ from .validation import ConfigError
 
 OVERRIDABLE = {name: spec for name, spec in field_specs(DreamBoothConfig).items()
                if spec.type in (str, int, float, bool)}
+# What an option of a field that may be blank takes to blank it (``--max-train-steps none``).
+BLANK_WORDS = ("none", "blank", "auto")
+
+
+class _Blank:
+    """Parsed value of ``none`` for a field that may be blank (None means "not given")."""
+
+    def __repr__(self) -> str:
+        return "BLANK"
+
+
+BLANK = _Blank()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,15 +91,24 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
 
 
 def _parser_type(spec: FieldSpec):
-    if spec.type is bool:
-        return _boolean
-    return spec.type
+    convert = _boolean if spec.type is bool else spec.type
+    if not spec.optional:
+        return convert
+
+    def optional(text: str):
+        if text.strip().lower() in BLANK_WORDS + ("",):
+            return BLANK
+        return convert(text)
+
+    optional.__name__ = convert.__name__  # argparse names the type in its error messages
+    return optional
 
 
 def _metavar(spec: FieldSpec) -> str:
     if spec.setting.choices:
         return "{" + ",".join(map(str, spec.setting.choices)) + "}"
-    return {bool: "true|false", int: "N", float: "X", str: "TEXT"}[spec.type]
+    metavar = {bool: "true|false", int: "N", float: "X", str: "TEXT"}[spec.type]
+    return metavar + "|none" if spec.optional else metavar
 
 
 def _boolean(text: str) -> bool:
@@ -104,6 +125,7 @@ def config_from_args(args: argparse.Namespace) -> DreamBoothConfig:
     config = load_params(args.config)
     changes = {name: getattr(args, f"set_{name}") for name in OVERRIDABLE
                if getattr(args, f"set_{name}") is not None}
+    changes = {name: None if value is BLANK else value for name, value in changes.items()}
     return config.copy(**changes) if changes else config
 
 

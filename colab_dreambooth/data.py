@@ -106,11 +106,12 @@ def _class_examples(config: "DreamBoothConfig", index: int, problems: list[str],
                       f"Total Number of Class Images is {wanted}: add the missing "
                       f"{wanted - len(images)} (generated with the base model from the class "
                       "prompt), or lower the number")
-        if required:
+        if required or not images:
             return []
-    if not images:
-        report.append(f"{label}: the class folder {folder} holds no usable image: add class "
-                      "images, or clear the class prompt to train without prior preservation")
+    elif not images:
+        state = "holds no usable image" if folder.is_dir() else "does not exist"
+        report.append(f"{label}: the class folder {folder} {state}: add class images, or clear "
+                      "the class prompt to train without prior preservation")
         return []
     examples = []
     for path in images[:wanted] if wanted else images:
