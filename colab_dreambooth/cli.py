@@ -7,6 +7,7 @@ generated from the configuration model, so the CLI never lags behind the fields.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -18,6 +19,9 @@ from .fields import FieldSpec, field_specs
 from .images import check_folders
 from .params import load_params, resolve_concepts, save_params
 from .validation import ConfigError
+
+# Stages whose commands live beside the code they run: each has add_subcommand(subparsers).
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
 
 OVERRIDABLE = {name: spec for name, spec in field_specs(DreamBoothConfig).items()
                if spec.type in (str, int, float, bool)}
@@ -78,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder")
     p.add_argument("--steps", type=int, default=150, help="training steps")
     p.set_defaults(run=_demo)
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(f"{__package__}.{name}").add_subcommand(sub)
     return parser
 
 
