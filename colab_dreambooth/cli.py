@@ -17,11 +17,13 @@ from .config import DreamBoothConfig
 from .data import DataError, collect_training_data
 from .fields import FieldSpec, field_specs
 from .images import check_folders
+from .models import ModelLoadError
 from .params import load_params, resolve_concepts, save_params
+from .prompts import PromptError
 from .validation import ConfigError
 
 # Stages whose commands live beside the code they run: each has add_subcommand(subparsers).
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES = ("class_images", "sample", "model_card")
 
 OVERRIDABLE = {name: spec for name, spec in field_specs(DreamBoothConfig).items()
                if spec.type in (str, int, float, bool)}
@@ -46,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         return args.run(args)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, PromptError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
