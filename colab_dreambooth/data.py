@@ -103,9 +103,9 @@ def _class_examples(config: "DreamBoothConfig", index: int, problems: list[str],
     report = problems if required else warnings
     if wanted and len(images) < wanted:
         report.append(f"{label}: the class folder {folder} holds {len(images)} usable images but "
-                      f"Total Number of Class Images is {wanted}: add the missing "
-                      f"{wanted - len(images)} (generated with the base model from the class "
-                      "prompt), or lower the number")
+                      f"Total Number of Class Images is {wanted}: generate the missing "
+                      f"{wanted - len(images)} with `colab-dreambooth class-images --config "
+                      "PARAMS.json` (or notebook 02), add your own, or lower the number")
         if required or not images:
             return []
     elif not images:

@@ -1,0 +1,490 @@
+"""The notebook widgets driven from Python: forms, uploads, data views and the training view."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from datetime import datetime, timezone
+import time
+from pathlib import Path
+
+import pytest
+
+import ipywidgets  # noqa: F401  (the test extra installs it)
+import ipywidgets as w  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from colab_dreambooth.config import Concept, DreamBoothConfig  # noqa: E402
+from colab_dreambooth.fields import field_specs  # noqa: E402
+from colab_dreambooth.params import load_params, save_params  # noqa: E402
+from colab_dreambooth.runtime import DeviceInfo  # noqa: E402
+from widgets import (ConfigForm, TrainApp, TrainingView, UploadBox, caption_grid,  # noqa: E402
+                     crop_preview, data_report, estimate_total_steps, params_file,
+                     prepare_config, runtime_banner, save_uploads, training_config)
+from widgets.controls import NumberControl, parse_number  # noqa: E402
+from widgets.plot import loss_curve, smooth  # noqa: E402
+
+CPU = DeviceInfo.cpu()
+RUN_SPECS = field_specs(DreamBoothConfig)
+CONCEPT_SPECS = field_specs(Concept)
+
+
+def form_for(config: DreamBoothConfig | None = None, **kwargs) -> ConfigForm:
+    return ConfigForm(config, device=CPU, **kwargs)
+
+
+def type_into(form: ConfigForm, name: str, value, concept: int | None = None) -> None:
+    """Change a widget's value as the user would (observers fire)."""
+    fields = form.fields if concept is None else form.concepts[concept].fields
+    fields[name].input.value = value
+
+
+def shown(form: ConfigForm, name: str, concept: int | None = None) -> list[str]:
+    fields = form.fields if concept is None else form.concepts[concept].fields
+    return fields[name].shown
+
+
+def without_class_images(config: DreamBoothConfig) -> DreamBoothConfig:
+    """The demo concept without prior preservation: fewer latents to cache, the same loop."""
+    return config.copy(concepts_list=[dataclasses.replace(
+        config.concepts_list[0], class_prompt="", num_class_images=0, class_data_dir="")])
+
+
+def walk(widget: w.Widget):
+    yield widget
+    for child in getattr(widget, "children", ()):
+        yield from walk(child)
+
+
+# ----------------------------------------------------------------------------- generation
+def test_every_field_has_exactly_one_generated_widget(tiny_config):
+    form = form_for(tiny_config)
+    assert set(form.fields) == set(RUN_SPECS) - {"concepts_list"}
+    assert len(form.concepts) == 1 and set(form.concepts[0].fields) == set(CONCEPT_SPECS)
+    inputs = [id(x) for x in walk(form.widget)]
+    controls = list(form.fields.values()) + list(form.concepts[0].fields.values())
+    for control in controls:
+        assert inputs.count(id(control.input)) == 1, control.name
+        assert control.input.description == control.spec.setting.label
+        assert control.input.tooltip == control.spec.setting.help
+    # The widget kind follows the type and metadata alone.
+    assert isinstance(form.fields["hflip"].input, w.Checkbox)
+    assert isinstance(form.fields["use_8bit_adam"].input, w.Dropdown)
+    tristate = form.fields["use_8bit_adam"].input
+    assert [label for label, _ in tristate.options] == ["auto", "on", "off"]
+    assert tristate.label == "off" and form.fields["use_8bit_adam"].get() is False
+    form.fields["use_8bit_adam"].set(None)
+    assert tristate.label == "auto" and form.fields["use_8bit_adam"].get() is None
+    assert list(form.fields["lr_scheduler"].input.options) == [
+        (c, c) for c in RUN_SPECS["lr_scheduler"].setting.choices]
+    assert isinstance(form.fields["max_train_steps"], NumberControl)
+    assert form.fields["resolution"].input.placeholder == "64 to 2048"
+    assert form.fields["seed"].input.placeholder.startswith("blank or")
+    assert form.fields["models_root"].hint is not None  # a path field
+    assert form.concepts[0].fields["instance_data_dir"].hint.value  # the folder exists
+
+
+def test_tabs_follow_the_extension_and_class_image_fields_sit_with_concepts(tiny_config):
+    form = form_for(tiny_config)
+    assert [t.split(" \u26a0")[0] for t in form.tabs.titles] == [
+        "Model", "Parameters", "Advanced", "Concepts", "Saving", "Sampling"]
+    concepts_tab = form.tabs.children[form.tab_names.index("Concepts")]
+    inside = {id(x) for x in walk(concepts_tab)}
+    assert id(form.concepts[0].fields["class_guidance_scale"].input) in inside
+    assert id(form.fields["learning_rate"].input) not in inside
+    model_tab = form.tabs.children[form.tab_names.index("Model")]
+    assert id(form.fields["model_name"].input) in {id(x) for x in walk(model_tab)}
+
+
+def test_header_shows_runtime_gpu_and_preset():
+    t4 = DeviceInfo("cuda", "Tesla T4", 15.0, False, 1)
+    text = runtime_banner(t4)
+    assert "Tesla T4" in text and "15.0 GB" in text and "bf16 no" in text
+    assert "none yet" in text and "Jupyter" in text
+    assert "CPU" in runtime_banner(CPU)
+    assert "Tesla T4" in ConfigForm(device=t4).header.value
+
+
+# ----------------------------------------------------------------------------- values
+def test_config_follows_the_widgets(tiny_config):
+    form = form_for(tiny_config)
+    assert form.config == tiny_config
+    type_into(form, "learning_rate", "1e-5")
+    type_into(form, "max_train_steps", "")
+    type_into(form, "use_8bit_adam", True)
+    type_into(form, "gradient_checkpointing", "auto")
+    type_into(form, "lr_scheduler", "cosine")
+    type_into(form, "hflip", False)
+    type_into(form, "class_token", "a dog, dog", concept=0)
+    type_into(form, "num_class_images", " 7 ", concept=0)
+    config = form.config
+    assert config.learning_rate == 1e-5 and config.max_train_steps is None
+    assert config.use_8bit_adam is True and config.lr_scheduler == "cosine"
+    assert config.gradient_checkpointing is None
+    assert config.hflip is False
+    assert config.concepts_list[0].class_token == "a dog, dog"
+    assert config.concepts_list[0].num_class_images == 7
+    assert form.config is not form.config  # a fresh object each time
+    other = tiny_config.copy(resolution=128, seed=None, gradient_checkpointing=False)
+    form.set_config(other)
+    assert form.config == other
+    assert form.fields["seed"].input.value == ""
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("resolution", "512", 512), ("resolution", "512.0", 512), ("learning_rate", "2e-6", 2e-6),
+    ("seed", "", None), ("seed", "4294967295", 4294967295), ("learning_rate", " 0.5 ", 0.5),
+])
+def test_number_boxes_parse(name, text, expected):
+    value = parse_number(RUN_SPECS[name], text)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("resolution", "abc", "'abc' is not a whole number"),
+    ("resolution", "512.5", "'512.5' is not a whole number"),
+    ("resolution", "", "blank: enter a whole number"),
+    ("learning_rate", "2,5", "use a dot"),
+    ("learning_rate", "nan", "not a finite number"),
+])
+def test_number_boxes_reject(name, text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_number(RUN_SPECS[name], text)
+
+
+# ----------------------------------------------------------------------------- validation
+def test_valid_config_enables_train(tiny_config):
+    form = form_for(tiny_config)
+    assert form.problems == [] and not form.train_button.disabled
+    assert "ready to train" in form.summary.value
+
+
+def test_class_prompt_holding_the_instance_token_shows_next_to_it(tiny_config):
+    form = form_for(tiny_config)
+    type_into(form, "class_prompt", "photo of zwx toy", concept=0)
+    messages = shown(form, "class_prompt", concept=0)
+    assert len(messages) == 1 and "holds the instance token 'zwx'" in messages[0]
+    assert form.train_button.disabled
+    assert form.concepts[0].fields["class_prompt"].message.layout.display is None  # visible
+    assert "Concepts \u26a0 1" in form.tabs.titles
+    assert "Concept 1 \u00b7 Class prompt" in form.summary.value
+    assert all(not c.shown for n, c in form.concepts[0].fields.items() if n != "class_prompt")
+    type_into(form, "class_prompt", "photo of a toy", concept=0)
+    assert shown(form, "class_prompt", concept=0) == [] and not form.train_button.disabled
+    assert "Concepts" in form.tabs.titles
+
+
+def test_missing_folder_shows_next_to_it(tiny_config, tmp_path):
+    form = form_for(tiny_config)
+    missing = str(tmp_path / "nowhere")
+    type_into(form, "instance_data_dir", missing, concept=0)
+    assert any("does not exist" in m and missing in m
+               for m in shown(form, "instance_data_dir", concept=0))
+    assert form.train_button.disabled
+    assert form.concepts[0].fields["instance_data_dir"].hint.value == ""
+    (tmp_path / "nowhere").mkdir()
+    form.refresh()  # the folder appeared outside the form
+    assert shown(form, "instance_data_dir", concept=0) == []
+    assert not form.train_button.disabled
+
+
+def test_text_in_a_number_box_shows_and_blocks(tiny_config):
+    form = form_for(tiny_config)
+    type_into(form, "learning_rate", "fast")
+    assert shown(form, "learning_rate") == ["'fast' is not a number"]
+    assert form.train_button.disabled
+    assert [p.where for p in form.problems] == ["learning_rate"]
+    with pytest.raises(ValueError, match="learning_rate: 'fast' is not a number"):
+        form.config
+    type_into(form, "learning_rate", "3e-6")
+    assert shown(form, "learning_rate") == [] and not form.train_button.disabled
+    assert form.config.learning_rate == 3e-6
+
+
+def test_range_and_cross_field_problems(tiny_config):
+    form = form_for(tiny_config)
+    type_into(form, "resolution", "100")  # in range, not a multiple of 64
+    assert any("multiple of 64" in m for m in shown(form, "resolution"))
+    type_into(form, "resolution", "4096")
+    assert shown(form, "resolution") == ["4096 is above the maximum 2048"]
+    type_into(form, "resolution", "64")
+    type_into(form, "max_train_steps", "")
+    type_into(form, "num_train_epochs", "")
+    assert any("both blank" in m for m in shown(form, "max_train_steps"))
+    type_into(form, "num_train_epochs", "2")
+    assert form.problems == []
+
+
+def test_blank_form_says_what_is_missing():
+    form = form_for()
+    assert form.train_button.disabled
+    assert "no concept to train" in form.concepts_message.value
+    form.add_concept()
+    assert any("blank" in m for m in shown(form, "instance_prompt", concept=0))
+    assert any("blank" in m for m in shown(form, "instance_data_dir", concept=0))
+    assert form.concepts_message.value == ""
+
+
+# ----------------------------------------------------------------------------- concepts
+def test_add_and_remove_concepts(tiny_config, demo_root):
+    form = form_for(tiny_config)
+    second = Concept(instance_prompt="photo of qwe toy", class_prompt="",
+                     instance_data_dir=str(demo_root / "data" / "class"))
+    form.add_concept(second)
+    assert len(form.concepts) == 2 and len(form.concepts_box.children) == 2
+    assert form.config.concepts_list == tiny_config.concepts_list + [second]
+    assert form.concepts_box.titles[1] == "Concept 2: photo of qwe toy"
+    assert form.concepts_box.selected_index == 1
+    assert not form.train_button.disabled
+    type_into(form, "class_prompt", "qwe toy", concept=1)
+    type_into(form, "instance_token", "qwe", concept=1)
+    assert any("instance token" in m for m in shown(form, "class_prompt", concept=1))
+    assert shown(form, "class_prompt", concept=0) == []  # problems land on the right concept
+    form.concepts[0].remove_button.click()
+    assert len(form.concepts) == 1
+    assert form.config.concepts_list[0].instance_prompt == "photo of qwe toy"
+    assert any("instance token" in m for m in shown(form, "class_prompt", concept=0))
+    assert form.concepts_box.titles[0].startswith("Concept 1: photo of qwe toy")
+    form.add_concept_button.click()
+    assert len(form.config.concepts_list) == 2
+    assert form.config.concepts_list[1] == dataclasses.replace(Concept())
+
+
+# ----------------------------------------------------------------------------- params JSON
+def test_save_and_load_params_round_trip(tiny_config, tmp_path):
+    config = tiny_config.copy(seed=None, use_8bit_adam=None, learning_rate=3e-6)
+    config.concepts_list.append(Concept(instance_prompt="photo of qwe cat",
+                                        instance_data_dir=config.concepts_list[0].instance_data_dir))
+    form = form_for(config)
+    path = tmp_path / "saved" / "params.json"
+    form.params_path.value = str(path)
+    form.save_button.click()
+    assert path.is_file() and "Saved" in form.params_status.value
+    assert load_params(path) == config
+
+    other = form_for()
+    other.params_path.value = str(path)
+    other.load_button.click()
+    assert other.config == config
+    assert "Loaded" in other.params_status.value and len(other.concepts) == 2
+
+
+def test_load_params_reports_bad_files_and_keeps_the_form(tiny_config, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"learning_rat": 1e-6}), encoding="utf-8")
+    form = form_for(tiny_config)
+    form.params_path.value = str(bad)
+    form.load_button.click()
+    assert "Could not load" in form.params_status.value
+    assert "did you mean" in form.params_status.value
+    assert form.config == tiny_config
+    form.params_path.value = str(tmp_path / "missing.json")
+    form.load_button.click()
+    assert "file not found" in form.params_status.value
+
+
+def test_save_refuses_unparsed_boxes(tiny_config, tmp_path):
+    form = form_for(tiny_config)
+    type_into(form, "resolution", "big")
+    form.params_path.value = str(tmp_path / "p.json")
+    form.save_button.click()
+    assert "Not saved" in form.params_status.value and not (tmp_path / "p.json").exists()
+
+
+def test_extension_file_loads_into_the_form(tmp_path, demo_root):
+    db_config = {"db_learning_rate": 1e-6, "txt_learning_rate": 5e-7, "optimizer": "8bit AdamW",
+                 "not_cache_latents": True, "revision": 3, "pretrained_model_name_or_path": "tiny",
+                 "concepts_list": [{"instance_prompt": "photo of sks dog",
+                                    "instance_data_dir": str(demo_root / "data" / "instance"),
+                                    "is_valid": True}]}
+    path = tmp_path / "db_config.json"
+    path.write_text(json.dumps(db_config), encoding="utf-8")
+    form = form_for()
+    form.load_params(path)
+    config = form.config
+    assert config.text_encoder_learning_rate == 5e-7 and config.use_8bit_adam is True
+    assert config.cache_latents is False
+    assert "ignored" in form.params_status.value and "revision" in form.params_status.value
+
+
+def test_hidden_tabs_keep_their_values(tiny_config):
+    form = form_for(tiny_config, tabs=["Model", "Concepts"], show_train=False)
+    assert form.tabs.titles == ("Model", "Concepts")
+    assert form.train_button not in list(walk(form.widget))
+    assert form.config == tiny_config
+
+
+# ----------------------------------------------------------------------------- notebook 01
+def test_save_uploads_never_overwrites(tmp_path):
+    folder = tmp_path / "instance"
+    folder.mkdir()
+    (folder / "dog.png").write_bytes(b"old png")
+    (folder / "same.png").write_bytes(b"same bytes")
+    result = save_uploads([
+        {"name": "dog.png", "content": memoryview(b"new png")},
+        {"name": "dog.txt", "content": b"a photo of a dog"},
+        {"name": "same.png", "content": b"same bytes"},
+        {"name": "../../escape.jpg", "content": b"jpg"},
+        {"name": "phone.HEIC", "content": b"heic"},
+        {"name": ".hidden.png", "content": b"x"},
+    ], folder)
+    assert (folder / "dog.png").read_bytes() == b"old png"  # the user's file is untouched
+    assert (folder / "dog (1).png").read_bytes() == b"new png"
+    assert (folder / "dog (1).txt").read_text() == "a photo of a dog"  # caption follows its image
+    assert result.renamed == {"dog.png": "dog (1).png", "dog.txt": "dog (1).txt"}
+    assert (folder / "escape.jpg").is_file() and not (tmp_path / "escape.jpg").exists()
+    assert not (folder / "phone.HEIC").exists()
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "dog (1).png", "dog (1).txt", "dog.png", "escape.jpg", "same.png"]
+    assert any("same.png: already" in s for s in result.skipped)
+    assert any("phone.HEIC" in s and "HEIC" in s for s in result.skipped)
+    assert len(result.skipped) == 3
+
+
+def test_upload_box_saves_and_clears(tmp_path, demo_root):
+    png = (demo_root / "data" / "instance" / "star_00.png").read_bytes()
+    seen = []
+    box = UploadBox(tmp_path / "up", on_saved=seen.append)
+    box.upload.value = ({"name": "star.png", "type": "image/png", "size": len(png),
+                         "content": memoryview(png), "last_modified": datetime.now(timezone.utc)},)
+    assert (tmp_path / "up" / "star.png").read_bytes() == png
+    assert box.upload.value == () and "saved 1 file" in box.status.value
+    assert len(seen) == 1 and seen[0].saved == [tmp_path / "up" / "star.png"]
+
+
+def test_caption_grid_and_crop_preview(demo_root, tmp_path):
+    folder = demo_root / "data" / "instance"
+    grid = caption_grid(folder, size=64, columns=3)
+    assert grid is not None and grid.width == 3 * 64 and grid.height > 2 * 64  # 6 images, labels
+    preview = crop_preview(folder, 64, count=2, size=48)
+    assert preview is not None and preview.width == 3 * 48 and preview.height > 2 * 48
+    assert caption_grid(tmp_path) is None and crop_preview(tmp_path / "missing", 64) is None
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    assert caption_grid(tmp_path, size=32).width == 32  # shown as unreadable, not a crash
+
+
+def test_data_report(tiny_config, tmp_path):
+    report = data_report(tiny_config)
+    assert report.ok and report.instance_images == 6 and report.class_images == {0: 12}
+    assert report.prompts[0][1].count("zwx") == 1
+    assert "No problem stops training" in report._repr_html_()
+    bad = tiny_config.copy(concepts_list=[dataclasses.replace(
+        tiny_config.concepts_list[0], class_prompt="zwx toy",
+        instance_data_dir=str(tmp_path / "none"))])
+    report = data_report(bad)
+    assert not report.ok
+    text = str(report)
+    assert "class_prompt" in text and str(tmp_path / "none") in text
+
+
+def test_prepare_config_for_notebook_01(tmp_path):
+    work = tmp_path / "work"
+    config, notes = prepare_config(work, base_model="tiny", instance_prompt="photo of sks dog",
+                                   class_prompt="photo of a dog", num_class_images=5,
+                                   resolution=256)
+    assert notes == [] and config.models_root == str(work) and config.resolution == 256
+    concept = config.concepts_list[0]
+    assert Path(concept.instance_data_dir) == work / "data" / "instance"
+    assert (concept.instance_prompt, concept.num_class_images) == ("photo of sks dog", 5)
+    assert not any((work / "data").rglob("*.png"))  # no demo data unless asked for
+
+    save_params(config.copy(learning_rate=4e-6), params_file(work))
+    again, notes = prepare_config(work, base_model="tiny", instance_prompt="photo of sks cat",
+                                  class_prompt="", resolution=512)
+    assert again.learning_rate == 4e-6  # kept from params.json
+    assert again.concepts_list[0].instance_prompt == "photo of sks cat" and "Continuing" in notes[0]
+
+    demo, notes = prepare_config(tmp_path / "fresh", base_model="tiny", instance_prompt="x",
+                                 class_prompt="", resolution=64, demo_if_empty=True)
+    assert "demo subject" in notes[0] and demo.resolution == 64
+    assert len(list(Path(demo.concepts_list[0].instance_data_dir).glob("*.png"))) == 6
+
+
+def test_training_config_for_notebook_03(tmp_path, tiny_config):
+    config, notes = training_config(tmp_path, base_model="tiny", steps=None)
+    assert config.pretrained_model_name_or_path == "tiny" and "run 01" in notes[0]
+    save_params(tiny_config, params_file(tmp_path))
+    config, _ = training_config(tmp_path, base_model="ignored", steps=3, resolution=128)
+    assert config == tiny_config.copy(max_train_steps=3, resolution=128)
+
+
+# ----------------------------------------------------------------------------- training view
+def test_loss_curve_draws_any_length():
+    assert loss_curve([], (200, 100)).size == (200, 100)
+    assert loss_curve([0.5], (200, 100)).size == (200, 100)
+    image = loss_curve([1.0 / (k + 1) for k in range(5000)], (300, 120), total_steps=6000)
+    assert image.size == (300, 120)
+    assert len(set(image.getdata())) > 2  # something was drawn
+    assert smooth([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_estimate_total_steps(tiny_config):
+    # demo data: 6 instance images, batch 2 -> 3 steps per epoch
+    assert estimate_total_steps(tiny_config) == 6
+    assert estimate_total_steps(tiny_config.copy(max_train_steps=None, num_train_epochs=4)) == 12
+    assert estimate_total_steps(tiny_config.copy(concepts_path="/no/such.json")) is None
+
+
+def test_training_view_stop_button_ends_the_run_with_the_model_saved(tiny_config):
+    config = without_class_images(tiny_config).copy(max_train_steps=6, save_preview_every=1,
+                                                    train_batch_size=1)
+    config.concepts_list[0].n_save_sample = 1
+    config.concepts_list[0].save_infer_steps = 2
+    view = TrainingView(plot_interval=0)
+    seen = []
+
+    def at_step(step, loss, lr):
+        seen.append(step)
+        if step == 2:
+            view.stop_button.click()
+
+    result = view.run(config, background=False, on_step=at_step)
+    assert result.stopped_early and result.steps == 2 and seen == [1, 2]
+    assert (result.model_dir / "model_index.json").is_file()
+    assert json.loads((result.model_dir / "training_info.json").read_text())["steps"] == 2
+    assert view.progress.value == 2 and view.progress.max == 6
+    assert view.progress.bar_style == "warning" and "Stopped at step 2 of 6" in view.status.value
+    assert view.stop_button.disabled and not view.running
+    assert "loss" in view.label.value and len(view.losses) == 2
+    assert Image.open(io.BytesIO(view.loss_image.value)).size == view.plot_size
+    # The preview grid written when the run ended shows inline.
+    assert view.preview.layout.display is None and view.preview.value[:4] == b"\x89PNG"
+    assert "epoch-0001-grid.png" in view.preview_caption.value
+    assert "Seed" in view.log.value
+
+
+def test_training_view_shows_errors_and_reraises_in_the_foreground(tiny_config, tmp_path):
+    config = tiny_config.copy(concepts_list=[dataclasses.replace(
+        tiny_config.concepts_list[0], instance_data_dir=str(tmp_path / "gone"))])
+    view = TrainingView()
+    with pytest.raises(ValueError, match="gone"):
+        view.run(config, background=False)
+    assert "Training failed" in view.status.value and view.progress.bar_style == "danger"
+
+
+def test_train_app_background_run_and_stop(tiny_config, tmp_path):
+    config = without_class_images(tiny_config).copy(max_train_steps=50,
+                                                    train_text_encoder=False)
+    app = TrainApp(config, params_path=tmp_path / "params.json", device=CPU)
+    app.form.train_button.click()  # trains in a background thread
+    assert app.form.busy and app.form.train_button.disabled and app.view.running
+    deadline = time.time() + 120
+    while not app.view.losses and app.view.running and time.time() < deadline:
+        time.sleep(0.05)
+    assert app.view.losses, f"no training step: {app.view.error!r}"
+    app.view.stop_button.click()  # from this (the notebook's) thread, as a user would
+    result = app.view.wait(120)
+    assert result is not None and result.stopped_early and result.steps < 50
+    assert (result.model_dir / "model_index.json").is_file()
+    assert load_params(tmp_path / "params.json") == config  # saved before training
+    assert not app.form.busy and not app.form.train_button.disabled
+    assert "stopped early" in app.describe_result()
+    with pytest.raises(ValueError):
+        TrainApp(DreamBoothConfig(), params_path=tmp_path / "p.json", device=CPU).train()
+
+
+def test_core_package_never_imports_ipywidgets():
+    core = Path(__file__).resolve().parent.parent / "colab_dreambooth"
+    offenders = [p.name for p in core.rglob("*.py") if "ipywidgets" in p.read_text("utf-8")]
+    assert offenders == []

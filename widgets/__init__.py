@@ -1,0 +1,26 @@
+"""Notebook widgets for colab-dreambooth.
+
+This package is the only part of the project that imports ipywidgets (install the
+``notebook`` extra); the core package ``colab_dreambooth`` never does.
+
+- :class:`ConfigForm`: the configuration form, generated from the configuration model.
+- :class:`TrainingView`: progress, loss curve, preview grid and a Stop button for a run.
+- :class:`TrainApp`: both together, as notebook 03 shows them.
+- :mod:`widgets.prepare`: uploads, captioned image grid, crop preview and data report (01).
+- :mod:`widgets.workdir`: ``WORK_DIR/params.json``, which carries settings between notebooks.
+"""
+
+from .app import TrainApp
+from .environment import mount_drive_if_needed, on_colab, platform_name, runtime_banner
+from .form import ConfigForm
+from .prepare import (DataReport, UploadBox, caption_grid, colab_upload, crop_preview,
+                      data_report, save_uploads, show_images, upload_images)
+from .training_view import TrainingView, estimate_total_steps
+from .workdir import params_file, prepare_config, training_config
+
+__all__ = [
+    "ConfigForm", "DataReport", "TrainApp", "TrainingView", "UploadBox", "caption_grid",
+    "colab_upload", "crop_preview", "data_report", "estimate_total_steps", "mount_drive_if_needed", "on_colab",
+    "params_file", "platform_name", "prepare_config", "runtime_banner", "save_uploads",
+    "show_images", "training_config", "upload_images",
+]

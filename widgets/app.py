@@ -1,0 +1,70 @@
+"""The training notebook's panel: the configuration form above the live training view."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ipywidgets as w
+
+from colab_dreambooth.config import DreamBoothConfig
+from colab_dreambooth.params import save_params
+from colab_dreambooth.runtime import DeviceInfo
+from colab_dreambooth.train import TrainResult
+from colab_dreambooth.validation import ConfigError
+
+from .form import ConfigForm
+from .training_view import TrainingView, saved_output
+
+
+class TrainApp:
+    """Edit the settings, click Train, follow the run, Stop it.
+
+    Before each run the configuration is saved to ``params_path`` (atomically), so the next
+    notebooks and a later resume read exactly what trained.
+    """
+
+    def __init__(self, config: DreamBoothConfig | None = None, *,
+                 params_path: str | os.PathLike, device: DeviceInfo | None = None,
+                 plot_interval: float = 1.0) -> None:
+        self.params_path = Path(params_path)
+        self.form = ConfigForm(config, device=device, params_path=params_path)
+        self.view = TrainingView(plot_interval=plot_interval)
+        self.form.on_train(lambda config: self.train(config, background=True))
+        self.widget = w.VBox([self.form.widget, self.view.widget])
+
+    def train(self, config: DreamBoothConfig | None = None, *,
+              background: bool = True) -> TrainResult | None:
+        """Save the parameters and train (the form's configuration unless one is given).
+
+        Raises :class:`ConfigError` listing every problem when the form holds any. In the
+        foreground the result is returned (and errors raised); in the background see
+        ``app.view.wait()``.
+        """
+        if config is None:
+            problems = self.form.refresh()
+            if problems:
+                raise ConfigError(problems)
+            config = self.form.config
+        save_params(config, self.params_path)
+        self.form.busy = True
+        try:
+            return self.view.run(config, background=background,
+                                 on_finish=lambda _view: setattr(self.form, "busy", False))
+        except RuntimeError:
+            self.form.busy = self.view.running
+            raise
+
+    def describe_result(self) -> str:
+        """Where the last run stands: still training, failed, stopped, or finished where."""
+        view = self.view
+        if view.running:
+            return "Still training: run this cell again when the run ends (or click Stop)."
+        if view.error is not None:
+            return f"The run failed: {view.error}"
+        if view.result is None:
+            return "No run yet: click Train above."
+        r = view.result
+        how = "stopped early at" if r.stopped_early else "finished"
+        return (f"Training {how} step {r.steps} of {r.total_steps} (seed {r.seed}).\n"
+                f"Saved model: {saved_output(r)}\nParameters: {self.params_path}")
