@@ -111,19 +111,14 @@ def _download(repo_id: str) -> Path:
 
 
 def _convert_single_file(path: Path) -> Path:
-    """Convert a single-file checkpoint into a diffusers folder beside it (once)."""
+    """Convert a single-file checkpoint into a diffusers folder beside it (once), offline."""
     target = path.with_name(path.stem + "-diffusers")
     if (target / "model_index.json").is_file():
         return target
-    from diffusers import StableDiffusionPipeline
+    from .convert import convert_single_file
 
     log.info("Converting %s to the diffusers layout in %s", path, target)
-    try:
-        pipe = StableDiffusionPipeline.from_single_file(str(path), safety_checker=None)
-    except Exception as exc:  # diffusers raises many types for bad or unknown files
-        raise ModelLoadError(f"could not read {path} as a Stable Diffusion checkpoint: "
-                             f"{exc}") from exc
-    save_folder_atomic(lambda tmp: pipe.save_pretrained(tmp), target)
+    convert_single_file(path, target)  # its CheckpointError is a ModelLoadError
     return target
 
 
