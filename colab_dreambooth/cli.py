@@ -143,7 +143,10 @@ def _train(args: argparse.Namespace) -> int:
     result = train(config_from_args(args))
     state = "stopped early" if result.stopped_early else "finished"
     print(f"Training {state} after {result.steps}/{result.total_steps} steps (seed {result.seed}).")
-    print(f"Trained model (diffusers folder): {result.model_dir}")
+    if result.lora_file:
+        print(f"Trained LoRA (WebUI/kohya/diffusers .safetensors): {result.lora_file}")
+    else:
+        print(f"Trained model (diffusers folder): {result.model_dir}")
     return 0
 
 

@@ -130,6 +130,19 @@ class DreamBoothConfig:
     text_encoder_learning_rate: float = setting(
         1e-6, "Text encoder learning rate", "Learning rate of the text encoder when it "
         "trains.", "Parameters", minimum=0.0, maximum=1.0)
+    use_lora: bool = setting(
+        False, "Use LORA", "Train small LoRA adapters instead of the whole model: the base "
+        "weights stay frozen and the run saves one .safetensors file of a few MB (lora/<model "
+        "name>.safetensors) that the WebUI, kohya and diffusers load, instead of a 2-4 GB "
+        "model. Needs much less VRAM; the Lora learning rates replace the usual ones.",
+        "Parameters")
+    lora_learning_rate: float = setting(
+        1e-4, "Lora UNET Learning Rate", "UNet learning rate when Use LORA is on (LoRA "
+        "adapters need far higher rates than full fine-tuning).", "Parameters",
+        minimum=0.0, maximum=1.0)
+    lora_txt_learning_rate: float = setting(
+        5e-5, "Lora Text Encoder Learning Rate", "Text encoder learning rate when Use LORA "
+        "and Train Text Encoder are on.", "Parameters", minimum=0.0, maximum=1.0)
     scale_lr: bool = setting(
         False, "Scale learning rate", "Multiply the learning rates by GPUs x gradient "
         "accumulation steps x batch size.", "Parameters")
@@ -217,6 +230,21 @@ class DreamBoothConfig:
     stop_text_encoder: float = setting(
         1.0, "Step Ratio of Text Encoder Training", "Fraction of the run during which the text "
         "encoder trains (1.0 = all of it).", "Advanced", minimum=0.0, maximum=1.0)
+    lora_unet_rank: int = setting(
+        4, "Lora UNET Rank", "Rank (dim) of the UNet's LoRA adapters on the attention "
+        "projections (to_q, to_k, to_v, to_out.0): higher learns more detail, makes a bigger "
+        "file (about 0.8 MB per rank on SD 1.5) and over-fits sooner. 4-32 is usual.",
+        "Advanced", minimum=1, maximum=1024)
+    lora_txt_rank: int = setting(
+        4, "Lora Text Encoder Rank", "Rank of the text encoder's LoRA adapters (CLIP "
+        "self-attention q/k/v/out projections), used when Train Text Encoder is on.",
+        "Advanced", minimum=1, maximum=1024)
+    lora_alpha: Optional[float] = setting(
+        None, "Lora Alpha", "kohya-style network alpha: the adapters' output is scaled by "
+        "alpha / rank. Blank or 0 = the rank (scale 1.0, as in diffusers' and the extension's "
+        "LoRA, which the default learning rates suit). A fixed alpha such as 1 (kohya's "
+        "default) keeps updates the same size whatever the rank but needs a higher learning "
+        "rate (about rank / alpha times).", "Advanced", minimum=0.0)
     use_ema: bool = setting(
         False, "Train EMA", "Keep an exponential moving average of the UNet and save it: "
         "guards against over-fitting late in the run; costs one more UNet of memory.",

@@ -39,8 +39,8 @@ EXTENSION_ONLY_KEYS = frozenset("""
     deis_train_scheduler deterministic disable_class_matching disable_logging dream_detail_preservation
     dynamic_img_norm ema_predict epoch epoch_pause_frequency epoch_pause_time freeze_clip_normalization
     freeze_spectral_norm gradient_set_to_none graph_smoothing half_model has_ema infer_ema
-    initial_revision learning_rate_min lifetime_revision lora_learning_rate lora_model_name
-    lora_txt_learning_rate lora_txt_rank lora_txt_weight lora_unet_rank lora_use_buggy_requires_grad
+    initial_revision learning_rate_min lifetime_revision lora_model_name
+    lora_txt_weight lora_use_buggy_requires_grad
     lora_weight lr_factor lr_scale_pos max_token_length min_snr_gamma model_dir model_path model_type
     noise_scheduler offset_noise pretrained_vae_name_or_path prior_loss_scale prior_loss_target
     prior_loss_weight_min revision sanity_prompt sanity_seed save_ckpt_after save_ckpt_cancel
@@ -48,7 +48,7 @@ EXTENSION_ONLY_KEYS = frozenset("""
     save_lora_for_extra_net save_safetensors save_state_after save_state_cancel save_state_during
     save_use_epochs save_use_global_counts scheduler shared_diffusers_path shuffle_after_epoch
     shuffle_tags snapshot split_loss strict_tokens tenc_grad_clip_norm tenc_weight_decay tomesd
-    train_imagic train_imagic_only train_unet train_unfrozen use_concepts use_dream use_lora
+    train_imagic train_imagic_only train_unet train_unfrozen use_concepts use_dream
     use_lora_extended use_shared_src use_subdir use_unet v2 weight_dtype
     full_mixed_precision input_pertubation adaptation_growth_rate adaptation_momentum
     enable_tomesd half_lora lora_rank min_learning_rate tf32_enable train_conditioning

@@ -2,7 +2,8 @@
 
 The loop body is the paper's step in one place: encode images to latents, add noise at random
 timesteps, predict the noise (or velocity), take the MSE on the instance half of the batch plus
-Prior Loss Weight times the MSE on the class half, backward, step.
+Prior Loss Weight times the MSE on the class half, backward, step. With Use LORA the same step
+trains only LoRA adapters (:mod:`colab_dreambooth.lora`) and the run saves one LoRA file.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from tqdm.auto import tqdm
 
 from .config import DreamBoothConfig
 from .data import DreamBoothDataset, TrainingData, collate, collect_training_data
+from .lora import add_lora, check_lora, kohya_state_dict, lora_file_path, lora_metadata, save_lora
 from .models import Components, load_components, save_folder_atomic
 from .optim import EMA, make_lr_scheduler, make_optimizer, plan_steps, set_memory_attention
-from .params import resolve_concepts, save_params
+from .params import resolve_concepts, save_params, write_text_atomic
 from .runtime import DeviceInfo, detect_device
 from .validation import check_config
 
@@ -37,19 +39,21 @@ log = logging.getLogger(__name__)
 class TrainResult:
     """What a finished (or stopped) run produced."""
 
-    model_dir: Path  # the saved diffusers folder
+    model_dir: Path  # the saved diffusers folder; with Use LORA the folder of the LoRA file
     steps: int
     total_steps: int
     epochs: int
     seed: int
     losses: list[float] = field(default_factory=list)
     stopped_early: bool = False
+    lora_file: Path | None = None  # with Use LORA: <model dir>/lora/<model name>.safetensors
 
 
 def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
           stop: threading.Event | None = None, progress: bool = True,
           on_step: Callable[[int, float, float], None] | None = None) -> TrainResult:
-    """Train ``config`` and save the result as a diffusers folder under ``config.model_dir``.
+    """Train ``config`` and save the result as a diffusers folder under ``config.model_dir``
+    (with Use LORA: only the LoRA file, ``<model dir>/lora/<model name>.safetensors``).
 
     Everything that can be checked is checked before a model is loaded. ``stop`` (set from
     another thread or a Stop button) or Ctrl-C end the run cleanly: the model trained so far is
@@ -62,6 +66,7 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
     device = device or (DeviceInfo.cpu() if config.use_cpu else detect_device())
     config = resolve_concepts(config)
     check_config(config, device)
+    check_lora(config)
     data = collect_training_data(config)
     for warning in data.warnings:
         log.warning("%s", warning)
@@ -81,6 +86,13 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
     unet, text_encoder, vae = parts.unet, parts.text_encoder, parts.vae
     vae.requires_grad_(False)
     text_encoder.requires_grad_(config.train_text_encoder)
+    if config.use_lora:
+        # The frozen base can sit in the compute dtype; only the fp32 adapters train.
+        for module in (unet, text_encoder):
+            module.to(accelerator.device)
+            if weight_dtype != torch.float32:
+                module.to(dtype=weight_dtype)
+        add_lora(unet, text_encoder, config)
     unet.train()
     text_encoder.train(config.train_text_encoder)
     set_memory_attention(unet, config.attention, on_cuda)
@@ -111,11 +123,14 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
                       config.num_train_epochs)
     scale = (accelerator.num_processes * config.gradient_accumulation_steps
              * config.train_batch_size) if config.scale_lr else 1
+    unet_lr, text_lr = ((config.lora_learning_rate, config.lora_txt_learning_rate)
+                        if config.use_lora else
+                        (config.learning_rate, config.text_encoder_learning_rate))
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad],
-               "lr": config.learning_rate * scale}]
+               "lr": unet_lr * scale}]
     if config.train_text_encoder:
-        groups.append({"params": list(text_encoder.parameters()),
-                        "lr": config.text_encoder_learning_rate * scale})
+        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
+                        "lr": text_lr * scale})
     optimizer = make_optimizer(groups, use_8bit=config.use_8bit_adam, on_cuda=on_cuda,
                                betas=(config.adam_beta1, config.adam_beta2),
                                weight_decay=config.weight_decay, eps=config.adam_epsilon)
@@ -182,7 +197,8 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
                     on_step(step, losses[-1], lr)
                 if config.save_every_steps and step % config.save_every_steps == 0 \
                         and step < plan.total_steps:
-                    _save(accelerator, config, parts, unet, text_encoder, ema, step, seed, plan)
+                    _save(accelerator, config, parts, unet, text_encoder, ema, step, seed, plan,
+                          data)
                 if step >= plan.total_steps or (stop is not None and stop.is_set()):
                     break
             finished = step >= plan.total_steps or (stop is not None and stop.is_set())
@@ -193,16 +209,17 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
                 stopped = step < plan.total_steps
                 break
             if config.save_every_epochs and (epoch + 1) % config.save_every_epochs == 0:
-                _save(accelerator, config, parts, unet, text_encoder, ema, step, seed, plan)
+                _save(accelerator, config, parts, unet, text_encoder, ema, step, seed, plan, data)
     except KeyboardInterrupt:
         stopped = True
         log.warning("Interrupted at step %d: saving the model trained so far", step)
     finally:
         bar.close()
 
-    model_dir = _save(accelerator, config, parts, unet, text_encoder, ema, step, seed, plan)
+    model_dir = _save(accelerator, config, parts, unet, text_encoder, ema, step, seed, plan, data)
     accelerator.end_training()
-    return TrainResult(model_dir, step, plan.total_steps, plan.epochs, seed, losses, stopped)
+    return TrainResult(model_dir, step, plan.total_steps, plan.epochs, seed, losses, stopped,
+                       lora_file_path(config) if config.use_lora else None)
 
 
 def dreambooth_loss(unet, noise_scheduler, latents: torch.Tensor, text_states: torch.Tensor,
@@ -324,16 +341,19 @@ def _mixed_precision(config: DreamBoothConfig, device: DeviceInfo) -> str:
 
 
 def _save(accelerator, config: DreamBoothConfig, parts: Components, unet, text_encoder,
-          ema: EMA | None, step: int, seed: int, plan) -> Path:
-    """Write the model as a diffusers folder, ``<model dir>/model``, atomically."""
+          ema: EMA | None, step: int, seed: int, plan, data: TrainingData) -> Path:
+    """Write the model as a diffusers folder, ``<model dir>/model``, atomically (with Use
+    LORA: the LoRA file and its params into ``<model dir>/lora``)."""
     from diffusers import StableDiffusionPipeline
 
-    target = config.model_dir / "model"
+    target = config.model_dir / ("lora" if config.use_lora else "model")
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return target
     unet = accelerator.unwrap_model(unet)
     text_encoder = accelerator.unwrap_model(text_encoder)
+    if config.use_lora:
+        return _save_lora(config, parts, unet, text_encoder, step, seed, plan, data)
 
     def write(folder: Path) -> None:
         pipe = StableDiffusionPipeline(
@@ -351,15 +371,38 @@ def _save(accelerator, config: DreamBoothConfig, parts: Components, unet, text_e
             ema.copy_to(ema_unet.parameters())
             ema_unet.save_pretrained(folder / "unet_ema")
         save_params(config, folder / "params.json")
-        info = {"base_model": config.base_model, "steps": step, "total_steps": plan.total_steps,
-                "epochs": plan.epochs, "seed": seed, "ema": ema is not None,
-                "instance_prompts": [c.instance_prompt for c in config.concepts_list],
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        info = _training_info(config, step, seed, plan, ema=ema is not None)
         (folder / "training_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
 
     save_folder_atomic(write, target)
     log.info("Saved the model at step %d to %s", step, target)
     return target
+
+
+def _save_lora(config: DreamBoothConfig, parts: Components, unet, text_encoder, step: int,
+               seed: int, plan, data: TrainingData) -> Path:
+    """Write the LoRA file, its params and training info into ``<model dir>/lora``, each
+    file atomically (the folder may hold the user's other files, so it is not swapped)."""
+    path = lora_file_path(config)
+    state = kohya_state_dict(unet, text_encoder if config.train_text_encoder else None)
+    meta = lora_metadata(config, unet, steps=step, epochs=plan.epochs, seed=seed,
+                         instance_prompts=[e.prompt for e in data.instance],
+                         num_class_images=sum(map(len, data.classes.values())),
+                         prediction_type=parts.prediction_type)
+    save_lora(path, state, meta)
+    save_params(config, path.parent / "params.json")
+    info = _training_info(config, step, seed, plan, ema=False)
+    info["lora_file"] = path.name
+    write_text_atomic(path.parent / "training_info.json", json.dumps(info, indent=2))
+    log.info("Saved the LoRA at step %d to %s (%.1f MB)", step, path, path.stat().st_size / 1e6)
+    return path.parent
+
+
+def _training_info(config: DreamBoothConfig, step: int, seed: int, plan, *, ema: bool) -> dict:
+    return {"base_model": config.base_model, "steps": step, "total_steps": plan.total_steps,
+            "epochs": plan.epochs, "seed": seed, "ema": ema, "lora": config.use_lora,
+            "instance_prompts": [c.instance_prompt for c in config.concepts_list],
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 __all__ = ["train", "TrainResult", "TrainingData", "dreambooth_loss", "tokenize", "encode_latents",

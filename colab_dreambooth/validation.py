@@ -71,6 +71,9 @@ def validate(config: "DreamBoothConfig", device: "DeviceInfo | None" = None, *,
     if check_paths:
         problems += _base_model_problems(config)
 
+    from .lora import lora_problems  # imported here: lora imports this module
+
+    problems += lora_problems(config)
     concepts_path = _text(config.concepts_path)
     if check_paths and concepts_path and not Path(concepts_path).expanduser().is_file():
         problems.append(Problem("concepts_path", f"the concepts file {concepts_path} does not "

@@ -729,7 +729,7 @@ def test_later_extension_file_reports_its_ignored_keys(later_file):
     for key in ("model_dir", "revision", "epoch", "lifetime_revision", "initial_revision",
                 "graph_smoothing", "sanity_prompt", "sanity_seed", "snapshot", "tomesd",
                 "use_dream", "clip_skip", "model_type", "full_mixed_precision",
-                "input_pertubation", "use_shared_src", "tenc_weight_decay", "use_lora"):
+                "input_pertubation", "use_shared_src", "tenc_weight_decay", "lora_weight"):
         assert key in loaded.ignored_keys, key
     assert loaded.ignored_keys == sorted(loaded.ignored_keys)
     # keys that were used are not reported as ignored
