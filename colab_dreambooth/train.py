@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .class_images import generate_class_images
 from .config import DreamBoothConfig
 from .data import DreamBoothDataset, TrainingData, collate, collect_training_data
 from .lora import add_lora, check_lora, kohya_state_dict, lora_file_path, lora_metadata, save_lora
@@ -55,7 +56,8 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
     """Train ``config`` and save the result as a diffusers folder under ``config.model_dir``
     (with Use LORA: only the LoRA file, ``<model dir>/lora/<model name>.safetensors``).
 
-    Everything that can be checked is checked before a model is loaded. ``stop`` (set from
+    Everything that can be checked is checked before a model is loaded; class images a
+    concept lacks are then generated with the base model. ``stop`` (set from
     another thread or a Stop button) or Ctrl-C end the run cleanly: the model trained so far is
     saved. ``on_step(step, loss, lr)`` is called after each optimizer step.
     """
@@ -67,6 +69,10 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
     config = resolve_concepts(config)
     check_config(config, device)
     check_lora(config)
+    if any(c.num_class_images for c in config.concepts_list):
+        # Instance images are checked before any class image is generated (GPU time).
+        collect_training_data(config, require_class_images=False)
+        generate_class_images(config, progress=progress)  # only the missing ones
     data = collect_training_data(config)
     for warning in data.warnings:
         log.warning("%s", warning)
@@ -289,7 +295,7 @@ def preview_samples(accelerator, config: DreamBoothConfig, data: TrainingData, p
     ``<model dir>/samples``. Returns the grid's path."""
     from diffusers import StableDiffusionPipeline
 
-    from .sample import generate_samples, image_grid, save_images
+    from .sample import concept_sample_jobs, generate_samples, image_grid, save_images
 
     if not accelerator.is_main_process:
         return None
@@ -303,22 +309,20 @@ def preview_samples(accelerator, config: DreamBoothConfig, data: TrainingData, p
         requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     images, labels = [], []
-    for index, concept in enumerate(config.concepts_list):
-        prompt = concept.save_sample_prompt.strip()
-        if not prompt or "[filewords]" in prompt.lower():
-            # The instance prompt as built for this concept's first image.
-            prompt = next(e.prompt for e in data.instance if e.concept == index)
-        with torch.autocast(accelerator.device.type, enabled=accelerator.mixed_precision != "no",
-                            dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16"
-                            else torch.float16):
-            new = generate_samples(pipe, prompt, n=concept.n_save_sample,
-                                   seed=concept.sample_seed,
-                                   negative_prompt=concept.save_sample_negative_prompt,
-                                   guidance_scale=concept.save_guidance_scale,
-                                   steps=concept.save_infer_steps, height=config.resolution,
-                                   width=config.resolution, progress=False)
-        images += new
-        labels += [prompt] * len(new)
+    autocast = torch.autocast(accelerator.device.type,
+                              enabled=accelerator.mixed_precision != "no",
+                              dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16"
+                              else torch.float16)
+    for index in range(len(config.concepts_list)):
+        # The same prompts, seeds and rules as the sample stage after training.
+        for job in concept_sample_jobs(config, index):
+            with autocast:
+                images += generate_samples(
+                    pipe, job.prompt, n=1, seed=job.seed, negative_prompt=job.negative_prompt,
+                    guidance_scale=job.guidance_scale, steps=job.steps,
+                    height=job.height or config.resolution, width=job.width or config.resolution,
+                    progress=False)
+            labels.append(job.prompt)
     unet.train(was_training[0])
     text_encoder.train(was_training[1])
     parts.vae.to(vae_device)

@@ -257,3 +257,15 @@ def test_bad_data_stops_before_any_model_loads(tiny_config, tmp_path, monkeypatc
     config.concepts_list[0].class_prompt = "a photo of zwx toy"
     with pytest.raises(ConfigError, match="instance token"):
         train(config, progress=False)
+
+
+def test_missing_class_images_are_generated_first(tiny_config):
+    concept = tiny_config.concepts_list[0]
+    concept.class_data_dir = ""  # -> <model dir>/classifiers/concept_1
+    concept.num_class_images = 3
+    concept.class_infer_steps = 2
+    result = train(tiny_config, progress=False)
+    folder = tiny_config.model_dir / "classifiers" / "concept_1"
+    assert len(list(folder.glob("*.png"))) == 3
+    assert len(list(folder.glob("*.txt"))) == 3
+    assert result.steps == tiny_config.max_train_steps
