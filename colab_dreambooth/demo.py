@@ -122,7 +122,7 @@ def run_demo(out: str | Path = "demo-output", *, steps: int = 150) -> Path:
     print(f"  class images:                         {class_dir}")
     print(f"  parameters JSON:                      {params}")
     print(f"  trained model (diffusers folder):     {result.model_dir}")
-    print(f"  samples ({len(samples)} PNGs and a grid):       {grid}")
+    print(f"  samples ({len(samples)} PNGs and a grid):    {grid}")
     print(f"  steps {result.steps}, loss {result.losses[0]:.3f} -> "
           f"{sum(result.losses[-10:]) / len(result.losses[-10:]):.3f} (mean of the last 10)")
     print("Train on this data again with:  colab-dreambooth train --config " + str(params))
