@@ -334,6 +334,9 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
                    "(default fp32)")
     p.add_argument("--ema", action="store_true", help="export the EMA UNet (unet_ema/)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_FILE if it exists")
+    p.add_argument("--model-card", action="store_true", help="also write a Hub-ready README.md "
+                   "(model card) next to OUT_FILE")
+    p.add_argument("--grid", type=Path, help="a sample grid image to show in the model card")
     p.set_defaults(run=_run)
     return p
 
@@ -346,6 +349,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"Wrote {report}")
+    if args.model_card:
+        from .model_card import write_model_card
+
+        card = write_model_card(args.model_dir, args.out_file.parent / "README.md", grid=args.grid)
+        print(f"Wrote the model card {card}")
     return 0
 
 

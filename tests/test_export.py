@@ -256,3 +256,22 @@ def test_cli_export(trained, tmp_path, capsys):
     args = parser.parse_args(["export", str(trained), str(tmp_path / "m.ckpt")])
     assert args.run(args) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_export_cli_writes_a_model_card(tmp_path, capsys):
+    from colab_dreambooth.cli import main
+    from colab_dreambooth.params import save_params
+    from colab_dreambooth.config import DreamBoothConfig, Concept
+    import shutil
+    from colab_dreambooth.models import tiny_model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_path(), model)
+    save_params(DreamBoothConfig(pretrained_model_name_or_path="tiny", concepts_list=[
+        Concept(instance_prompt="photo of zwx toy", instance_token="zwx")]),
+        model / "params.json")
+    out = tmp_path / "out" / "my-model.safetensors"
+    assert main(["export", str(model), str(out), "--model-card"]) == 0
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    assert out.is_file() and "zwx" in card
+    assert "Wrote the model card" in capsys.readouterr().out
