@@ -23,7 +23,8 @@ from .prompts import PromptError
 from .validation import ConfigError
 
 # Stages whose commands live beside the code they run: each has add_subcommand(subparsers).
-SUBCOMMAND_MODULES = ("class_images", "sample", "model_card", "convert", "export")
+SUBCOMMAND_MODULES = ("class_images", "sample", "model_card", "convert", "export",
+                      "dehydrate")
 
 OVERRIDABLE = {name: spec for name, spec in field_specs(DreamBoothConfig).items()
                if spec.type in (str, int, float, bool)}
