@@ -276,6 +276,10 @@ class DreamBoothConfig:
     save_preview_every: int = setting(
         0, "Generate a preview every N epochs", "Preview samples of each concept every N "
         "epochs (and at the end when non-zero); 0 = none.", "Sampling", minimum=0)
+    save_preview_every_steps: int = setting(
+        0, "Generate a preview every N steps", "Preview samples of each concept every N "
+        "optimizer steps (and at the end when non-zero); 0 = none. Each preview costs a few "
+        "seconds of generation per sample.", "Sampling", minimum=0)
 
     # ----------------------------------------------------------------- derived paths
     @property

@@ -205,12 +205,18 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
                         and step < plan.total_steps:
                     _save(accelerator, config, parts, unet, text_encoder, ema, step, seed, plan,
                           data)
-                if step >= plan.total_steps or (stop is not None and stop.is_set()):
+                finished = step >= plan.total_steps or (stop is not None and stop.is_set())
+                every = config.save_preview_every_steps
+                if every and (step % every == 0 or finished):
+                    preview_samples(accelerator, config, data, parts, unet, text_encoder,
+                                    f"step-{step:06d}")
+                if finished:
                     break
             finished = step >= plan.total_steps or (stop is not None and stop.is_set())
             if config.save_preview_every and ((epoch + 1) % config.save_preview_every == 0
                                               or finished):
-                preview_samples(accelerator, config, data, parts, unet, text_encoder, epoch + 1)
+                preview_samples(accelerator, config, data, parts, unet, text_encoder,
+                                f"epoch-{epoch + 1:04d}")
             if finished:
                 stopped = step < plan.total_steps
                 break
@@ -290,9 +296,9 @@ def cache_latents(dataset: DreamBoothDataset, vae, device: torch.device, dtype: 
 
 @torch.no_grad()
 def preview_samples(accelerator, config: DreamBoothConfig, data: TrainingData, parts: Components,
-                    unet, text_encoder, epoch: int) -> Path | None:
+                    unet, text_encoder, tag: str) -> Path | None:
     """Sample each concept with the model as it is now; save PNGs and a labelled grid under
-    ``<model dir>/samples``. Returns the grid's path."""
+    ``<model dir>/samples`` named after ``tag`` (e.g. ``epoch-0003``). Returns the grid's path."""
     from diffusers import StableDiffusionPipeline
 
     from .sample import concept_sample_jobs, generate_samples, image_grid, save_images
@@ -329,10 +335,10 @@ def preview_samples(accelerator, config: DreamBoothConfig, data: TrainingData, p
     if not images:
         return None
     out = config.model_dir / "samples"
-    save_images(images, out, f"epoch-{epoch:04d}")
-    grid = out / f"epoch-{epoch:04d}-grid.png"
+    save_images(images, out, tag)
+    grid = out / f"{tag}-grid.png"
     image_grid(images, labels).save(grid)
-    log.info("Preview samples of epoch %d: %s", epoch, grid)
+    log.info("Preview samples (%s): %s", tag, grid)
     return grid
 
 

@@ -269,3 +269,10 @@ def test_missing_class_images_are_generated_first(tiny_config):
     assert len(list(folder.glob("*.png"))) == 3
     assert len(list(folder.glob("*.txt"))) == 3
     assert result.steps == tiny_config.max_train_steps
+
+
+def test_previews_every_n_steps(tiny_config):
+    config = tiny_config.copy(max_train_steps=4, save_preview_every_steps=2)
+    train(config, progress=False)
+    grids = sorted(p.name for p in (config.model_dir / "samples").glob("*-grid.png"))
+    assert grids == ["step-000002-grid.png", "step-000004-grid.png"]
