@@ -3,17 +3,17 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-TORCH := torch==2.13.0
+TORCH := torch
 
 .PHONY: demo test venv clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c constraints-cpu.txt "$(TORCH)"
+	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[test]"
 	# open-clip-torch only for its CLIP vocabulary file; --no-deps keeps torchvision out.
 	$(PY) -m pip install -q --no-deps open-clip-torch
 	touch $@
