@@ -18,6 +18,8 @@ uses: SD 1.x is epsilon; SD 2.x is the 768-px v-prediction model unless the chec
 
 from __future__ import annotations
 
+import abc
+
 import argparse
 import json
 import logging
@@ -75,7 +77,7 @@ class ConversionReport:
 
 
 # =================================================================================== reading
-class TensorFile:
+class TensorFile(abc.ABC):
     """A checkpoint's tensors by name, read lazily; :meth:`release` drops the memory mapping."""
 
     path: Path
@@ -83,8 +85,9 @@ class TensorFile:
     metadata: dict[str, str]
     global_step: int | None = None
 
-    def get(self, key: str) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor named ``key``."""
 
     def release(self) -> None:
         """Forget mapped pages; the next :meth:`get` maps the file again."""
