@@ -3,32 +3,34 @@
 What it measures
     For a few training configurations (resolution 64 / 128, cached latents or a VAE pass every
     step, text encoder trained or frozen, batch size 1 / 2, torch's default thread count or a
-    single thread) it trains the tiny
-    Stable-Diffusion-shaped model on the demo data (6 instance + 12 class images, prior
-    preservation on, as in ``colab-dreambooth demo``) with :func:`colab_dreambooth.train.train`
-    and reports
+    single thread) it trains the tiny Stable-Diffusion-shaped model on the demo data (6
+    instance + 12 class images, prior preservation on, as in ``colab-dreambooth demo``) with
+    :func:`colab_dreambooth.train.train` and reports
 
     * steps/s and s/step: from the timestamps of the ``on_step`` callback, over the steps after
       ``--warmup`` warm-up steps, so model loading, latent caching, the first (slow) steps and
-      the final save are all excluded;
+      the final save are all excluded; "median" is the median step time;
     * images/s: steps/s times the images each step trains on (batch size instance images plus
       as many class images, since prior preservation is on);
     * first step: seconds from calling ``train()`` to the end of the first step (config checks,
       model load, latent caching, first step);
     * peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of a fresh Python process that
-      runs only that configuration, so each figure is that configuration's own peak (it includes
-      the ~0.5 GB of torch/diffusers/transformers the process imports; "over imports" subtracts
-      the peak reached before ``train()`` was called).
+      runs only that configuration, so each figure is that configuration's own peak. It
+      includes the ~370 MiB of torch/diffusers/transformers the process imports; "over
+      imports" subtracts the peak reached before ``train()`` was called.
 
 How
     The parent draws the demo data once into a temporary folder, then runs this same script
-    once per configuration with the hidden ``--one`` option; the child trains, and prints one
-    ``RESULT {json}`` line that the parent collects into a table. Timings are wall-clock on a
-    machine that may be shared: the load average is printed before and after, so a busy run
-    can be told apart. Nothing is asserted.
+    once per configuration (``--repeat`` times) with the hidden ``--one`` option; the child
+    trains and prints one ``RESULT {json}`` line that the parent collects into a table.
+    Timings are wall-clock. The load average is printed before and after: on a machine that
+    other jobs keep busy, torch's default of one thread per core makes this tiny model's many
+    small ops wait on each other (OpenMP barriers) and runs up to 10-25x slower than one
+    thread, so compare ``--threads 1`` figures there. Nothing is asserted.
 
 Usage
     .venv/bin/python benchmarks/cpu_tiny.py                    # all configurations, 20 steps each
+    .venv/bin/python benchmarks/cpu_tiny.py --threads 1 --repeat 3   # on a busy machine
     .venv/bin/python benchmarks/cpu_tiny.py --steps 40 --configs r64-b1 r128-b1
     .venv/bin/python benchmarks/cpu_tiny.py --list
 """
@@ -123,7 +125,7 @@ def run_one(name: str, data_root: Path, out_root: Path, steps: int, warmup: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20,
                         help="measured steps per configuration, after the warm-up (default 20)")
