@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from colab_dreambooth.demo import demo_config, make_demo_data
 
@@ -29,3 +30,13 @@ def tiny_config(demo_root, tmp_path):
 def _quiet_logs():
     logging.getLogger("colab_dreambooth").setLevel(logging.INFO)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny-model work on one torch thread: its hundreds of tiny matrices lose
+    more to OpenMP hand-offs than they gain, and on a busy 2-core machine that costs seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

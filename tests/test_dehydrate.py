@@ -25,14 +25,7 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 CHANGED_TOKENS = (5, 400)  # the only token-embedding rows "training" touches
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Hundreds of tiny matrices: OpenMP's thread hand-offs cost more than they save, and on a
-    # busy 2-core machine they cost seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
