@@ -20,7 +20,9 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine",
                  "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 ATTENTION = ("default", "xformers", "flash_attention")
-OPTIMIZERS = ("AdamW",)
+OPTIMIZERS = ("AdamW", "Lion", "Prodigy", "Adafactor")
+NOISE_SCHEDULERS = ("DDPM", "DEIS", "UniPC")
+MAX_TOKEN_LENGTHS = (75, 150, 225)
 TINY_MODEL = "tiny"
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -194,18 +196,30 @@ class DreamBoothConfig:
         False, "Use CPU Only (SLOW)", "Train on the CPU (needs about 48 GB RAM for SD 1.x). "
         "Cannot use 8-bit Adam.", "Advanced")
     use_8bit_adam: Optional[bool] = setting(
-        None, "Use 8bit Adam", "bitsandbytes AdamW8bit: saves VRAM, slightly less exact; CUDA "
-        "only. Blank = on when a CUDA GPU and bitsandbytes are present.", "Advanced")
+        None, "Use 8bit Adam", "bitsandbytes 8-bit optimizer state (AdamW8bit, or Lion8bit "
+        "with Lion): saves about 2 GB of VRAM on SD 1.5, slightly less exact; CUDA only. "
+        "Blank = on for AdamW when a CUDA GPU and bitsandbytes are present. Prodigy and "
+        "Adafactor have no 8-bit form.", "Advanced")
     optimizer: str = setting(
-        "AdamW", "Optimizer", "The optimizer (8-bit or not is chosen by Use 8bit Adam).",
+        "AdamW", "Optimizer", "AdamW: the standard (2 states per weight; 8-bit with Use 8bit "
+        "Adam). Lion (pip install lion-pytorch): 1 state per weight, so about a third less "
+        "optimizer memory; use a 3-10x lower learning rate and a 3-10x higher weight decay. "
+        "Prodigy (pip install prodigyopt): finds its own step size: set the learning rates "
+        "to 1.0; costs 2 more states per weight than AdamW. Adafactor (in transformers): "
+        "factored second moments, the least optimizer memory, may learn more slowly.",
         "Advanced", choices=OPTIMIZERS)
     weight_decay: float = setting(
-        1e-2, "Weight decay", "AdamW weight decay: pulls weights towards 0 each step, a mild "
-        "guard against over-fitting.", "Advanced", minimum=0.0, maximum=1.0)
-    adam_beta1: float = setting(0.9, "Adam beta 1", "AdamW first-moment (momentum) decay; "
-                                "the default rarely needs changing.", "Advanced",
+        1e-2, "Weight decay", "Decoupled weight decay of the optimizer: pulls weights towards "
+        "0 each step, a mild guard against over-fitting; free.", "Advanced",
+        minimum=0.0, maximum=1.0)
+    tenc_weight_decay: Optional[float] = setting(
+        None, "TENC Weight Decay", "Weight decay of the text encoder's parameters. "
+        "Blank = the same as Weight decay.", "Advanced", minimum=0.0, maximum=1.0)
+    adam_beta1: float = setting(0.9, "Adam beta 1", "First-moment (momentum) decay of AdamW, "
+                                "Lion and Prodigy; the default rarely needs changing.", "Advanced",
                                 minimum=0.0, maximum=0.99999)
-    adam_beta2: float = setting(0.999, "Adam beta 2", "AdamW second-moment decay; the "
+    adam_beta2: float = setting(0.999, "Adam beta 2", "Second-moment decay of AdamW and "
+                                "Prodigy (Lion's momentum decay, for which 0.99 is usual); the "
                                 "default rarely needs changing.", "Advanced",
                                 minimum=0.0, maximum=0.99999)
     adam_epsilon: float = setting(1e-8, "Adam epsilon", "AdamW's small constant that keeps "
@@ -217,6 +231,24 @@ class DreamBoothConfig:
     mixed_precision: str = setting(
         "fp16", "Mixed precision", "no / fp16 / bf16. bf16 needs an A100, L4, H100 or newer "
         "(not T4/V100). On the CPU training runs in fp32.", "Advanced", choices=MIXED_PRECISION)
+    tf32_enable: bool = setting(
+        False, "Use TF32", "Let fp32 matmuls and convolutions use TF32 tensor cores on Ampere "
+        "and newer GPUs (A100, L4, H100, RTX 30xx+): the fp32 parts of a step run several "
+        "times faster at about 3 significant digits per product, which training tolerates. "
+        "Older GPUs and the CPU ignore it.", "Advanced")
+    full_fp16: bool = setting(
+        False, "Half model (full fp16)", "Keep the trained UNet and text encoder weights in "
+        "fp16 (bf16 with bf16 mixed precision) instead of fp32 copies: about half the weight "
+        "and optimizer memory, for the smallest GPUs. Risks: updates smaller than fp16's "
+        "precision (about 1e-3 of a weight) are rounded away, so low learning rates may learn "
+        "nothing; fp16 gradients may overflow and skip steps; results are worse than with "
+        "mixed precision. Needs fp16/bf16 mixed precision; on the CPU it is ignored (fp32). "
+        "Not used with Use LORA (the adapters stay fp32).", "Advanced")
+    deterministic: bool = setting(
+        False, "Deterministic", "Use deterministic kernels (cuDNN without autotuning, a fixed "
+        "cuBLAS workspace) so the same seed repeats the same run; slower, often 10-20% on a "
+        "GPU. Kernels with no deterministic version warn instead of failing, so a GPU run may "
+        "still differ in the last bits; on the CPU runs repeat exactly.", "Advanced")
     attention: str = setting(
         "default", "Memory Attention", "default = PyTorch scaled-dot-product attention "
         "(memory-efficient, no extra install); xformers needs its package and CUDA; "
@@ -258,9 +290,47 @@ class DreamBoothConfig:
     prior_loss_weight: float = setting(
         1.0, "Prior Loss Weight", "Weight of the class-image (prior-preservation) loss.",
         "Advanced", minimum=0.0, maximum=100.0)
+    offset_noise: float = setting(
+        0.0, "Offset Noise", "Add this much of one random value per image and channel to the "
+        "training noise, so the model learns to change an image's overall brightness (very "
+        "dark or bright pictures); 0 = off, 0.05-0.1 is usual. Free; too much shifts colours.",
+        "Advanced", minimum=0.0, maximum=1.0)
+    min_snr_gamma: float = setting(
+        0.0, "Min SNR Gamma", "Min-SNR-gamma loss weighting: weights each image's loss by "
+        "min(SNR, gamma)/SNR (v-prediction models: /(SNR+1)), so the easy low-noise steps do "
+        "not dominate; 5 is the paper's value, 0 = off. Free; often converges faster.",
+        "Advanced", minimum=0.0, maximum=100.0)
+    noise_scheduler: str = setting(
+        "DDPM", "Noise scheduler", "The scheduler that noises the latents in training, built "
+        "from the model's own scheduler config. DEIS and UniPC (the extension's other "
+        "choices) use the same beta schedule, so they add exactly the same noise as DDPM; "
+        "they are kept so the extension's files load. Epsilon or v-prediction always comes "
+        "from the model.", "Advanced", choices=NOISE_SCHEDULERS)
     pad_tokens: bool = setting(
-        True, "Pad Tokens", "Pad every prompt to the full 75 tokens (77 with BOS/EOS).",
-        "Advanced")
+        True, "Pad Tokens", "Pad every prompt to the full 75 tokens (77 with BOS/EOS); with "
+        "Max Token Length above 75, to the full number of 75-token chunks.", "Advanced")
+    max_token_length: int = setting(
+        75, "Max Token Length", "Longest prompt in tokens. 150 or 225 let long captions train "
+        "whole: they are encoded in 75-token chunks joined for the UNet (kohya and the WebUI "
+        "do the same). Each chunk is one more text-encoder pass and more cross-attention "
+        "work.", "Advanced", choices=MAX_TOKEN_LENGTHS)
+    clip_skip: int = setting(
+        1, "Clip Skip", "Condition on the text encoder's hidden state this many layers from "
+        "the end (1 = the last layer), passed through CLIP's final layer norm. 2 suits models "
+        "trained that way (NovelAI-style anime models); generate with the same value. Free.",
+        "Advanced", minimum=1, maximum=12)
+    shuffle_tags: bool = setting(
+        False, "Shuffle Tags", "Shuffle the comma-separated tags of each training prompt "
+        "every epoch (keeping the first Keep Tokens in place), so no tag order is learnt; for "
+        "tag-style captions. Free.", "Advanced")
+    keep_tokens: int = setting(
+        1, "Keep Tokens", "With Shuffle Tags: how many leading comma-separated tags stay in "
+        "place (kohya's keep_tokens). 1 keeps the first tag, which usually holds the instance "
+        "token and class word, as the extension does.", "Advanced", minimum=0, maximum=75)
+    freeze_clip_normalization: bool = setting(
+        False, "Freeze CLIP Normalization Layers", "Keep CLIP's final layer norm as it is "
+        "while the text encoder trains: its scale and shift set the size of every state the "
+        "UNet sees, and drift there moves all prompts at once. Free.", "Advanced")
     gradient_checkpointing: Optional[bool] = setting(
         None, "Gradient checkpointing", "Recompute activations in the backward pass: much less "
         "VRAM, about 25% slower. Blank = on with a CUDA GPU.", "Advanced")

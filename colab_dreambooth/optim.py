@@ -34,26 +34,138 @@ def plan_steps(batches_per_epoch: int, gradient_accumulation_steps: int,
     return StepPlan(steps_per_epoch, steps_per_epoch * num_train_epochs, num_train_epochs)
 
 
-def make_optimizer(param_groups: list[dict], *, use_8bit: bool | None, on_cuda: bool,
-                   betas: tuple[float, float], weight_decay: float,
-                   eps: float) -> torch.optim.Optimizer:
-    """AdamW, 8-bit (bitsandbytes) when asked for and possible, else torch's with a warning.
+# The optimizers of the Optimizer field: module, class and pip package of each one that needs a
+# package beyond torch (imported lazily: a run that does not pick one never needs it).
+OPTIMIZER_PACKAGES: dict[str, tuple[str, str, str]] = {
+    "Lion": ("lion_pytorch", "Lion", "lion-pytorch"),
+    "Prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
+    "Adafactor": ("transformers.optimization", "Adafactor", "transformers"),
+}
+# bitsandbytes has 8-bit versions of these two only.
+EIGHT_BIT = {"AdamW": "AdamW8bit", "Lion": "Lion8bit"}
+# Prodigy estimates its own step size and multiplies it by the learning rate: about 1.0.
+PRODIGY_MIN_LR = 0.1
 
-    ``use_8bit=None`` means "when a CUDA GPU and bitsandbytes are present".
+
+class OptimizerUnavailable(ImportError):
+    """The chosen optimizer's package is not installed; the message says what to install."""
+
+
+def optimizer_class(name: str) -> type:
+    """The class of optimizer ``name`` (AdamW, Lion, Prodigy or Adafactor), imported now.
+
+    Raises :class:`OptimizerUnavailable` naming the package to install when it is missing.
     """
-    have_bnb = importlib.util.find_spec("bitsandbytes") is not None
-    if use_8bit is None:
-        use_8bit = on_cuda and have_bnb
-    if use_8bit and not on_cuda:
-        log.warning("8-bit Adam needs a CUDA GPU: using torch AdamW instead")
-    elif use_8bit and not have_bnb:
-        log.warning("8-bit Adam needs bitsandbytes (pip install 'colab-dreambooth[cuda]'): "
-                    "using torch AdamW instead, which takes about 2 GB more VRAM on SD 1.5")
-    elif use_8bit:
+    if name == "AdamW":
+        return torch.optim.AdamW
+    if name not in OPTIMIZER_PACKAGES:
+        raise ValueError(f"unknown optimizer {name!r}: choose one of AdamW, "
+                         + ", ".join(OPTIMIZER_PACKAGES))
+    module, attr, package = OPTIMIZER_PACKAGES[name]
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError as exc:
+        raise OptimizerUnavailable(missing_package_message(name)) from exc
+
+
+def missing_package_message(name: str) -> str:
+    """What to do when optimizer ``name``'s package is missing."""
+    package = OPTIMIZER_PACKAGES[name][2]
+    return (f"the {name} optimizer needs the {package} package, which is not installed: "
+            f"pip install 'colab-dreambooth[optimizers]' (or pip install {package}), or choose "
+            "the AdamW optimizer")
+
+
+def optimizer_available(name: str) -> bool:
+    """True when optimizer ``name`` can be imported (checked without importing it)."""
+    if name not in OPTIMIZER_PACKAGES:
+        return True
+    top = OPTIMIZER_PACKAGES[name][0].split(".")[0]
+    try:
+        return importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):  # a module set to None in sys.modules
+        return False
+
+
+def make_optimizer(param_groups: list[dict], name: str = "AdamW", *, use_8bit: bool | None,
+                   on_cuda: bool, betas: tuple[float, float], weight_decay: float,
+                   eps: float, warmup_steps: int = 0) -> torch.optim.Optimizer:
+    """The Optimizer field's choice over ``param_groups`` (each group carries its ``lr``).
+
+    AdamW and Lion run 8-bit (bitsandbytes) when ``use_8bit`` asks for it and a CUDA GPU and
+    bitsandbytes are present, else in 32 bit with a warning; ``use_8bit=None`` means "when a
+    CUDA GPU and bitsandbytes are present" (AdamW only: Lion 8-bit is asked for explicitly).
+    ``weight_decay`` may be overridden per group (the text encoder's own decay).
+    Raises :class:`OptimizerUnavailable` when the chosen optimizer's package is missing.
+    """
+    cls = optimizer_class(name)  # fails before bitsandbytes is looked at
+    if name in EIGHT_BIT and _eight_bit_usable(name, use_8bit, on_cuda):
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(param_groups, betas=betas, weight_decay=weight_decay, eps=eps)
-    return torch.optim.AdamW(param_groups, betas=betas, weight_decay=weight_decay, eps=eps)
+        eight_bit = getattr(bnb.optim, EIGHT_BIT[name])
+        if name == "AdamW":
+            return eight_bit(param_groups, betas=betas, weight_decay=weight_decay, eps=eps)
+        return eight_bit(param_groups, betas=betas, weight_decay=weight_decay)
+    if use_8bit and name not in EIGHT_BIT:
+        log.warning("Use 8bit Adam has no effect on %s (bitsandbytes has no 8-bit %s)", name,
+                    name)
+    if name == "AdamW":
+        return cls(param_groups, betas=betas, weight_decay=weight_decay, eps=eps)
+    if name == "Lion":
+        # lion-pytorch's decay is lr x weight_decay like AdamW's, so the same value means the
+        # same pull; Lion's own paper uses 3-10x the AdamW decay with a 3-10x smaller lr.
+        return cls(param_groups, betas=betas, weight_decay=weight_decay)
+    if name == "Prodigy":
+        # d0 1e-6 and no bias correction are Prodigy's defaults (and the extension's); with a
+        # warm-up, safeguard_warmup keeps the small early learning rates from inflating d.
+        return cls(param_groups, betas=betas, eps=eps, weight_decay=weight_decay,
+                   decouple=True, safeguard_warmup=warmup_steps > 0, d0=1e-6)
+    # Adafactor as the extension runs it: the learning rate as given (so every LR scheduler
+    # works), update clipping at 1.0, parameter-scaled steps, no first moment (least memory).
+    return cls(param_groups, lr=param_groups[0]["lr"], weight_decay=weight_decay,
+               clip_threshold=1.0, decay_rate=-0.8, relative_step=False, scale_parameter=True,
+               warmup_init=False)
+
+
+def _eight_bit_usable(name: str, use_8bit: bool | None, on_cuda: bool) -> bool:
+    have_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    if use_8bit is None:
+        return name == "AdamW" and on_cuda and have_bnb
+    label = "Adam" if name == "AdamW" else name
+    if use_8bit and not on_cuda:
+        log.warning("8-bit %s needs a CUDA GPU: using torch %s instead", label, name)
+    elif use_8bit and not have_bnb:
+        log.warning("8-bit %s needs bitsandbytes (pip install 'colab-dreambooth[cuda]'): "
+                    "using the 32-bit %s instead, which takes about 2 GB more VRAM on SD 1.5",
+                    label, name)
+    return bool(use_8bit) and on_cuda and have_bnb
+
+
+def optimizer_problems(config) -> list:
+    """What stops ``config``'s optimizer from training well, found before any model loads."""
+    from .validation import Problem
+
+    name = config.optimizer
+    problems = []
+    if not isinstance(name, str):
+        return problems  # the field check reports the type
+    if name in OPTIMIZER_PACKAGES and not optimizer_available(name):
+        problems.append(Problem("optimizer", missing_package_message(name)))
+    if name == "Prodigy":
+        rates = ({"lora_learning_rate": config.lora_learning_rate,
+                  "lora_txt_learning_rate": config.lora_txt_learning_rate} if config.use_lora
+                 else {"learning_rate": config.learning_rate,
+                       "text_encoder_learning_rate": config.text_encoder_learning_rate})
+        if not config.train_text_encoder:
+            rates.pop("lora_txt_learning_rate" if config.use_lora
+                      else "text_encoder_learning_rate")
+        for field, lr in rates.items():
+            if isinstance(lr, (int, float)) and lr < PRODIGY_MIN_LR:
+                problems.append(Problem(field, f"{lr:g} with the Prodigy optimizer: Prodigy "
+                                        "finds its own step size and multiplies it by the "
+                                        "learning rate, so set it to about 1.0 (0.5 for a "
+                                        "gentler text encoder)"))
+    return problems
 
 
 def make_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int,

@@ -33,33 +33,36 @@ RENAMED_KEYS = {
     "adamw_weight_decay": "weight_decay",
     "adam_weight_decay": "weight_decay",
 }
-# Keys the extension writes that we have no use for (ignored, and the load says which).
+# Keys the extension writes that we have no use for (ignored, and the load says which). Its
+# half_model casts the exported checkpoint to fp16 (our export's fp16 option), not the
+# full-fp16 training of our full_fp16, so it is not read as that.
 EXTENSION_ONLY_KEYS = frozenset("""
-    adaptation_beta1 adaptation_beta2 adaptation_d0 adaptation_eps clip_skip custom_model_name
-    deis_train_scheduler deterministic disable_class_matching disable_logging dream_detail_preservation
-    dynamic_img_norm ema_predict epoch epoch_pause_frequency epoch_pause_time freeze_clip_normalization
+    adaptation_beta1 adaptation_beta2 adaptation_d0 adaptation_eps custom_model_name
+    deis_train_scheduler disable_class_matching disable_logging dream_detail_preservation
+    dynamic_img_norm ema_predict epoch epoch_pause_frequency epoch_pause_time
     freeze_spectral_norm gradient_set_to_none graph_smoothing half_model has_ema infer_ema
-    initial_revision learning_rate_min lifetime_revision lora_model_name
-    lora_txt_weight lora_use_buggy_requires_grad
-    lora_weight lr_factor lr_scale_pos max_token_length min_snr_gamma model_dir model_path model_type
-    noise_scheduler offset_noise pretrained_vae_name_or_path prior_loss_scale prior_loss_target
+    initial_revision learning_rate_min lifetime_revision lora_model_name lora_txt_weight
+    lora_use_buggy_requires_grad lora_weight lr_factor lr_scale_pos model_dir model_path
+    model_type pretrained_vae_name_or_path prior_loss_scale prior_loss_target
     prior_loss_weight_min revision sanity_prompt sanity_seed save_ckpt_after save_ckpt_cancel
     save_ckpt_during save_class_txt save_ema save_lora_after save_lora_cancel save_lora_during
-    save_lora_for_extra_net save_safetensors save_state_after save_state_cancel save_state_during
-    save_use_epochs save_use_global_counts scheduler shared_diffusers_path shuffle_after_epoch
-    shuffle_tags snapshot split_loss strict_tokens tenc_grad_clip_norm tenc_weight_decay tomesd
+    save_lora_for_extra_net save_safetensors save_state_after save_state_cancel
+    save_state_during save_use_epochs save_use_global_counts scheduler shared_diffusers_path
+    shuffle_after_epoch snapshot split_loss strict_tokens tenc_grad_clip_norm tomesd
     train_imagic train_imagic_only train_unet train_unfrozen use_concepts use_dream
-    use_lora_extended use_shared_src use_subdir use_unet v2 weight_dtype
-    full_mixed_precision input_pertubation adaptation_growth_rate adaptation_momentum
-    enable_tomesd half_lora lora_rank min_learning_rate tf32_enable train_conditioning
-    unfreeze_model use_filename_as_label use_txt_as_label train_text_encoder_steps
-    name output_dir working_dir total_steps with_prior_preservation negative_prompt
+    use_lora_extended use_shared_src use_subdir use_unet v2 weight_dtype full_mixed_precision
+    input_pertubation adaptation_growth_rate adaptation_momentum enable_tomesd half_lora
+    lora_rank min_learning_rate train_conditioning unfreeze_model use_filename_as_label
+    use_txt_as_label train_text_encoder_steps name output_dir working_dir total_steps
+    with_prior_preservation negative_prompt
 """.split())
 EXTENSION_ONLY_CONCEPT_KEYS = frozenset({"is_valid", "max_steps", "num_class_images_per"})
 # The extension's optimizer display names: (our optimizer, 8-bit or not).
 EXTENSION_OPTIMIZERS: dict[str, tuple[str, bool | None]] = {
     "8bit adamw": ("AdamW", True), "8bit adam": ("AdamW", True), "adamw8bit": ("AdamW", True),
     "torch adamw": ("AdamW", False), "adamw": ("AdamW", None),
+    "lion": ("Lion", False), "8bit lion": ("Lion", True), "lion8bit": ("Lion", True),
+    "prodigy": ("Prodigy", None), "adafactor": ("Adafactor", None),
 }
 
 

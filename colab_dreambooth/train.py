@@ -28,10 +28,14 @@ from .config import DreamBoothConfig
 from .data import DreamBoothDataset, TrainingData, collate, collect_training_data
 from .lora import add_lora, check_lora, kohya_state_dict, lora_file_path, lora_metadata, save_lora
 from .models import Components, load_components, save_folder_atomic
+from .noise import add_noise, make_noise_scheduler, min_snr_weights, sample_noise, velocity
+from .numerics import allow_fp16_gradient_unscale, apply_numerics, half_model_dtype
 from .optim import EMA, make_lr_scheduler, make_optimizer, plan_steps, set_memory_attention
+from .text_encoding import (chunked_input_ids, encode_prompts, freeze_final_layer_norm,
+                            num_text_layers)
 from .params import resolve_concepts, save_params, write_text_atomic
 from .runtime import DeviceInfo, detect_device
-from .validation import check_config
+from .validation import ConfigError, Problem, check_config
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,7 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
                               cpu=config.use_cpu)
     set_seed(seed)
+    numerics = apply_numerics(tf32=config.tf32_enable, deterministic=config.deterministic)
     on_cuda = accelerator.device.type == "cuda"
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32)
@@ -90,8 +95,18 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
     # ---- models: frozen parts in the compute dtype, trained parts kept in fp32
     parts = load_components(config.base_model)
     unet, text_encoder, vae = parts.unet, parts.text_encoder, parts.vae
+    if config.clip_skip > num_text_layers(text_encoder):
+        raise ConfigError([Problem("clip_skip", f"{config.clip_skip} is more than the "
+                                   f"{num_text_layers(text_encoder)} layers of this model's "
+                                   "text encoder: lower it (1 = the last layer)")])
     vae.requires_grad_(False)
     text_encoder.requires_grad_(config.train_text_encoder)
+    if config.train_text_encoder and config.freeze_clip_normalization:
+        freeze_final_layer_norm(text_encoder)
+    half = None if config.use_lora else half_model_dtype(config.full_fp16,
+                                                         accelerator.mixed_precision)
+    for module in (unet, text_encoder) if half else ():
+        module.to(dtype=half)  # Half model: the trained weights themselves in fp16/bf16
     if config.use_lora:
         # The frozen base can sit in the compute dtype; only the fp32 adapters train.
         for module in (unet, text_encoder):
@@ -137,9 +152,12 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
     if config.train_text_encoder:
         groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
                         "lr": text_lr * scale})
-    optimizer = make_optimizer(groups, use_8bit=config.use_8bit_adam, on_cuda=on_cuda,
-                               betas=(config.adam_beta1, config.adam_beta2),
-                               weight_decay=config.weight_decay, eps=config.adam_epsilon)
+        if config.tenc_weight_decay is not None:
+            groups[-1]["weight_decay"] = config.tenc_weight_decay
+    optimizer = make_optimizer(groups, config.optimizer, use_8bit=config.use_8bit_adam,
+                               on_cuda=on_cuda, betas=(config.adam_beta1, config.adam_beta2),
+                               weight_decay=config.weight_decay, eps=config.adam_epsilon,
+                               warmup_steps=config.lr_warmup_steps)
     lr_scheduler = make_lr_scheduler(
         config.lr_scheduler, optimizer, warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
         total_steps=plan.total_steps * accelerator.num_processes, cycles=config.lr_cycles,
@@ -150,10 +168,12 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
     else:
         unet, optimizer, loader, lr_scheduler = accelerator.prepare(
             unet, optimizer, loader, lr_scheduler)
+    if half == torch.float16:
+        allow_fp16_gradient_unscale(accelerator)
     ema = EMA(unet.parameters(), config.ema_decay,
               "cpu" if config.ema_on_cpu else None) if config.use_ema else None
 
-    noise_scheduler = parts.noise_scheduler
+    noise_scheduler = make_noise_scheduler(config.noise_scheduler, parts.noise_scheduler.config)
     text_encoder_stops_at = math.floor(config.stop_text_encoder * plan.total_steps)
     trains_text = config.train_text_encoder and text_encoder_stops_at > 0
     if config.train_text_encoder and not trains_text:
@@ -171,11 +191,15 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
             for batch in loader:
                 with accelerator.accumulate(unet, text_encoder):
                     latents = encode_latents(batch, vae, accelerator.device, weight_dtype)
-                    input_ids = tokenize(parts.tokenizer, batch["prompts"], config.pad_tokens)
                     with torch.set_grad_enabled(trains_text):
-                        text_states = text_encoder(input_ids.to(accelerator.device))[0]
+                        text_states = encode_prompts(
+                            parts.tokenizer, text_encoder, batch["prompts"],
+                            pad_tokens=config.pad_tokens,
+                            max_token_length=config.max_token_length, clip_skip=config.clip_skip)
                     loss = dreambooth_loss(unet, noise_scheduler, latents, text_states,
-                                           batch["num_instance"], config.prior_loss_weight)
+                                           batch["num_instance"], config.prior_loss_weight,
+                                           offset_noise=config.offset_noise,
+                                           min_snr_gamma=config.min_snr_gamma)
 
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and config.max_grad_norm > 0:
@@ -230,29 +254,41 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
 
     model_dir = _save(accelerator, config, parts, unet, text_encoder, ema, step, seed, plan, data)
     accelerator.end_training()
+    numerics.restore()
     return TrainResult(model_dir, step, plan.total_steps, plan.epochs, seed, losses, stopped,
                        lora_file_path(config) if config.use_lora else None)
 
 
 def dreambooth_loss(unet, noise_scheduler, latents: torch.Tensor, text_states: torch.Tensor,
-                    num_instance: int, prior_loss_weight: float) -> torch.Tensor:
+                    num_instance: int, prior_loss_weight: float, *, offset_noise: float = 0.0,
+                    min_snr_gamma: float = 0.0) -> torch.Tensor:
     """The DreamBooth objective on one batch (instance rows first, then class rows).
 
-    Noise the latents at random timesteps, predict the noise (or the velocity for
-    v-prediction models), and return the instance MSE plus Prior Loss Weight times the MSE on
-    the class rows (prior preservation).
+    Noise the latents at random timesteps (plus Offset Noise), predict the noise (or the
+    velocity for v-prediction models, as the model's scheduler config says), and return the
+    instance MSE plus Prior Loss Weight times the MSE on the class rows (prior
+    preservation). With Min SNR Gamma each row's MSE is first weighted by its timestep's
+    min-SNR weight (:func:`colab_dreambooth.noise.min_snr_weights`).
     """
-    noise = torch.randn_like(latents)
+    noise = sample_noise(latents, offset_noise)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
                               (latents.shape[0],), device=latents.device)
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    noisy_latents = add_noise(noise_scheduler, latents, noise, timesteps)
     prediction = unet(noisy_latents, timesteps, text_states).sample
     if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        target = velocity(noise_scheduler, latents, noise, timesteps)
     else:
         target = noise
 
     n = num_instance
+    if min_snr_gamma:
+        rows = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        rows = rows.mean(dim=tuple(range(1, rows.dim())))
+        rows = rows * min_snr_weights(noise_scheduler, timesteps, min_snr_gamma)
+        loss = rows[:n].mean()
+        if rows.shape[0] > n:
+            loss = loss + prior_loss_weight * rows[n:].mean()
+        return loss
     loss = F.mse_loss(prediction[:n].float(), target[:n].float())
     if prediction.shape[0] > n:
         prior_loss = F.mse_loss(prediction[n:].float(), target[n:].float())
@@ -261,9 +297,9 @@ def dreambooth_loss(unet, noise_scheduler, latents: torch.Tensor, text_states: t
 
 
 def tokenize(tokenizer, prompts: list[str], pad_tokens: bool) -> torch.Tensor:
-    """Token ids; Pad Tokens pads every prompt to the full 77, else to the batch's longest."""
-    return tokenizer(prompts, padding="max_length" if pad_tokens else "longest", truncation=True,
-                     max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    """Token ids of one 75-token chunk; Pad Tokens pads every prompt to the full 77, else to
+    the batch's longest (see :func:`colab_dreambooth.text_encoding.chunked_input_ids`)."""
+    return chunked_input_ids(tokenizer, prompts, pad_tokens=pad_tokens)[:, 0]
 
 
 @torch.no_grad()

@@ -68,8 +68,16 @@ def validate(config: "DreamBoothConfig", device: "DeviceInfo | None" = None, *,
             and not device.bf16):
         problems.append(Problem("mixed_precision", f"bf16 is not supported by this GPU "
                                 f"({device.name}): choose fp16 (T4, V100) or no"))
+    if (config.full_fp16 is True and config.mixed_precision == "no" and not config.use_cpu
+            and device.kind == "cuda"):
+        problems.append(Problem("full_fp16", "Half model keeps the weights in fp16 and needs "
+                                "Mixed precision fp16 (or bf16) for its loss scaling: choose "
+                                "one, or turn Half model off"))
     if check_paths:
         problems += _base_model_problems(config)
+    from .optim import optimizer_problems  # imported here: it imports torch
+
+    problems += optimizer_problems(config)
 
     from .lora import lora_problems  # imported here: lora imports this module
 
