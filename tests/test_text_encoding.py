@@ -126,3 +126,15 @@ def test_long_prompts_and_clip_skip_act_in_training(tiny_config):
     long = train(base.copy(model_name="l", max_token_length=150), progress=False).losses
     skip = train(base.copy(model_name="s", clip_skip=2), progress=False).losses
     assert long != default and skip != default
+
+
+def test_lora_metadata_records_the_text_options(parts, tiny_config):
+    from colab_dreambooth.lora import lora_metadata
+
+    config = tiny_config.copy(clip_skip=2, max_token_length=150, shuffle_tags=True,
+                              keep_tokens=2, offset_noise=0.1, optimizer="Lion")
+    meta = lora_metadata(config, parts.unet, steps=1, epochs=1, seed=0,
+                         instance_prompts=["zwx toy"], prediction_type="epsilon")
+    assert (meta["ss_clip_skip"], meta["ss_max_token_length"], meta["ss_keep_tokens"],
+            meta["ss_shuffle_caption"], meta["ss_optimizer"]) == ("2", "150", "2", "True", "Lion")
+    assert float(meta["ss_noise_offset"]) == 0.1
