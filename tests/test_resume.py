@@ -187,3 +187,108 @@ def test_sigkill_mid_run_then_resume_matches(demo_root, tmp_path):
     assert "Resuming from" in out.stderr
     assert_same_weights(tmp_path / "dreambooth" / "whole" / "model",
                         tmp_path / "dreambooth" / "killed" / "model")
+
+
+class FakeHub:
+    """The Hub's network stood in by a local folder: uploads copy into it, downloads copy out."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.calls: list[tuple] = []
+
+    def api_class(self) -> type:
+        """A stand-in for the HfApi class (a class: other libraries annotate with it)."""
+        hub = self
+
+        class Api:
+            def __init__(self, token=None):
+                self.token = token
+
+            def create_repo(self, repo_id, private, exist_ok, repo_type):
+                hub.calls.append(("create_repo", repo_id, private, self.token))
+
+            def upload_folder(self, folder_path, repo_id, path_in_repo, commit_message):
+                import shutil
+
+                shutil.copytree(folder_path, hub.root / repo_id / path_in_repo)
+                hub.calls.append(("upload_folder", path_in_repo))
+
+            def delete_folder(self, path_in_repo, repo_id, commit_message):
+                import shutil
+
+                shutil.rmtree(hub.root / repo_id / path_in_repo)
+                hub.calls.append(("delete_folder", path_in_repo))
+
+            def list_repo_files(self, repo_id):
+                base = hub.root / repo_id
+                return [p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file()]
+
+        return Api
+
+    def snapshot_download(self, repo_id, allow_patterns, local_dir, token):
+        import fnmatch
+        import shutil
+
+        base = self.root / repo_id
+        for p in base.rglob("*"):
+            rel = p.relative_to(base).as_posix()
+            if p.is_file() and any(fnmatch.fnmatch(rel, pat) for pat in allow_patterns):
+                (Path(local_dir) / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(p, Path(local_dir) / rel)
+        self.calls.append(("snapshot_download", tuple(allow_patterns)))
+
+
+def test_checkpoints_to_the_hub_and_resume_from_it(tiny_config, tmp_path, monkeypatch, caplog):
+    import shutil
+
+    import huggingface_hub
+
+    hub = FakeHub(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub.api_class())
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    token = "hf_" + "T" * 34
+    monkeypatch.setenv("HF_TOKEN", token)
+    config = resumable(tiny_config, tmp_path, "hubbed", max_train_steps=4, save_every_steps=2,
+                       checkpoints_to_keep=1, use_ema=False, gradient_accumulation_steps=1,
+                       checkpoint_hub_repo="hf://me/ckpts")
+    first = train(config, progress=False)
+    assert ("create_repo", "me/ckpts", True, token) in hub.calls  # private, token passed on
+    assert ("delete_folder", "checkpoints/checkpoint-00000002") in hub.calls
+    remote = sorted(p.name for p in (tmp_path / "hub" / "me" / "ckpts" / "checkpoints").iterdir())
+    assert remote == ["checkpoint-00000004"]
+
+    shutil.rmtree(first.checkpoint.parent)  # a new Colab machine: nothing local
+    again = train(config.copy(max_train_steps=6), resume=True, progress=False)
+    assert again.resumed_from.name == "checkpoint-00000004" and again.steps == 6
+    assert again.losses[:4] == first.losses
+    assert token not in caplog.text
+    saved = (first.model_dir / "params.json").read_text()
+    assert token not in saved and "hf://me/ckpts" in saved
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tiny_config, tmp_path):
+    """A notebook's interrupt (SIGINT) mid-run: the step finishes, a checkpoint and the model
+    are written, and the run resumes from that very step."""
+    config = resumable(tiny_config, tmp_path, "m", max_train_steps=6, use_ema=False,
+                       gradient_accumulation_steps=1, save_every_steps=0)
+    result = train(config, progress=False,
+                   on_step=lambda step, loss, lr: step == 3 and os.kill(os.getpid(),
+                                                                        signal.SIGINT))
+    assert result.stopped_early and result.steps == 3
+    assert result.checkpoint.name == "checkpoint-00000003"
+    assert (result.model_dir / "model_index.json").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_full_disk_skips_the_checkpoint_and_training_goes_on(tiny_config, tmp_path,
+                                                              monkeypatch, caplog):
+    from colab_dreambooth import checkpoints
+
+    monkeypatch.setattr(checkpoints, "free_bytes", lambda folder: 1000)
+    config = resumable(tiny_config, tmp_path, "m", max_train_steps=4, use_ema=False,
+                       gradient_accumulation_steps=1, save_every_steps=2)
+    result = train(config, progress=False)
+    assert result.steps == 4 and result.checkpoint is None
+    assert "Not enough free space" in caplog.text
+    assert (result.model_dir / "model_index.json").is_file()
+    assert list_checkpoints(tmp_path / "dreambooth" / "m" / "checkpoints") == []
