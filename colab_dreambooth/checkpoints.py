@@ -158,8 +158,10 @@ def save_checkpoint(root: str | os.PathLike, state: TrainingState, progress: Pro
         _remove_stale(root)
         needed = int(estimate_bytes(state) * 1.05)
         if free_bytes(root) < needed:
-            # Older checkpoints beyond the ones we keep would go anyway: make room first.
-            prune(root, keep=max(0, keep - 1))
+            # Older checkpoints beyond the ones we keep would go anyway: make room first
+            # (with keep=1 that is the only one: a full disk leaves no safer choice).
+            for gone in prune(root, keep=max(0, keep - 1)):
+                log.warning("Deleted %s early to make room for the next checkpoint", gone)
         if free_bytes(root) < needed:
             log.warning("Not enough free space in %s for a checkpoint (%.2f GB needed, %.2f GB "
                         "free): this one is skipped and training goes on. Free some space or "
