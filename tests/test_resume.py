@@ -292,3 +292,19 @@ def test_full_disk_skips_the_checkpoint_and_training_goes_on(tiny_config, tmp_pa
     assert "Not enough free space" in caplog.text
     assert (result.model_dir / "model_index.json").is_file()
     assert list_checkpoints(tmp_path / "dreambooth" / "m" / "checkpoints") == []
+
+
+def test_lora_run_resumes_exactly_with_small_checkpoints(tiny_config, tmp_path):
+    changes = dict(use_lora=True, use_ema=False, gradient_accumulation_steps=1, max_train_steps=6,
+                   save_every_steps=0, lora_learning_rate=1e-3, lora_txt_learning_rate=5e-4)
+    whole = train(resumable(tiny_config, tmp_path, "whole", **changes), progress=False)
+    config = resumable(tiny_config, tmp_path, "split", **changes)
+    stop = threading.Event()
+    first = train(config, stop=stop, progress=False,
+                  on_step=lambda step, loss, lr: step == 2 and stop.set())
+    saved = load_file(first.checkpoint / "unet.safetensors")
+    assert saved and all("lora_" in k for k in saved)  # only the adapters, not the base
+    second = train(config, resume=True, progress=False)
+    assert second.losses == whole.losses
+    a, b = load_file(whole.lora_file), load_file(second.lora_file)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
