@@ -199,7 +199,7 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
 
     # ---- the loop
     stop = stop if stop is not None else threading.Event()
-    step, losses, stopped, clean = run.step, run.losses, False, True
+    step, losses, clean = run.step, run.losses, True
     bar = tqdm(total=plan.total_steps, initial=step, desc="Training", unit="step",
                disable=not (progress and accelerator.is_local_main_process))
     restore_ctrl_c = _ctrl_c_sets(stop)
