@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train from a parameters JSON")
+    p.add_argument("--resume", action="store_true", help=(
+        "continue from the newest complete checkpoint (Checkpoint folder, else Checkpoint Hub "
+        "repo) exactly where it stopped; starts from the beginning when there is none"))
     _add_config_options(p)
     p.set_defaults(run=_train)
 
@@ -84,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train the tiny built-in model on a synthetic subject")
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder")
     p.add_argument("--steps", type=int, default=150, help="training steps")
+    p.add_argument("--save-every", type=int, default=0, metavar="K",
+                   help="write a checkpoint every K steps (to try --resume)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the demo run in --out from its newest checkpoint")
     p.set_defaults(run=_demo)
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(f"{__package__}.{name}").add_subcommand(sub)
@@ -141,9 +148,11 @@ def config_from_args(args: argparse.Namespace) -> DreamBoothConfig:
 def _train(args: argparse.Namespace) -> int:
     from .train import train
 
-    result = train(config_from_args(args))
+    result = train(config_from_args(args), resume=args.resume)
     state = "stopped early" if result.stopped_early else "finished"
     print(f"Training {state} after {result.steps}/{result.total_steps} steps (seed {result.seed}).")
+    if result.checkpoint:
+        print(f"Checkpoint (continue with --resume): {result.checkpoint}")
     if result.lora_file:
         print(f"Trained LoRA (WebUI/kohya/diffusers .safetensors): {result.lora_file}")
     else:
@@ -203,7 +212,7 @@ def _params(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, steps=args.steps)
+    run_demo(args.out, steps=args.steps, save_every=args.save_every, resume=args.resume)
     return 0
 
 

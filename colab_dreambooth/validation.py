@@ -75,6 +75,10 @@ def validate(config: "DreamBoothConfig", device: "DeviceInfo | None" = None, *,
                                 "one, or turn Half model off"))
     if check_paths:
         problems += _base_model_problems(config)
+    hub = _text(config.checkpoint_hub_repo)
+    if hub and not re.fullmatch(r"hf://[\w.-]+/[\w.-]+/?", hub):
+        problems.append(Problem("checkpoint_hub_repo", f"{hub!r} is not a Hub repo: write "
+                                "hf://<user or org>/<repo name>, or leave it blank"))
     from .optim import optimizer_problems  # imported here: it imports torch
 
     problems += optimizer_problems(config)
