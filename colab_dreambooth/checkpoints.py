@@ -43,7 +43,8 @@ FORMAT_VERSION = 1
 # cannot continue the same run. Everything else (steps, epochs, saving, sampling) may change.
 MUST_MATCH = ("pretrained_model_name_or_path", "src", "use_lora", "lora_unet_rank", "lora_txt_rank", "train_text_encoder",
               "use_ema", "train_batch_size", "gradient_accumulation_steps", "resolution",
-              "center_crop", "hflip", "cache_latents", "optimizer", "use_8bit_adam")
+              "center_crop", "hflip", "cache_latents", "optimizer", "use_8bit_adam",
+              "full_fp16", "freeze_clip_normalization")
 
 
 class CheckpointError(RuntimeError):

@@ -17,6 +17,7 @@ import torch
 
 from .images import ImageProblem, check_images, crop_and_resize, hflip, load_image, to_tensor
 from .prompts import PromptError, build_prompts, read_caption
+from .text_encoding import shuffle_tags
 
 if TYPE_CHECKING:
     from .config import DreamBoothConfig
@@ -170,8 +171,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, data: TrainingData, resolution: int, center_crop: bool, flip: bool,
-                 seed: int):
+                 seed: int, *, shuffle_tags: bool = False, keep_tokens: int = 1):
         self.data = data
+        self.shuffle_tags, self.keep_tokens = shuffle_tags, keep_tokens
         self.resolution = resolution
         self.center_crop = center_crop
         self.flip = flip
@@ -202,6 +204,12 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             # Each epoch takes the next class images in turn, so every one is used.
             k = self.epoch * self._per_concept[example.concept] + self._rank[i]
             item["class"] = self._load(pool[k % len(pool)], rng)
+        if self.shuffle_tags:  # its own order per (seed, epoch, index, row): no shared state
+            for row in ("instance", "class"):
+                if item[row] is not None:
+                    image, prompt = item[row]
+                    item[row] = (image, shuffle_tags(prompt, self.keep_tokens, self.seed,
+                                                     self.epoch, i, row))
         return item
 
     def _rng(self, *key: Any) -> random.Random:

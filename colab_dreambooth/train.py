@@ -148,7 +148,8 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
             module.to(dtype=weight_dtype)
 
     # ---- data loader, with the VAE run once up front when caching latents
-    dataset = DreamBoothDataset(data, config.resolution, config.center_crop, config.hflip, seed)
+    dataset = DreamBoothDataset(data, config.resolution, config.center_crop, config.hflip, seed,
+                                shuffle_tags=config.shuffle_tags, keep_tokens=config.keep_tokens)
     if config.cache_latents:
         dataset.use_latents(cache_latents(dataset, vae, accelerator.device, weight_dtype,
                                           progress and accelerator.is_local_main_process))

@@ -138,3 +138,28 @@ def test_lora_metadata_records_the_text_options(parts, tiny_config):
     assert (meta["ss_clip_skip"], meta["ss_max_token_length"], meta["ss_keep_tokens"],
             meta["ss_shuffle_caption"], meta["ss_optimizer"]) == ("2", "150", "2", "True", "Lion")
     assert float(meta["ss_noise_offset"]) == 0.1
+
+
+def test_the_dataset_shuffles_tags_per_seed_epoch_and_index(demo_root):
+    from colab_dreambooth.data import DreamBoothDataset, Example, TrainingData
+
+    images = sorted((demo_root / "data" / "instance").glob("*.png"))
+    classes = sorted((demo_root / "data" / "class").glob("*.png"))
+    prompt = "zwx toy, red, shiny, small, on a table, studio light"
+    data = TrainingData([Example(p, prompt, 0) for p in images],
+                        {0: [Example(p, "toy, red, small, wooden", 0) for p in classes]})
+
+    def prompts(dataset, epoch):
+        dataset.set_epoch(epoch)
+        return [(dataset[i]["instance"][1], dataset[i]["class"][1]) for i in range(len(images))]
+
+    plain = DreamBoothDataset(data, 64, False, True, seed=3)
+    assert all(p == (prompt, "toy, red, small, wooden") for p in prompts(plain, 0))
+    a = DreamBoothDataset(data, 64, False, True, seed=3, shuffle_tags=True, keep_tokens=1)
+    b = DreamBoothDataset(data, 64, False, True, seed=3, shuffle_tags=True, keep_tokens=1)
+    epoch0, epoch1 = prompts(a, 0), prompts(a, 1)
+    assert prompts(b, 1) == epoch1 and prompts(b, 0) == epoch0  # any order of calls
+    assert epoch0 != epoch1
+    for instance, klass in epoch0 + epoch1:
+        assert instance.startswith("zwx toy, ") and klass.startswith("toy, ")
+        assert sorted(instance.split(", ")) == sorted(prompt.split(", "))
