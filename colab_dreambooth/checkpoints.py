@@ -44,7 +44,8 @@ FORMAT_VERSION = 1
 MUST_MATCH = ("pretrained_model_name_or_path", "src", "use_lora", "lora_unet_rank", "lora_txt_rank", "train_text_encoder",
               "use_ema", "train_batch_size", "gradient_accumulation_steps", "resolution",
               "center_crop", "hflip", "cache_latents", "optimizer", "use_8bit_adam",
-              "full_fp16", "freeze_clip_normalization")
+              "full_fp16", "freeze_clip_normalization", "enable_bucket", "min_bucket_reso",
+              "max_bucket_reso")
 
 
 class CheckpointError(RuntimeError):

@@ -167,6 +167,21 @@ class DreamBoothConfig:
         512, "Resolution", "Training side length in pixels (a multiple of 64). 640 helps when "
         "you will generate above 512; VRAM grows with its square.", "Parameters",
         minimum=64, maximum=2048)
+    enable_bucket: bool = setting(
+        False, "Aspect ratio buckets", "Train non-square images at their own aspect ratio "
+        "instead of a square crop: each image (class images too) goes to the bucket of about "
+        "Resolution x Resolution pixels (sides multiples of 64) nearest its shape and loses "
+        "only the sliver that differs; each batch comes from one bucket, and the log shows "
+        "how many images each bucket got. Costs nothing per step; a bucket holding few "
+        "images makes smaller batches, and cached latents are kept per bucket.", "Parameters")
+    min_bucket_reso: Optional[int] = setting(
+        None, "Minimum bucket side", "Smallest bucket width or height in pixels (a multiple "
+        "of 64). Blank = half the resolution (kohya's min_bucket_reso: 256 at 512).",
+        "Parameters", minimum=64, maximum=4096)
+    max_bucket_reso: Optional[int] = setting(
+        None, "Maximum bucket side", "Largest bucket width or height in pixels (a multiple of "
+        "64). Blank = twice the resolution (kohya's max_bucket_reso: 1024 at 512).",
+        "Parameters", minimum=64, maximum=4096)
     center_crop: bool = setting(
         False, "Center Crop", "Crop the center square; otherwise resize the short side and "
         "crop at random each epoch.", "Parameters")

@@ -171,9 +171,12 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, data: TrainingData, resolution: int, center_crop: bool, flip: bool,
-                 seed: int, *, shuffle_tags: bool = False, keep_tokens: int = 1):
+                 seed: int, *, shuffle_tags: bool = False, keep_tokens: int = 1,
+                 bucket_of: dict[Path, tuple[int, int]] | None = None):
         self.data = data
         self.shuffle_tags, self.keep_tokens = shuffle_tags, keep_tokens
+        # Aspect-ratio buckets: each image's (width, height); None = square crops.
+        self.bucket_of = bucket_of
         self.resolution = resolution
         self.center_crop = center_crop
         self.flip = flip
@@ -186,7 +189,20 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             self._rank.append(counts.get(example.concept, 0))
             counts[example.concept] = self._rank[-1] + 1
         self._per_concept = counts
-        self.latents: dict[tuple[Path, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
+        # With buckets, class images pair by (concept, bucket), walked in turn the same way.
+        self._class_pools: dict[tuple[int, tuple[int, int]], list[Example]] = {}
+        self._bucket_rank: list[int] = []
+        self._per_bucket: dict[tuple[int, tuple[int, int]], int] = {}
+        if bucket_of is not None:
+            for concept, pool in data.classes.items():
+                for example in pool:
+                    key = (concept, bucket_of[example.image])
+                    self._class_pools.setdefault(key, []).append(example)
+            for example in data.instance:
+                key = (example.concept, bucket_of[example.image])
+                self._bucket_rank.append(self._per_bucket.get(key, 0))
+                self._per_bucket[key] = self._bucket_rank[-1] + 1
+        self.latents: dict[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose crops, flips and class pairings items get."""
@@ -198,12 +214,19 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         example = self.data.instance[i]
         rng = self._rng("item", self.epoch, i)
-        item = {"instance": self._load(example, rng), "class": None}
+        size = self.size_of(example.image)
+        item = {"instance": self._load(example, rng, size), "class": None}
         pool = self.data.classes.get(example.concept)
-        if pool:
-            # Each epoch takes the next class images in turn, so every one is used.
+        same_bucket = self._class_pools.get((example.concept, size))
+        if same_bucket:
+            # A class image of the instance image's own bucket, each in turn.
+            k = self.epoch * self._per_bucket[(example.concept, size)] + self._bucket_rank[i]
+            item["class"] = self._load(same_bucket[k % len(same_bucket)], rng, size)
+        elif pool:
+            # Each epoch takes the next class images in turn, so every one is used (with
+            # buckets and none in this one: resized and cropped to the instance's bucket).
             k = self.epoch * self._per_concept[example.concept] + self._rank[i]
-            item["class"] = self._load(pool[k % len(pool)], rng)
+            item["class"] = self._load(pool[k % len(pool)], rng, size)
         if self.shuffle_tags:  # its own order per (seed, epoch, index, row): no shared state
             for row in ("instance", "class"):
                 if item[row] is not None:
@@ -216,19 +239,50 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         # A string seed is hashed with SHA-512: the same on every run and every machine.
         return random.Random(":".join(map(str, (self.seed,) + key)))
 
-    def _load(self, example: Example, rng: random.Random) -> tuple[Any, str]:
+    def _load(self, example: Example, rng: random.Random, size: tuple[int, int]
+              ) -> tuple[Any, str]:
         flipped = self.flip and rng.random() < 0.5
         if self.latents is not None:
-            return self.latents[(example.image, flipped)], example.prompt
-        pixels = self.pixels(example.image, rng)
+            return self.latents[self.latent_key(example.image, size, flipped)], example.prompt
+        pixels = self.pixels(example.image, rng, size)
         return (hflip(pixels) if flipped else pixels), example.prompt
 
-    def pixels(self, image: Path, rng: random.Random | None = None) -> torch.Tensor:
-        """The image cropped to the training resolution as a ``[-1, 1]`` tensor (a random
-        crop drawn from ``rng``, else the image's own fixed one, as cached latents keep)."""
+    def pixels(self, image: Path, rng: random.Random | None = None,
+               size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The image cropped to the training resolution (with buckets: fitted to ``size``,
+        default its own bucket) as a ``[-1, 1]`` tensor (a random crop drawn from ``rng``,
+        else the image's own fixed one, as cached latents keep)."""
         rng = rng if rng is not None else self._rng("crop", image)
-        return to_tensor(crop_and_resize(load_image(image), self.resolution, self.center_crop,
-                                         rng))
+        if self.bucket_of is None:
+            return to_tensor(crop_and_resize(load_image(image), self.resolution,
+                                             self.center_crop, rng))
+        from .buckets import fit_to_bucket
+
+        return to_tensor(fit_to_bucket(load_image(image), size or self.bucket_of[image],
+                                       self.center_crop, rng))
+
+    def size_of(self, image: Path) -> tuple[int, int]:
+        """The (width, height) ``image`` trains at: its bucket, else the square resolution."""
+        if self.bucket_of is None:
+            return (self.resolution, self.resolution)
+        return self.bucket_of[image]
+
+    def latent_key(self, image: Path, size: tuple[int, int], flipped: bool) -> tuple:
+        """The cache key of ``image`` at ``size``: ``(image, flipped)`` without buckets,
+        ``(image, size, flipped)`` with them."""
+        return (image, flipped) if self.bucket_of is None else (image, size, flipped)
+
+    def cache_entries(self) -> list[tuple[Path, tuple[int, int]]]:
+        """Every (image, size) an item can show: each image at its own size, and with buckets
+        the class images of a concept at each instance bucket that has none of its own."""
+        entries = dict.fromkeys((image, self.size_of(image)) for image in self.all_images())
+        if self.bucket_of is not None:
+            for example in self.data.instance:
+                size = self.bucket_of[example.image]
+                if not self._class_pools.get((example.concept, size)):
+                    entries.update(dict.fromkeys(
+                        (c.image, size) for c in self.data.classes.get(example.concept, ())))
+        return list(entries)
 
     def all_images(self) -> list[Path]:
         """Every distinct image the dataset can yield."""
@@ -237,9 +291,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             seen.update(dict.fromkeys(e.image for e in pool))
         return list(seen)
 
-    def use_latents(self, latents: dict[tuple[Path, bool], tuple[torch.Tensor, torch.Tensor]]
-                    ) -> None:
-        """Serve cached latent distributions keyed by ``(image, flipped)`` instead of pixels."""
+    def use_latents(self, latents: dict[tuple, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Serve cached latent distributions keyed by :meth:`latent_key` instead of pixels."""
         self.latents = latents
 
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .checkpoints import (Progress, TrainingState, check_compatible, checkpoint_root,
                           download_latest_checkpoint, hub_target, latest_checkpoint,
                           list_checkpoints, load_checkpoint, save_checkpoint, saved_seed)
+from .buckets import BucketBatchSampler, assign_buckets, bucket_report
 from .class_images import generate_class_images
 from .config import DreamBoothConfig
 from .data import (DreamBoothDataset, EpochBatchSampler, TrainingData, collate,
@@ -148,15 +149,27 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
             module.to(dtype=weight_dtype)
 
     # ---- data loader, with the VAE run once up front when caching latents
+    bucket_of = None
+    if config.enable_bucket:
+        instance = [e.image for e in data.instance]
+        classes = [e.image for pool in data.classes.values() for e in pool]
+        bucket_of = assign_buckets(dict.fromkeys(instance + classes), config.resolution,
+                                   config.min_bucket_reso, config.max_bucket_reso)
+        log.info("%s", bucket_report(instance, classes, bucket_of))
     dataset = DreamBoothDataset(data, config.resolution, config.center_crop, config.hflip, seed,
-                                shuffle_tags=config.shuffle_tags, keep_tokens=config.keep_tokens)
+                                shuffle_tags=config.shuffle_tags, keep_tokens=config.keep_tokens,
+                                bucket_of=bucket_of)
     if config.cache_latents:
         dataset.use_latents(cache_latents(dataset, vae, accelerator.device, weight_dtype,
                                           progress and accelerator.is_local_main_process))
         vae.to("cpu")  # no longer needed on the GPU
     # Batch order is a function of (seed, epoch) and the loader draws from its own generator,
     # never the global one, so a resumed run sees the same batches and the same noise.
-    sampler = EpochBatchSampler(len(dataset), config.train_batch_size, seed)
+    if bucket_of is not None:  # every batch from one bucket
+        sampler = BucketBatchSampler([bucket_of[e.image] for e in data.instance],
+                                     config.train_batch_size, seed)
+    else:
+        sampler = EpochBatchSampler(len(dataset), config.train_batch_size, seed)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          generator=torch.Generator().manual_seed(seed))
 
@@ -460,12 +473,14 @@ def cache_latents(dataset: DreamBoothDataset, vae, device: torch.device, dtype: 
     distributions on the CPU."""
     cache = {}
     flips = (False, True) if dataset.flip else (False,)
-    for image in tqdm(dataset.all_images(), desc="Caching latents", disable=not progress):
-        pixels = dataset.pixels(image)
+    for image, size in tqdm(dataset.cache_entries(), desc="Caching latents",
+                            disable=not progress):
+        pixels = dataset.pixels(image, size=size)
         for flipped in flips:
             x = (pixels.flip(-1) if flipped else pixels)[None].to(device, dtype=dtype)
             dist = vae.encode(x).latent_dist
-            cache[(image, flipped)] = (dist.mean[0].float().cpu(), dist.std[0].float().cpu())
+            cache[dataset.latent_key(image, size, flipped)] = (dist.mean[0].float().cpu(),
+                                                               dist.std[0].float().cpu())
     return cache
 
 

@@ -61,6 +61,7 @@ def validate(config: "DreamBoothConfig", device: "DeviceInfo | None" = None, *,
             and "resolution" not in {p.where for p in problems}):  # one message per field
         problems.append(Problem("resolution", f"{config.resolution} is not a multiple of 64: "
                                 "use 512, 576, 640, 704 or 768"))
+    problems += _bucket_problems(config)
     if config.use_cpu and config.use_8bit_adam:
         problems.append(Problem("use_8bit_adam", "8-bit Adam needs a CUDA GPU and Use CPU Only "
                                 "is on: turn one of them off"))
@@ -148,6 +149,27 @@ def _concept_problems(concept, prefix: str, check_paths: bool) -> list[Problem]:
     template = _text(concept.save_sample_template)
     if check_paths and template and not Path(template).expanduser().is_file():
         problems.append(Problem(prefix + "save_sample_template", f"file {template} not found"))
+    return problems
+
+
+def _bucket_problems(config) -> list[Problem]:
+    """Bucket sides: multiples of 64, the smallest at most the resolution, the largest at
+    least it (else no bucket would hold Resolution x Resolution pixels)."""
+    if config.enable_bucket is not True or not isinstance(config.resolution, int):
+        return []
+    problems = []
+    sides = {"min_bucket_reso": config.min_bucket_reso, "max_bucket_reso": config.max_bucket_reso}
+    for name, side in sides.items():
+        if isinstance(side, int) and side % 64:
+            problems.append(Problem(name, f"{side} is not a multiple of 64: bucket sides must "
+                                    "be (e.g. 256, 320, 384 ...), or leave it blank"))
+    low, high = sides["min_bucket_reso"], sides["max_bucket_reso"]
+    if isinstance(low, int) and low > config.resolution:
+        problems.append(Problem("min_bucket_reso", f"{low} is above the resolution "
+                                f"{config.resolution}: lower it, or leave it blank"))
+    if isinstance(high, int) and high < config.resolution:
+        problems.append(Problem("max_bucket_reso", f"{high} is below the resolution "
+                                f"{config.resolution}: raise it, or leave it blank"))
     return problems
 
 
