@@ -246,7 +246,7 @@ class DreamBoothConfig:
     mixed_precision: str = setting(
         "fp16", "Mixed precision", "no / fp16 / bf16. bf16 needs an A100, L4, H100 or newer "
         "(not T4/V100). On the CPU training runs in fp32.", "Advanced", choices=MIXED_PRECISION)
-    tf32_enable: bool = setting(
+    allow_tf32: bool = setting(
         False, "Use TF32", "Let fp32 matmuls and convolutions use TF32 tensor cores on Ampere "
         "and newer GPUs (A100, L4, H100, RTX 30xx+): the fp32 parts of a step run several "
         "times faster at about 3 significant digits per product, which training tolerates. "

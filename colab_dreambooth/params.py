@@ -32,6 +32,7 @@ RENAMED_KEYS = {
     "txt_learning_rate": "text_encoder_learning_rate",
     "adamw_weight_decay": "weight_decay",
     "adam_weight_decay": "weight_decay",
+    "tf32_enable": "allow_tf32",  # in the extension's key lists; diffusers' name is ours
 }
 # Keys the extension writes that we have no use for (ignored, and the load says which). Its
 # half_model casts the exported checkpoint to fp16 (our export's fp16 option), not the

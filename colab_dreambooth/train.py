@@ -107,7 +107,7 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
     if resume_from is not None:  # before any model is loaded
         check_compatible(resume_from, config, accelerator.num_processes)
     set_seed(seed)
-    numerics = apply_numerics(tf32=config.tf32_enable, deterministic=config.deterministic)
+    numerics = apply_numerics(tf32=config.allow_tf32, deterministic=config.deterministic)
     on_cuda = accelerator.device.type == "cuda"
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32)

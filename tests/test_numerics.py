@@ -33,7 +33,7 @@ def test_options_off_change_nothing():
 def test_tf32_is_set_during_the_run_and_restored(tiny_config):
     before = _flags()
     seen = []
-    train(tiny_config.copy(max_train_steps=1, tf32_enable=True), progress=False,
+    train(tiny_config.copy(max_train_steps=1, allow_tf32=True), progress=False,
           on_step=lambda *a: seen.append(_flags()[:2]))
     assert seen == [(True, True)]
     assert _flags() == before

@@ -152,3 +152,27 @@ def test_missing_optimizer_stops_before_training(tiny_config, monkeypatch):
     monkeypatch.setitem(sys.modules, "lion_pytorch", None)
     with pytest.raises(ConfigError, match="lion-pytorch"):
         train(tiny_config.copy(optimizer="Lion"), progress=False)
+
+
+def test_the_extensions_training_option_keys_import(tmp_path):
+    """Its saved db_config.json keys for these options load as our fields (none ignored)."""
+    from colab_dreambooth.params import EXTENSION_ONLY_KEYS, read_params
+
+    values = {"optimizer": "Prodigy", "tenc_weight_decay": 0.02, "offset_noise": 0.1,
+              "min_snr_gamma": 5, "noise_scheduler": "UniPC", "clip_skip": 2,
+              "max_token_length": 150, "shuffle_tags": True, "freeze_clip_normalization": True,
+              "deterministic": True, "tf32_enable": True, "stop_text_encoder": 0.5,
+              "enable_bucket": True, "keep_tokens": 2, "full_fp16": True}
+    path = tmp_path / "db_config.json"
+    path.write_text(json.dumps(values))
+    loaded = read_params(path)
+    config = loaded.config
+    assert loaded.ignored_keys == []
+    assert (config.optimizer, config.tenc_weight_decay, config.offset_noise,
+            config.min_snr_gamma, config.noise_scheduler, config.clip_skip,
+            config.max_token_length) == ("Prodigy", 0.02, 0.1, 5.0, "UniPC", 2, 150)
+    assert config.shuffle_tags and config.freeze_clip_normalization and config.deterministic
+    assert config.allow_tf32 and config.enable_bucket and config.full_fp16
+    assert config.keep_tokens == 2 and config.stop_text_encoder == 0.5
+    assert not set(values) & EXTENSION_ONLY_KEYS
+    assert "half_model" in EXTENSION_ONLY_KEYS  # the extension's means "export in fp16"
