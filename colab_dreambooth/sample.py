@@ -76,21 +76,39 @@ def resolve_model(model: str | Path) -> Path:
 def generate_samples(pipe, prompt: str, *, n: int = 1, seed: int = -1,
                      negative_prompt: str = "", guidance_scale: float = 7.5, steps: int = 20,
                      height: int | None = None, width: int | None = None,
-                     progress: bool = True) -> list[Image.Image]:
+                     progress: bool = True, clip_skip: int = 1,
+                     max_token_length: int = 75) -> list[Image.Image]:
     """``n`` images of ``prompt``; the same seed gives the same images (seed -1 = random).
 
     Image ``i`` is drawn with seed ``seed + i`` (a CPU generator, so the noise is the same on
-    any device).
+    any device). ``clip_skip`` and ``max_token_length`` are the training's Clip Skip and Max
+    Token Length: the prompts are then encoded as training encodes them.
     """
+    text = {"prompt": prompt, "negative_prompt": negative_prompt or None}
+    if clip_skip > 1 or max_token_length > 75:
+        text = _prompt_embeds(pipe, prompt, negative_prompt, clip_skip, max_token_length)
     images = []
     for i in tqdm(range(n), desc="Sampling", disable=not progress or n < 2):
         generator = None
         if seed >= 0:
             generator = torch.Generator("cpu").manual_seed(seed + i)
-        images += pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                       guidance_scale=guidance_scale, generator=generator, height=height,
-                       width=width).images
+        images += pipe(**text, num_inference_steps=steps, guidance_scale=guidance_scale,
+                       generator=generator, height=height, width=width).images
     return images
+
+
+@torch.no_grad()
+def _prompt_embeds(pipe, prompt: str, negative_prompt: str, clip_skip: int,
+                   max_token_length: int) -> dict:
+    """Prompt and negative-prompt states as training makes them (75-token chunks, clip
+    skip), padded to the same length so classifier-free guidance can pair them."""
+    from .text_encoding import encode_prompts
+
+    positive, negative = (encode_prompts(pipe.tokenizer, pipe.text_encoder, [text],
+                                         max_token_length=max_token_length,
+                                         clip_skip=clip_skip)
+                          for text in (prompt, negative_prompt or ""))
+    return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
 
 
 # ----------------------------------------------------------------------------- sample runs
@@ -205,11 +223,13 @@ def sample_concepts(config: "DreamBoothConfig", model: str | Path | None = None,
                                      "model folder to sample")
         pipe = load_pipeline(model, device or ("cpu" if config.use_cpu else None))
     return run_samples(pipe, jobs, out_dir or config.model_dir / "samples", columns=columns,
-                       progress=progress)
+                       progress=progress, clip_skip=config.clip_skip,
+                       max_token_length=config.max_token_length)
 
 
 def run_samples(pipe, jobs: list[SampleJob], out_dir: str | Path, *, prefix: str = "sample",
-                columns: int | None = None, progress: bool = True) -> SampleResult:
+                columns: int | None = None, progress: bool = True, clip_skip: int = 1,
+                max_token_length: int = 75) -> SampleResult:
     """Generate ``jobs``, save each as a PNG (its parameters in the PNG text) and a grid
     labelled with the prompts, under the next free ``<prefix>-NNN`` name in ``out_dir``."""
     images = []
@@ -217,7 +237,8 @@ def run_samples(pipe, jobs: list[SampleJob], out_dir: str | Path, *, prefix: str
         images += generate_samples(pipe, job.prompt, n=1, seed=job.seed,
                                    negative_prompt=job.negative_prompt,
                                    guidance_scale=job.guidance_scale, steps=job.steps,
-                                   height=job.height, width=job.width, progress=False)
+                                   height=job.height, width=job.width, progress=False,
+                                   clip_skip=clip_skip, max_token_length=max_token_length)
     out_dir = Path(out_dir)
     run_prefix = _free_prefix(out_dir, prefix)
     paths = save_images(images, out_dir, run_prefix,

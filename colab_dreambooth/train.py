@@ -517,7 +517,8 @@ def preview_samples(accelerator, config: DreamBoothConfig, data: TrainingData, p
                     pipe, job.prompt, n=1, seed=job.seed, negative_prompt=job.negative_prompt,
                     guidance_scale=job.guidance_scale, steps=job.steps,
                     height=job.height or config.resolution, width=job.width or config.resolution,
-                    progress=False)
+                    progress=False, clip_skip=config.clip_skip,
+                    max_token_length=config.max_token_length)
             labels.append(job.prompt)
     unet.train(was_training[0])
     text_encoder.train(was_training[1])

@@ -163,3 +163,35 @@ def test_the_dataset_shuffles_tags_per_seed_epoch_and_index(demo_root):
     for instance, klass in epoch0 + epoch1:
         assert instance.startswith("zwx toy, ") and klass.startswith("toy, ")
         assert sorted(instance.split(", ")) == sorted(prompt.split(", "))
+
+
+def test_samples_encode_prompts_as_training_does(parts):
+    """Previews and samples condition on the layer and chunks training used."""
+    from diffusers import StableDiffusionPipeline
+
+    from colab_dreambooth.sample import generate_samples
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path(), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    original = pipe.unet.forward
+
+    def spy(sample, timestep, encoder_hidden_states, *args, **kwargs):
+        seen.append(encoder_hidden_states)
+        return original(sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    pipe.unet.forward = spy
+
+    def states(**options):
+        seen.clear()
+        generate_samples(pipe, LONG, seed=1, steps=1, height=64, width=64, progress=False,
+                         **options)
+        return seen[0]  # (negative, positive) batch of the first step
+
+    plain, skip2, long = states(), states(clip_skip=2), states(max_token_length=150)
+    with torch.no_grad():
+        expected = encode_prompts(pipe.tokenizer, pipe.text_encoder, [LONG], clip_skip=2)
+    assert torch.allclose(skip2[1:], expected, atol=1e-5)
+    assert torch.allclose(plain[1:], encode_prompts(pipe.tokenizer, pipe.text_encoder, [LONG]),
+                          atol=1e-5)
+    assert long.shape == (2, 152, 32) and plain.shape == (2, 77, 32)
