@@ -257,8 +257,9 @@ class DreamBoothConfig:
         "and optimizer memory, for the smallest GPUs. Risks: updates smaller than fp16's "
         "precision (about 1e-3 of a weight) are rounded away, so low learning rates may learn "
         "nothing; fp16 gradients may overflow and skip steps; results are worse than with "
-        "mixed precision. Needs fp16/bf16 mixed precision; on the CPU it is ignored (fp32). "
-        "Not used with Use LORA (the adapters stay fp32).", "Advanced")
+        "mixed precision. Use it with 8-bit Adam, Adafactor or Lion: torch AdamW and Prodigy "
+        "would keep their state in fp16 too. Needs fp16/bf16 mixed precision; on the CPU it "
+        "is ignored (fp32). Not used with Use LORA (the adapters stay fp32).", "Advanced")
     deterministic: bool = setting(
         False, "Deterministic", "Use deterministic kernels (cuDNN without autotuning, a fixed "
         "cuBLAS workspace) so the same seed repeats the same run; slower, often 10-20% on a "

@@ -124,3 +124,22 @@ def allow_fp16_gradient_unscale(accelerator) -> None:
         return original(optimizer, inv_scale, found_inf, True)
 
     scaler._unscale_grads_ = unscale
+
+
+def warn_fp16_optimizer_state(optimizer: torch.optim.Optimizer, dtype: torch.dtype | None) -> bool:
+    """Warn when the half model's fp16 weights meet an optimizer that keeps fp16 state.
+
+    torch's AdamW and Prodigy keep their moments in the parameters' dtype: in fp16 small
+    second moments underflow to 0 and an epsilon of 1e-8 rounds to 0, so a step can divide by
+    zero. bitsandbytes' 8-bit optimizers and Adafactor compute in fp32, and Lion has no
+    division. Returns True when it warned.
+    """
+    if dtype != torch.float16:
+        return False
+    cls = type(optimizer)
+    safe = cls.__module__.startswith("bitsandbytes") or cls.__name__ in ("Adafactor", "Lion")
+    if not safe:
+        log.warning("Half model with the %s optimizer keeps its state in fp16, where small "
+                    "values underflow and steps may turn to inf/NaN: prefer Use 8bit Adam, "
+                    "Adafactor or Lion with Half model", cls.__name__)
+    return not safe

@@ -35,7 +35,8 @@ from .data import (DreamBoothDataset, EpochBatchSampler, TrainingData, collate,
 from .lora import add_lora, check_lora, kohya_state_dict, lora_file_path, lora_metadata, save_lora
 from .models import Components, load_components, save_folder_atomic
 from .noise import add_noise, make_noise_scheduler, min_snr_weights, sample_noise, velocity
-from .numerics import allow_fp16_gradient_unscale, apply_numerics, half_model_dtype
+from .numerics import (allow_fp16_gradient_unscale, apply_numerics, half_model_dtype,
+                       warn_fp16_optimizer_state)
 from .optim import EMA, make_lr_scheduler, make_optimizer, plan_steps, set_memory_attention
 from .text_encoding import (chunked_input_ids, encode_prompts, freeze_final_layer_norm,
                             num_text_layers)
@@ -205,6 +206,7 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
             unet, optimizer, loader, lr_scheduler)
     if half == torch.float16:
         allow_fp16_gradient_unscale(accelerator)
+        warn_fp16_optimizer_state(optimizer, half)
     ema = EMA(unet.parameters(), config.ema_decay,
               "cpu" if config.ema_on_cpu else None) if config.use_ema else None
 

@@ -98,3 +98,22 @@ def test_fp16_gradients_can_be_unscaled_for_the_half_model():
     accelerator.scaler.step(opt)
     assert w.dtype == torch.float16 and torch.allclose(w.float(), torch.full((4,), 0.8),
                                                        atol=1e-3)
+
+
+def test_half_model_warns_about_fp16_optimizer_state(caplog):
+    from colab_dreambooth.numerics import warn_fp16_optimizer_state
+    from colab_dreambooth.optim import make_optimizer
+
+    w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))
+
+    def opt(name):
+        return make_optimizer([{"params": [w], "lr": 1.0}], name, use_8bit=False,
+                              on_cuda=False, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
+
+    with caplog.at_level(logging.WARNING):
+        assert warn_fp16_optimizer_state(opt("AdamW"), torch.float16)
+        assert "state in fp16" in caplog.text
+        assert not warn_fp16_optimizer_state(opt("Adafactor"), torch.float16)
+        assert not warn_fp16_optimizer_state(opt("Lion"), torch.float16)
+        assert not warn_fp16_optimizer_state(opt("AdamW"), torch.bfloat16)
+        assert not warn_fp16_optimizer_state(opt("AdamW"), None)

@@ -195,3 +195,14 @@ def test_samples_encode_prompts_as_training_does(parts):
     assert torch.allclose(plain[1:], encode_prompts(pipe.tokenizer, pipe.text_encoder, [LONG]),
                           atol=1e-5)
     assert long.shape == (2, 152, 32) and plain.shape == (2, 77, 32)
+
+
+def test_text_encoder_stops_after_its_fraction_of_the_steps(tiny_config):
+    """Step Ratio 0.5 of 4 steps: the text encoder ends as after 2 steps of training."""
+    half = train(tiny_config.copy(model_name="half", max_train_steps=4, stop_text_encoder=0.5),
+                 progress=False)
+    two = train(tiny_config.copy(model_name="two", max_train_steps=2), progress=False)
+    a, b = _text_encoder_weights(half.model_dir), _text_encoder_weights(two.model_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], v) for k, v in
+               _text_encoder_weights(tiny_model_path()).items())
