@@ -108,7 +108,6 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
     if resume_from is not None:  # before any model is loaded
         check_compatible(resume_from, config, accelerator.num_processes)
     set_seed(seed)
-    numerics = apply_numerics(tf32=config.allow_tf32, deterministic=config.deterministic)
     on_cuda = accelerator.device.type == "cuda"
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32)
@@ -120,6 +119,8 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
         raise ConfigError([Problem("clip_skip", f"{config.clip_skip} is more than the "
                                    f"{num_text_layers(text_encoder)} layers of this model's "
                                    "text encoder: lower it (1 = the last layer)")])
+    # Global torch flags, put back when the run ends (so a later run without them is without).
+    numerics = apply_numerics(tf32=config.allow_tf32, deterministic=config.deterministic)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(config.train_text_encoder)
     if config.train_text_encoder and config.freeze_clip_normalization:
