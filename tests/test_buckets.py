@@ -201,3 +201,21 @@ def test_training_with_buckets(tiny_config, shapes, caplog, cache):
         result = train(config, progress=False)
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert "Aspect-ratio buckets" in caplog.text and "256 x 128" in caplog.text
+
+
+def test_two_processes_train_with_buckets_in_sync(tiny_config, shapes, tmp_path):
+    """accelerate hands each process whole one-bucket batches (of different shapes on each
+    process at the same step); the gradients still all-reduce and the weights stay equal."""
+    from colab_dreambooth.params import save_params
+    from test_multiprocess import launch  # pytest puts tests/ on sys.path
+
+    inst, cls = shapes
+    concept = Concept(instance_prompt="a photo of zwx toy", class_prompt="a photo of a toy",
+                      instance_data_dir=str(inst), class_data_dir=str(cls), num_class_images=6)
+    config = tiny_config.copy(resolution=192, enable_bucket=True, concepts_list=[concept],
+                              max_train_steps=3, train_batch_size=2, save_preview_every=0,
+                              save_preview_every_steps=0, model_name="ddp-buckets")
+    out = launch(save_params(config, tmp_path / "p.json"), tmp_path / "digests")
+    assert out.stdout.count("steps=3 stopped=False") == 2
+    digests = {p.read_text() for p in (tmp_path / "digests").iterdir()}
+    assert len(digests) == 1
