@@ -165,9 +165,14 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     a ``[-1, 1]`` CHW tensor, or, once :meth:`use_latents` is called, a cached latent
     distribution ``(mean, std)`` from which the loop samples.
 
-    Every random choice (crop, flip, which class image) is a pure function of
-    ``(seed, epoch, index)``: no generator state lives here, so a resumed run that sets the
-    epoch sees exactly the items an uninterrupted run saw.
+    Every random choice (crop, flip, which class image, the tag order of Shuffle Tags) is a
+    pure function of ``(seed, epoch, index)``: no generator state lives here, so a resumed run
+    that sets the epoch sees exactly the items an uninterrupted run saw.
+
+    With ``bucket_of`` (aspect-ratio buckets, :mod:`colab_dreambooth.buckets`) each image is
+    fitted to its bucket instead of a square crop, and an instance image is paired with a
+    class image of its own bucket when the concept has one there, else with the next class
+    image of the concept fitted (resized and trimmed) to the instance image's bucket.
     """
 
     def __init__(self, data: TrainingData, resolution: int, center_crop: bool, flip: bool,
