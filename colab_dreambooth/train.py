@@ -38,11 +38,11 @@ from .noise import add_noise, make_noise_scheduler, min_snr_weights, sample_nois
 from .numerics import (allow_fp16_gradient_unscale, apply_numerics, half_model_dtype,
                        warn_fp16_optimizer_state)
 from .optim import EMA, make_lr_scheduler, make_optimizer, plan_steps, set_memory_attention
-from .text_encoding import (chunked_input_ids, encode_prompts, freeze_final_layer_norm,
-                            num_text_layers)
 from .params import resolve_concepts, save_params, write_text_atomic
 from .runtime import DeviceInfo, detect_device
 from .storage import BackgroundUploader
+from .text_encoding import (chunked_input_ids, encode_prompts, freeze_final_layer_norm,
+                            num_text_layers)
 from .validation import ConfigError, Problem, check_config
 
 log = logging.getLogger(__name__)
