@@ -160,8 +160,10 @@ def make_release(config: DreamBoothConfig, settings: ReleaseSettings, *,
     if target is None:
         result.lines.append("Send to is blank: the files stay in " + str(folder))
         return result
-    items = [p for p in (result.export, result.card, result.card and folder / "samples.png",
-                         result.dehydrated) if p is not None and Path(p).is_file()]
+    # The grid only when this card shows it: an earlier release's grid may still be there.
+    shown_grid = folder / "samples.png" if result.card is not None and grid is not None else None
+    items = [p for p in (result.export, result.card, shown_grid, result.dehydrated)
+             if p is not None]
     if settings.send_diffusers:
         hub = isinstance(target, HubRepo)
         items += [p for p in sorted(model.iterdir()) if not p.name.startswith(".")

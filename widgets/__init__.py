@@ -20,7 +20,7 @@ from .prepare import (DataReport, UploadBox, caption_grid, captioned_grid, colab
                       crop_preview, data_report, save_uploads, show_images, upload_images)
 from .release import ReleaseApp
 from .training_view import TrainingView, estimate_total_steps
-from .workdir import (class_images_config, params_file, prepare_config, testing_config,
+from .workdir import (class_images_config, params_file, prepare_config, release_config,
                       training_config)
 
 __all__ = [
@@ -28,6 +28,6 @@ __all__ = [
     "UploadBox", "caption_grid", "captioned_grid", "class_images_config", "colab_upload",
     "count_class_images", "crop_preview", "data_report", "estimate_total_steps",
     "mount_drive_if_needed", "on_colab", "params_file", "platform_name", "prepare_config",
-    "runtime_banner", "save_uploads", "show_images", "testing_config", "training_config",
+    "release_config", "runtime_banner", "save_uploads", "show_images", "training_config",
     "upload_images",
 ]

@@ -78,15 +78,16 @@ class ClassImagesApp:
         self.params_path = Path(params_path)
         self.form = ConfigForm(config, device=device, params_path=params_path, show_train=False,
                                only=CLASS_IMAGE_FIELDS)
-        self.form.tabs.selected_index = self.form.tab_names.index("Concepts")
+        self.form.tabs.selected_index = self.form.tab_names.index("Concepts")  # the point
         self.counts = w.HTML()
         self.generate_button = w.Button(description="Generate class images", icon="play",
                                         button_style="success", layout=w.Layout(width="220px"))
         self.stop_button = w.Button(description="Stop", icon="stop", button_style="danger",
                                     disabled=True, tooltip="Stop after the current batch; the "
                                     "images made so far are kept")
-        self.progress = w.IntProgress(value=0, min=0, max=1, description="Class images",
-                                      bar_style="info", layout=w.Layout(width="520px"))
+        self.progress = w.IntProgress(value=0, min=0, max=1, description="Generated",
+                                      bar_style="info", style={"description_width": "initial"},
+                                      layout=w.Layout(width="520px"))
         self.status = w.HTML()
         self.grid = w.Image(format="png", layout=w.Layout(display="none", max_width="960px"))
         self.widget = w.VBox([self.form.widget, self.counts,

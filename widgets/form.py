@@ -43,7 +43,7 @@ class ConceptEditor:
         self.fields: dict[str, FieldControl] = {
             name: make_control(spec) for name, spec in CONCEPT_SPECS.items()}
         self.remove_button = w.Button(description="Remove this concept", icon="trash",
-                                      button_style="warning")
+                                      button_style="warning", layout=w.Layout(width="200px"))
         self.message = w.HTML()
         children: list[w.Widget] = [self.message]
         # Fields left out of ``only`` still exist (and keep their values), unshown.
@@ -188,6 +188,8 @@ class ConfigForm:
             for editor, concept in zip(self.concepts, concepts):
                 editor.set(concept)
             self._layout_concepts()
+            if self.concepts and self.concepts_box.selected_index is None:
+                self.concepts_box.selected_index = 0  # show the first concept open
         finally:
             self._quiet = False
         self.refresh()
@@ -317,8 +319,9 @@ class ConfigForm:
 
     def _update_summary(self, problems: list[Problem]) -> None:
         if not problems:
+            ready = "ready to train" if self.only is None else "these settings are ready"
             self.summary.value = ("<span style='color:#2e7d32'>&#10004; No problems found: "
-                                  "ready to train.</span>")
+                                  f"{ready}.</span>")
             return
         items = "".join(f"<li>{html.escape(self.describe(p))}</li>" for p in problems)
         self.summary.value = (f"<div style='color:#c62828'><b>{len(problems)} problem(s) to fix "

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import ipywidgets as w
 
-from colab_dreambooth.config import DreamBoothConfig
+from colab_dreambooth.config import DreamBoothConfig, safe_name
 from colab_dreambooth.fields import field_specs
 from colab_dreambooth.release import (ReleaseResult, ReleaseSettings, check_release,
                                       make_release, release_folder, sample_model)
@@ -47,6 +47,9 @@ class ReleaseApp:
                                                 for n, s in RELEASE_SPECS.items()}
         for control in self.fields.values():
             control.observe(self.refresh)
+        self.fields["export_name"].input.placeholder = f"blank = {safe_name(config.model_name)}"
+        self.fields["destination"].input.placeholder = ("blank = keep it here; a folder, or "
+                                                        "hf://<user>/<repo>")
 
         model = config.model_dir / "model"
         found = (model / "model_index.json").is_file()

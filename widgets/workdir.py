@@ -101,7 +101,7 @@ def class_images_config(work_dir: str | os.PathLike, *, base_model: str,
     return config.copy(concepts_list=concepts), notes
 
 
-def testing_config(work_dir: str | os.PathLike, *, base_model: str,
+def release_config(work_dir: str | os.PathLike, *, base_model: str,
                    n_samples: int | None = None, sample_steps: int | None = None
                    ) -> tuple[DreamBoothConfig, list[str]]:
     """The configuration notebook 04 starts from: ``WORK_DIR/params.json`` as 03 saved it
