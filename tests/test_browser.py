@@ -393,3 +393,13 @@ def _train_once(work: Path) -> None:
     config = load_params(work / "params.json")
     if not (config.model_dir / "model" / "model_index.json").is_file():
         train(config.copy(max_train_steps=2), progress=False)
+
+
+def test_a_missing_browser_skips_here_and_fails_in_ci(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "_find", lambda names: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="chromium.*chromedriver"):
+        _browser_tools()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI is set"):
+        _browser_tools()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from colab_dreambooth import release, storage
+from colab_dreambooth import storage
 from colab_dreambooth.release import (ReleaseSettings, check_release, make_release,
                                       release_folder, sample_model)
 from colab_dreambooth.train import train

@@ -246,7 +246,8 @@ class ConfigForm:
         titles = []
         for number, editor in enumerate(self.concepts, start=1):
             prompt = editor.fields["instance_prompt"].input.value.strip() or "no instance prompt"
-            count = sum(len(c.shown) for c in editor.fields.values()) + bool(editor.message.value)
+            count = sum(len(c.shown) for c in editor.fields.values() if self.shows(c.name)) \
+                + bool(editor.message.value)
             flag = f" \u26a0 {count}" if count else ""
             titles.append(f"Concept {number}: {prompt}{flag}")
         self.concepts_box.titles = tuple(titles)
@@ -307,11 +308,11 @@ class ConfigForm:
         counts = dict.fromkeys(self.tab_names, 0)
         for control in self.fields.values():
             tab = TAB_OF_GROUP.get(control.spec.setting.group, control.spec.setting.group)
-            if tab in counts:
+            if tab in counts and self.shows(control.name):
                 counts[tab] += len(control.shown)
         if "Concepts" in counts:
             counts["Concepts"] += sum(len(c.shown) for e in self.concepts
-                                      for c in e.fields.values())
+                                      for c in e.fields.values() if self.shows(c.name))
             counts["Concepts"] += sum(1 for e in self.concepts if e.message.value)
             counts["Concepts"] += bool(self.concepts_message.value)
         self.tabs.titles = tuple(f"{t} \u26a0 {counts[t]}" if counts[t] else t
