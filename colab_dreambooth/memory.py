@@ -197,14 +197,16 @@ def estimate_peak_memory(config: "DreamBoothConfig", device: DeviceInfo, *,
     return estimate
 
 
-def warn_if_too_big(config: "DreamBoothConfig", device: DeviceInfo,
-                    sizes: ModelSizes | None = None) -> MemoryEstimate | None:
+def warn_if_too_big(config: "DreamBoothConfig", device: DeviceInfo, *,
+                    sizes: ModelSizes | None = None,
+                    bitsandbytes: bool | None = None) -> MemoryEstimate | None:
     """Log a warning (with what to change) when ``config`` will not fit ``device``'s memory.
-    Says nothing on the CPU; returns the estimate (None on the CPU)."""
+    Says nothing on the CPU; returns the estimate (None on the CPU). The keywords are those of
+    :func:`estimate_peak_memory`."""
     if device.kind != "cuda" or config.use_cpu:
         return None
     try:
-        estimate = estimate_peak_memory(config, device, sizes=sizes)
+        estimate = estimate_peak_memory(config, device, sizes=sizes, bitsandbytes=bitsandbytes)
     except Exception as exc:  # an estimate must never stop a run
         log.debug("no memory estimate: %s", exc)
         return None

@@ -1,7 +1,7 @@
 """Where this run happens: the notebook service (Colab, Kaggle, Gradient or a local machine),
 its default folders and Google Drive, and the GPU found (or the CPU) with its abilities.
 
-Nothing here imports ipywidgets; the notebooks' banner (``widgets.environment``) and the
+No widgets here; the notebooks' banner (``widgets.environment``) and the
 ``colab-dreambooth env`` command both read this module.
 """
 
