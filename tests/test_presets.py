@@ -217,3 +217,31 @@ def test_env_command(tmp_path, capsys):
     assert "Estimated peak memory" in out
     assert "| T4 | NVIDIA T4, 16 GB |" in out
     assert len(PRESETS) == out.count("\n| ") - 1  # every row, after the header
+
+
+# ----------------------------------------------------------------------------- the benchmark
+def test_gpu_benchmark_runs_tiny_on_the_cpu(capsys, one_thread):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_train.py"
+    spec = importlib.util.spec_from_file_location("gpu_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    [result] = bench.main(["--tiny", "--cpu", "--preset", "T4"])
+    assert result["preset"] == "T4" and result["rows"] == 2 and result["steps"] == 2
+    assert result["s_per_step"] > 0 and result["images_per_s"] > 0
+    assert result["checkpointing"] and result["precision"] == "no"  # fp16 needs a GPU
+    assert 0 < result["estimate_gb"] < 1 and result["peak_host_gb"] > 0
+    out = capsys.readouterr().out
+    assert "s/step" in out and "\nT4 | 1 | 2 | no |" in out
+    # The FLOP count of the issue: 0.8 TFLOP forward per row, 2x backward, +1x recompute.
+    flops = bench.step_flops(2, 512, bench.SD15_UNET_PARAMS, 0, checkpointing=True,
+                             lora=False, trains_text=False)
+    assert flops == pytest.approx(2 * 0.8e12 * 4)
+    # The published T4 figure (0.93 it/s) is ~9% of the T4's 65 TFLOP/s.
+    assert 0.08 < flops * 0.93 / bench.peak_flops("Tesla T4") < 0.10
+    assert bench.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert bench.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert bench.peak_flops("Some Future GPU") is None
