@@ -27,9 +27,9 @@ from .class_images import generate_class_images
 from .config import DreamBoothConfig
 from .data import DreamBoothDataset, TrainingData, collate, collect_training_data
 from .lora import add_lora, check_lora, kohya_state_dict, lora_file_path, lora_metadata, save_lora
+from .memory import warn_if_too_big
 from .models import Components, load_components, save_folder_atomic
 from .optim import EMA, make_lr_scheduler, make_optimizer, plan_steps, set_memory_attention
-from .memory import warn_if_too_big
 from .params import resolve_concepts, save_params, write_text_atomic
 from .presets import apply_preset, format_choices, preset_for
 from .runtime import DeviceInfo, detect_device
