@@ -32,9 +32,11 @@ from .config import DreamBoothConfig
 from .data import (DreamBoothDataset, EpochBatchSampler, TrainingData, collate,
                    collect_training_data)
 from .lora import add_lora, check_lora, kohya_state_dict, lora_file_path, lora_metadata, save_lora
+from .memory import warn_if_too_big
 from .models import Components, load_components, save_folder_atomic
 from .optim import EMA, make_lr_scheduler, make_optimizer, plan_steps, set_memory_attention
 from .params import resolve_concepts, save_params, write_text_atomic
+from .presets import apply_preset, format_choices, preset_for
 from .runtime import DeviceInfo, detect_device
 from .storage import BackgroundUploader
 from .validation import check_config
@@ -79,8 +81,12 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
 
     # ---- configuration and data, checked before any model is loaded
     device = device or (DeviceInfo.cpu() if config.use_cpu else detect_device())
+    # Blank (auto) memory/speed fields take the GPU preset's values; the user's win.
+    config, choices = apply_preset(config, device)
+    log.info("%s", format_choices(choices, preset_for(config, device)))
     config = resolve_concepts(config)
     check_config(config, device)
+    warn_if_too_big(config, device)  # a warning only: the estimate can be wrong
     check_lora(config)
     if any(c.num_class_images for c in config.concepts_list):
         # Instance images are checked before any class image is generated (GPU time).

@@ -11,7 +11,8 @@ This package is the only part of the project that imports ipywidgets (install th
 """
 
 from .app import TrainApp
-from .environment import mount_drive_if_needed, on_colab, platform_name, runtime_banner
+from .environment import (mount_drive, mount_drive_if_needed, on_colab, platform_name,
+                          runtime_banner)
 from .form import ConfigForm
 from .prepare import (DataReport, UploadBox, caption_grid, colab_upload, crop_preview,
                       data_report, save_uploads, show_images, upload_images)
@@ -20,7 +21,8 @@ from .workdir import params_file, prepare_config, training_config
 
 __all__ = [
     "ConfigForm", "DataReport", "TrainApp", "TrainingView", "UploadBox", "caption_grid",
-    "colab_upload", "crop_preview", "data_report", "estimate_total_steps", "mount_drive_if_needed", "on_colab",
+    "colab_upload", "crop_preview", "data_report", "estimate_total_steps", "mount_drive",
+    "mount_drive_if_needed", "on_colab",
     "params_file", "platform_name", "prepare_config", "runtime_banner", "save_uploads",
     "show_images", "training_config", "upload_images",
 ]
