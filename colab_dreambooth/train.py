@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoints import (Progress, TrainingState, check_compatible, checkpoint_root,
-                          download_latest_checkpoint, hub_target, latest_checkpoint,
-                          list_checkpoints, load_checkpoint, save_checkpoint, saved_seed)
+                          download_latest_checkpoint, hub_target, keep_checkpoint_choices,
+                          latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
+                          saved_seed)
 from .class_images import generate_class_images
 from .config import DreamBoothConfig
 from .data import (DreamBoothDataset, EpochBatchSampler, TrainingData, collate,
@@ -81,6 +82,10 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
 
     # ---- configuration and data, checked before any model is loaded
     device = device or (DeviceInfo.cpu() if config.use_cpu else detect_device())
+    resume_from = find_resume_checkpoint(config) if resume else None
+    if resume_from is not None:
+        # A resumed run on another GPU keeps what the interrupted run's preset chose.
+        config = keep_checkpoint_choices(config, resume_from)
     # Blank (auto) memory/speed fields take the GPU preset's values; the user's win.
     config, choices = apply_preset(config, device)
     log.info("%s", format_choices(choices, preset_for(config, device)))
@@ -95,7 +100,6 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
     data = collect_training_data(config)
     for warning in data.warnings:
         log.warning("%s", warning)
-    resume_from = find_resume_checkpoint(config) if resume else None
     if resume_from is not None:
         seed = saved_seed(resume_from)  # the interrupted run's seed, even when it was random
     else:
