@@ -1,4 +1,5 @@
-"""``colab-dreambooth`` (also ``python -m colab_dreambooth``): train, check data, show prompts, demo.
+"""``colab-dreambooth`` (also ``python -m colab_dreambooth``): train, check data, show prompts, demo,
+show the runtime (``env``).
 
 Every configuration field is also a ``train``/``prompts`` option (``--learning-rate 1e-6``),
 generated from the configuration model, so the CLI never lags behind the fields.
@@ -63,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train from a parameters JSON")
+    p.add_argument("--resume", action="store_true", help=(
+        "continue from the newest complete checkpoint (Checkpoint folder, else Checkpoint Hub "
+        "repo) exactly where it stopped; starts from the beginning when there is none"))
     _add_config_options(p)
     p.set_defaults(run=_train)
 
@@ -81,9 +85,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="where to write it")
     p.set_defaults(run=_params)
 
+    p = sub.add_parser("env", help="show the runtime, GPU, packages, the GPU preset's choices "
+                       "and the estimated peak GPU memory")
+    p.add_argument("--config", type=Path, help="parameters JSON to estimate (default: every "
+                   "field at its default)")
+    p.add_argument("--presets", action="store_true", help="also print the whole preset table")
+    p.set_defaults(run=_env)
+
     p = sub.add_parser("demo", help="train the tiny built-in model on a synthetic subject")
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder")
     p.add_argument("--steps", type=int, default=150, help="training steps")
+    p.add_argument("--save-every", type=int, default=0, metavar="K",
+                   help="write a checkpoint every K steps (to try --resume)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the demo run in --out from its newest checkpoint")
     p.set_defaults(run=_demo)
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(f"{__package__}.{name}").add_subcommand(sub)
@@ -115,7 +130,8 @@ def _parser_type(spec: FieldSpec):
 
 def _metavar(spec: FieldSpec) -> str:
     if spec.setting.choices:
-        return "{" + ",".join(map(str, spec.setting.choices)) + "}"
+        blank = ("auto",) if spec.optional else ()
+        return "{" + ",".join(map(str, spec.setting.choices + blank)) + "}"
     metavar = {bool: "true|false", int: "N", float: "X", str: "TEXT"}[spec.type]
     return metavar + "|none" if spec.optional else metavar
 
@@ -141,9 +157,11 @@ def config_from_args(args: argparse.Namespace) -> DreamBoothConfig:
 def _train(args: argparse.Namespace) -> int:
     from .train import train
 
-    result = train(config_from_args(args))
+    result = train(config_from_args(args), resume=args.resume)
     state = "stopped early" if result.stopped_early else "finished"
     print(f"Training {state} after {result.steps}/{result.total_steps} steps (seed {result.seed}).")
+    if result.checkpoint:
+        print(f"Checkpoint (continue with --resume): {result.checkpoint}")
     if result.lora_file:
         print(f"Trained LoRA (WebUI/kohya/diffusers .safetensors): {result.lora_file}")
     else:
@@ -200,10 +218,22 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env(args: argparse.Namespace) -> int:
+    from .presets import describe_presets
+    from .runtime import environment_report
+
+    config = resolve_concepts(load_params(args.config)) if args.config else DreamBoothConfig()
+    print(environment_report(config))
+    if args.presets:
+        print("\nAll presets (blank fields take the values of the GPU's row):")
+        print(describe_presets())
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, steps=args.steps)
+    run_demo(args.out, steps=args.steps, save_every=args.save_every, resume=args.resume)
     return 0
 
 

@@ -181,9 +181,10 @@ class DreamBoothConfig:
         [], "Concepts", "The concepts trained together in this run. Train several concepts in "
         "one run: training concept B later blurs concept A.", "Concepts")
     # Advanced
-    train_batch_size: int = setting(
-        1, "Batch size", "Instance images per step (with prior preservation each step also "
-        "takes as many class images). More VRAM.", "Advanced", minimum=1, maximum=256)
+    train_batch_size: Optional[int] = setting(
+        None, "Batch size", "Instance images per step (with prior preservation each step also "
+        "takes as many class images). More VRAM. Blank = chosen from the GPU (preset: 1 on a "
+        "T4, up to 8 on an 80 GB card).", "Advanced", minimum=1, maximum=256)
     sample_batch_size: int = setting(
         1, "Class batch size", "Images generated at once when making class images.",
         "Advanced", minimum=1, maximum=256)
@@ -194,8 +195,9 @@ class DreamBoothConfig:
         False, "Use CPU Only (SLOW)", "Train on the CPU (needs about 48 GB RAM for SD 1.x). "
         "Cannot use 8-bit Adam.", "Advanced")
     use_8bit_adam: Optional[bool] = setting(
-        None, "Use 8bit Adam", "bitsandbytes AdamW8bit: saves VRAM, slightly less exact; CUDA "
-        "only. Blank = on when a CUDA GPU and bitsandbytes are present.", "Advanced")
+        None, "Use 8bit Adam", "bitsandbytes AdamW8bit: saves about 5 GB of VRAM on SD 1.5, "
+        "slightly less exact; CUDA only. Blank = chosen from the GPU (on for GPUs up to "
+        "24 GB).", "Advanced")
     optimizer: str = setting(
         "AdamW", "Optimizer", "The optimizer (8-bit or not is chosen by Use 8bit Adam).",
         "Advanced", choices=OPTIMIZERS)
@@ -214,19 +216,22 @@ class DreamBoothConfig:
     max_grad_norm: float = setting(
         1.0, "Max grad norm", "Clip gradients to this norm; 0 = no clipping.", "Advanced",
         minimum=0.0)
-    mixed_precision: str = setting(
-        "fp16", "Mixed precision", "no / fp16 / bf16. bf16 needs an A100, L4, H100 or newer "
-        "(not T4/V100). On the CPU training runs in fp32.", "Advanced", choices=MIXED_PRECISION)
-    attention: str = setting(
-        "default", "Memory Attention", "default = PyTorch scaled-dot-product attention "
+    mixed_precision: Optional[str] = setting(
+        None, "Mixed precision", "no / fp16 / bf16. bf16 needs an A100, L4, H100 or newer "
+        "(not T4/V100). On the CPU training runs in fp32. Blank = chosen from the GPU "
+        "(bf16 where it runs, else fp16).", "Advanced", choices=MIXED_PRECISION)
+    attention: Optional[str] = setting(
+        None, "Memory Attention", "default = PyTorch scaled-dot-product attention "
         "(memory-efficient, no extra install); xformers needs its package and CUDA; "
-        "flash_attention = PyTorch's flash kernel.", "Advanced", choices=ATTENTION)
-    cache_latents: bool = setting(
-        True, "Cache latents", "Run the VAE once over all images and keep the latents (both "
-        "flips when flipping), so the VAE leaves the GPU. Turn off to encode each step.",
-        "Advanced")
-    train_text_encoder: bool = setting(
-        True, "Train Text Encoder", "Also fine-tune CLIP: better faces, more VRAM.", "Advanced")
+        "flash_attention = PyTorch's flash kernel (A100, L4, H100 and newer). Blank = chosen "
+        "from the GPU.", "Advanced", choices=ATTENTION)
+    cache_latents: Optional[bool] = setting(
+        None, "Cache latents", "Run the VAE once over all images and keep the latents (both "
+        "flips when flipping), so the VAE leaves the GPU. Turn off to encode each step. "
+        "Blank = on.", "Advanced")
+    train_text_encoder: Optional[bool] = setting(
+        None, "Train Text Encoder", "Also fine-tune CLIP: better faces, about 1 GB more VRAM "
+        "(with 8-bit Adam). Blank = on unless the GPU has under 12 GB.", "Advanced")
     stop_text_encoder: float = setting(
         1.0, "Step Ratio of Text Encoder Training", "Fraction of the run during which the text "
         "encoder trains (1.0 = all of it).", "Advanced", minimum=0.0, maximum=1.0)
@@ -263,16 +268,31 @@ class DreamBoothConfig:
         "Advanced")
     gradient_checkpointing: Optional[bool] = setting(
         None, "Gradient checkpointing", "Recompute activations in the backward pass: much less "
-        "VRAM, about 25% slower. Blank = on with a CUDA GPU.", "Advanced")
+        "VRAM, about 25% slower. Blank = chosen from the GPU (on for 16 GB cards).",
+        "Advanced")
     # Saving and sampling cadence
     save_every_steps: int = setting(
-        0, "Save model every N steps", "Write the model to the output folder every N steps "
-        "(replacing the previous save); 0 = only at the end and on cancel.", "Saving",
-        minimum=0)
+        0, "Save checkpoint every N steps", "Write a checkpoint (the full training state: "
+        "weights, optimizer, schedule, random states) every N steps, so a disconnected run can "
+        "resume exactly. Costs disk and a few seconds each: SD 1.5 with AdamW is about 10 GB, "
+        "with 8-bit Adam about 5 GB, a LoRA run a few MB. A checkpoint and the model are also "
+        "written at the end and when you stop. 0 = only then.", "Saving", minimum=0)
     save_every_epochs: int = setting(
-        0, "Save model every N epochs", "Write the model to the output folder every N epochs "
-        "(replacing the previous save); 0 = off.", "Saving",
-        minimum=0)
+        0, "Save checkpoint every N epochs", "Write a checkpoint every N epochs (like the step "
+        "setting); 0 = off.", "Saving", minimum=0)
+    checkpoint_dir: str = setting(
+        "", "Checkpoint folder", "Where checkpoints go. Blank = <models root>/dreambooth/"
+        "<model name>/checkpoints. On Colab put it on Drive (/content/drive/MyDrive/...) so "
+        "it survives a disconnect.", "Saving", path=True)
+    checkpoints_to_keep: int = setting(
+        1, "Checkpoints to keep", "How many of the newest checkpoints stay; older ones are "
+        "deleted once a newer one is complete (so one is always there).", "Saving", minimum=1,
+        maximum=100)
+    checkpoint_hub_repo: str = setting(
+        "", "Checkpoint Hub repo", "hf://<user>/<repo>: also upload each checkpoint to this "
+        "Hugging Face repo (created private) in the background; training goes on if an upload "
+        "fails. The token comes from Colab's secrets (HF_TOKEN), the HF_TOKEN variable or a "
+        "login, never from this file. Blank = no upload.", "Saving")
     save_preview_every: int = setting(
         0, "Generate a preview every N epochs", "Preview samples of each concept every N "
         "epochs (and at the end when non-zero); 0 = none.", "Sampling", minimum=0)

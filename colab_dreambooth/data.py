@@ -158,11 +158,15 @@ def _sort_problems(found: list[ImageProblem], label: str, kind: str, problems: l
 
 # ----------------------------------------------------------------------------- batches
 class DreamBoothDataset(torch.utils.data.Dataset):
-    """Instance examples, each paired with the next class example of its concept.
+    """Instance examples, each paired with a class example of its concept.
 
     An item is ``{"instance": (image, prompt), "class": (image, prompt) | None}`` where image is
     a ``[-1, 1]`` CHW tensor, or, once :meth:`use_latents` is called, a cached latent
     distribution ``(mean, std)`` from which the loop samples.
+
+    Every random choice (crop, flip, which class image) is a pure function of
+    ``(seed, epoch, index)``: no generator state lives here, so a resumed run that sets the
+    epoch sees exactly the items an uninterrupted run saw.
     """
 
     def __init__(self, data: TrainingData, resolution: int, center_crop: bool, flip: bool,
@@ -171,35 +175,52 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.resolution = resolution
         self.center_crop = center_crop
         self.flip = flip
-        self.rng = random.Random(seed)
-        self.class_cursor = {concept: 0 for concept in data.classes}
+        self.seed = seed
+        self.epoch = 0
+        # Rank of each instance example within its concept, to walk the class images in turn.
+        counts: dict[int, int] = {}
+        self._rank = []
+        for example in data.instance:
+            self._rank.append(counts.get(example.concept, 0))
+            counts[example.concept] = self._rank[-1] + 1
+        self._per_concept = counts
         self.latents: dict[tuple[Path, bool], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose crops, flips and class pairings items get."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.data.instance)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         example = self.data.instance[i]
-        item = {"instance": self._load(example), "class": None}
+        rng = self._rng("item", self.epoch, i)
+        item = {"instance": self._load(example, rng), "class": None}
         pool = self.data.classes.get(example.concept)
         if pool:
-            # Walk through the class images in turn so every one is used across epochs.
-            cursor = self.class_cursor[example.concept]
-            self.class_cursor[example.concept] = cursor + 1
-            item["class"] = self._load(pool[cursor % len(pool)])
+            # Each epoch takes the next class images in turn, so every one is used.
+            k = self.epoch * self._per_concept[example.concept] + self._rank[i]
+            item["class"] = self._load(pool[k % len(pool)], rng)
         return item
 
-    def _load(self, example: Example) -> tuple[Any, str]:
-        flipped = self.flip and self.rng.random() < 0.5
+    def _rng(self, *key: Any) -> random.Random:
+        # A string seed is hashed with SHA-512: the same on every run and every machine.
+        return random.Random(":".join(map(str, (self.seed,) + key)))
+
+    def _load(self, example: Example, rng: random.Random) -> tuple[Any, str]:
+        flipped = self.flip and rng.random() < 0.5
         if self.latents is not None:
             return self.latents[(example.image, flipped)], example.prompt
-        pixels = self.pixels(example.image)
+        pixels = self.pixels(example.image, rng)
         return (hflip(pixels) if flipped else pixels), example.prompt
 
-    def pixels(self, image: Path) -> torch.Tensor:
-        """The image cropped to the training resolution as a ``[-1, 1]`` tensor."""
+    def pixels(self, image: Path, rng: random.Random | None = None) -> torch.Tensor:
+        """The image cropped to the training resolution as a ``[-1, 1]`` tensor (a random
+        crop drawn from ``rng``, else the image's own fixed one, as cached latents keep)."""
+        rng = rng if rng is not None else self._rng("crop", image)
         return to_tensor(crop_and_resize(load_image(image), self.resolution, self.center_crop,
-                                         self.rng))
+                                         rng))
 
     def all_images(self) -> list[Path]:
         """Every distinct image the dataset can yield."""
@@ -212,6 +233,41 @@ class DreamBoothDataset(torch.utils.data.Dataset):
                     ) -> None:
         """Serve cached latent distributions keyed by ``(image, flipped)`` instead of pixels."""
         self.latents = latents
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Shuffled batches of dataset indices whose order is a pure function of ``(seed, epoch)``.
+
+    A resumed run calls :meth:`set_epoch` and skips the batches already trained, and gets the
+    very batches an uninterrupted run would have. The last batch of an epoch may be smaller.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool = True):
+        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+        self.epoch = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order the next iteration yields."""
+        self.epoch = epoch
+
+    def skip_next(self, batches: int) -> None:
+        """Make the next iteration (only) start after its first ``batches`` batches."""
+        self._skip = batches
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch)
+                                                      % 2**63)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        skip, self._skip = self._skip, 0
+        for start in range(skip * self.batch_size, self.size, self.batch_size):
+            yield order[start:start + self.batch_size]
+
+    def __len__(self) -> int:
+        return -(-self.size // self.batch_size)
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

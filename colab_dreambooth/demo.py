@@ -92,8 +92,12 @@ def _draw_toy(draw: ImageDraw.ImageDraw, rng: random.Random, size: int, shape: s
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
 
 
-def run_demo(out: str | Path = "demo-output", *, steps: int = 150) -> Path:
-    """Make the data, train the tiny model, sample it, and print what was made where."""
+def run_demo(out: str | Path = "demo-output", *, steps: int = 150, save_every: int = 0,
+             resume: bool = False) -> Path:
+    """Make the data, train the tiny model, sample it, and print what was made where.
+
+    ``save_every`` writes a checkpoint every that many steps; ``resume`` continues the run
+    already in ``out`` from its newest checkpoint (stop the demo with Ctrl-C to try it)."""
     import time
 
     from .params import save_params
@@ -102,10 +106,13 @@ def run_demo(out: str | Path = "demo-output", *, steps: int = 150) -> Path:
 
     started = time.time()
     root = Path(out).resolve()
-    instance_dir, class_dir = make_demo_data(root / "data")
-    config = demo_config(root, steps=steps)
+    if resume and (root / "data").is_dir():
+        instance_dir, class_dir = root / "data" / "instance", root / "data" / "class"
+    else:
+        instance_dir, class_dir = make_demo_data(root / "data")
+    config = demo_config(root, steps=steps).copy(save_every_steps=save_every)
     params = save_params(config, root / "params.json")
-    result = train(config)
+    result = train(config, resume=resume)
 
     pipe = load_pipeline(result.model_dir, device="cpu")
     prompts = ["a photo of zwx toy", "a photo of a toy"]
@@ -125,5 +132,8 @@ def run_demo(out: str | Path = "demo-output", *, steps: int = 150) -> Path:
     print(f"  samples ({len(samples)} PNGs and a grid):    {grid}")
     print(f"  steps {result.steps}, loss {result.losses[0]:.3f} -> "
           f"{sum(result.losses[-10:]) / len(result.losses[-10:]):.3f} (mean of the last 10)")
+    if result.stopped_early:
+        print(f"  stopped at step {result.steps}: continue with  colab-dreambooth demo --out "
+              f"{out} --steps {steps} --resume")
     print("Train on this data again with:  colab-dreambooth train --config " + str(params))
     return result.model_dir

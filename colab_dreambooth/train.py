@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import shutil
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,14 +24,22 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .checkpoints import (Progress, TrainingState, check_compatible, checkpoint_root,
+                          download_latest_checkpoint, hub_target, keep_checkpoint_choices,
+                          latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
+                          saved_seed)
 from .class_images import generate_class_images
 from .config import DreamBoothConfig
-from .data import DreamBoothDataset, TrainingData, collate, collect_training_data
+from .data import (DreamBoothDataset, EpochBatchSampler, TrainingData, collate,
+                   collect_training_data)
 from .lora import add_lora, check_lora, kohya_state_dict, lora_file_path, lora_metadata, save_lora
+from .memory import warn_if_too_big
 from .models import Components, load_components, save_folder_atomic
 from .optim import EMA, make_lr_scheduler, make_optimizer, plan_steps, set_memory_attention
 from .params import resolve_concepts, save_params, write_text_atomic
+from .presets import apply_preset, format_choices, preset_for
 from .runtime import DeviceInfo, detect_device
+from .storage import BackgroundUploader
 from .validation import check_config
 
 log = logging.getLogger(__name__)
@@ -48,26 +57,41 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     stopped_early: bool = False
     lora_file: Path | None = None  # with Use LORA: <model dir>/lora/<model name>.safetensors
+    checkpoint: Path | None = None  # the last checkpoint written (resume from it)
+    resumed_from: Path | None = None  # the checkpoint this run continued, if any
 
 
 def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
           stop: threading.Event | None = None, progress: bool = True,
-          on_step: Callable[[int, float, float], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, float, float], None] | None = None,
+          resume: bool = False) -> TrainResult:
     """Train ``config`` and save the result as a diffusers folder under ``config.model_dir``
     (with Use LORA: only the LoRA file, ``<model dir>/lora/<model name>.safetensors``).
 
     Everything that can be checked is checked before a model is loaded; class images a
-    concept lacks are then generated with the base model. ``stop`` (set from
-    another thread or a Stop button) or Ctrl-C end the run cleanly: the model trained so far is
-    saved. ``on_step(step, loss, lr)`` is called after each optimizer step.
+    concept lacks are then generated with the base model. Checkpoints of the full training
+    state go to :func:`~colab_dreambooth.checkpoints.checkpoint_root` every Save checkpoint
+    every N steps/epochs, at the end and on stop; ``resume=True`` continues from the newest
+    complete one (downloaded from Checkpoint Hub repo when there is none locally) exactly as
+    if the run had never stopped. ``stop`` (set from another thread or a Stop button) or Ctrl-C
+    end the run cleanly after the current step with a checkpoint and the model saved.
+    ``on_step(step, loss, lr)`` is called after each optimizer step.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     # ---- configuration and data, checked before any model is loaded
     device = device or (DeviceInfo.cpu() if config.use_cpu else detect_device())
+    resume_from = find_resume_checkpoint(config) if resume else None
+    if resume_from is not None:
+        # A resumed run on another GPU keeps what the interrupted run's preset chose.
+        config = keep_checkpoint_choices(config, resume_from)
+    # Blank (auto) memory/speed fields take the GPU preset's values; the user's win.
+    config, choices = apply_preset(config, device)
+    log.info("%s", format_choices(choices, preset_for(config, device)))
     config = resolve_concepts(config)
     check_config(config, device)
+    warn_if_too_big(config, device)  # a warning only: the estimate can be wrong
     check_lora(config)
     if any(c.num_class_images for c in config.concepts_list):
         # Instance images are checked before any class image is generated (GPU time).
@@ -76,12 +100,17 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
     data = collect_training_data(config)
     for warning in data.warnings:
         log.warning("%s", warning)
-    seed = config.seed if config.seed is not None else random.randrange(2**32)
+    if resume_from is not None:
+        seed = saved_seed(resume_from)  # the interrupted run's seed, even when it was random
+    else:
+        seed = config.seed if config.seed is not None else random.randrange(2**32)
     log.info("Seed %d", seed)
 
     accelerator = Accelerator(mixed_precision=_mixed_precision(config, device),
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
                               cpu=config.use_cpu)
+    if resume_from is not None:  # before any model is loaded
+        check_compatible(resume_from, config, accelerator.num_processes)
     set_seed(seed)
     on_cuda = accelerator.device.type == "cuda"
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
@@ -119,9 +148,11 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
         dataset.use_latents(cache_latents(dataset, vae, accelerator.device, weight_dtype,
                                           progress and accelerator.is_local_main_process))
         vae.to("cpu")  # no longer needed on the GPU
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=config.train_batch_size, shuffle=True, collate_fn=collate,
-        generator=torch.Generator().manual_seed(seed))
+    # Batch order is a function of (seed, epoch) and the loader draws from its own generator,
+    # never the global one, so a resumed run sees the same batches and the same noise.
+    sampler = EpochBatchSampler(len(dataset), config.train_batch_size, seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(seed))
 
     # ---- optimizer and schedule
     plan = plan_steps(math.ceil(len(loader) / accelerator.num_processes),
@@ -153,9 +184,23 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
     ema = EMA(unet.parameters(), config.ema_decay,
               "cpu" if config.ema_on_cpu else None) if config.use_ema else None
 
+    # ---- where the run starts: step 0, or exactly where a checkpoint left it
+    state = TrainingState(accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder),
+                          optimizer, lr_scheduler, accelerator.scaler, ema,
+                          config.train_text_encoder, config.use_lora)
+    run = Progress(seed=seed, total_steps=plan.total_steps)
+    if resume_from is not None:
+        run = load_checkpoint(resume_from, state, config, accelerator=accelerator)
+        run.total_steps = plan.total_steps
+        log.info("Resuming from %s: step %d of %d (epoch %d, batch %d)", resume_from, run.step,
+                 plan.total_steps, run.epoch + 1, run.batch_in_epoch)
+    uploader = _hub_uploader(config, accelerator)
+    checkpoints = _Checkpointer(config, state, accelerator, uploader, len(loader))
+    checkpoints.last = resume_from
+
     noise_scheduler = parts.noise_scheduler
     text_encoder_stops_at = math.floor(config.stop_text_encoder * plan.total_steps)
-    trains_text = config.train_text_encoder and text_encoder_stops_at > 0
+    trains_text = config.train_text_encoder and run.step < text_encoder_stops_at
     if config.train_text_encoder and not trains_text:
         text_encoder.requires_grad_(False)
     log.info("%d instance images, %d class images, %d steps (%d epochs of %d steps)",
@@ -163,12 +208,22 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
              plan.epochs, plan.steps_per_epoch)
 
     # ---- the loop
-    step, losses, stopped = 0, [], False
-    bar = tqdm(total=plan.total_steps, desc="Training", unit="step",
+    stop = stop if stop is not None else threading.Event()
+    step, losses, clean = run.step, run.losses, True
+    bar = tqdm(total=plan.total_steps, initial=step, desc="Training", unit="step",
                disable=not (progress and accelerator.is_local_main_process))
+    restore_ctrl_c = _ctrl_c_sets(stop)
     try:
-        for epoch in range(plan.epochs):
+        for epoch in range(run.epoch, plan.epochs if step < plan.total_steps else 0):
+            # Resuming mid-epoch: the batches already trained are skipped, not loaded.
+            skip = run.batch_in_epoch if epoch == run.epoch else 0
+            for each in (sampler, dataset, loader):
+                each.set_epoch(epoch)
+            sampler.skip_next(skip * accelerator.num_processes)
+            run.epoch, run.batch_in_epoch = epoch, skip
             for batch in loader:
+                run.batch_in_epoch += 1
+                clean = False
                 with accelerator.accumulate(unet, text_encoder):
                     latents = encode_latents(batch, vae, accelerator.device, weight_dtype)
                     input_ids = tokenize(parts.tokenizer, batch["prompts"], config.pad_tokens)
@@ -196,42 +251,135 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
                     trains_text = False  # Step Ratio of Text Encoder Training reached
                     accelerator.unwrap_model(text_encoder).requires_grad_(False)
                 losses.append(accelerator.gather(loss.detach()).mean().item())
+                run.step, clean = step, True
                 lr = lr_scheduler.get_last_lr()[0]
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1)
                 if on_step:
                     on_step(step, losses[-1], lr)
+                if accelerator.num_processes > 1:
+                    _sync_stop(stop, accelerator)
                 if config.save_every_steps and step % config.save_every_steps == 0 \
-                        and step < plan.total_steps:
-                    _save(accelerator, config, parts, unet, text_encoder, ema, step, seed, plan,
-                          data)
-                finished = step >= plan.total_steps or (stop is not None and stop.is_set())
+                        and step < plan.total_steps and not stop.is_set():
+                    checkpoints.save(run)
+                finished = step >= plan.total_steps or stop.is_set()
                 every = config.save_preview_every_steps
                 if every and (step % every == 0 or finished):
                     preview_samples(accelerator, config, data, parts, unet, text_encoder,
                                     f"step-{step:06d}")
                 if finished:
                     break
-            finished = step >= plan.total_steps or (stop is not None and stop.is_set())
+            finished = step >= plan.total_steps or stop.is_set()
             if config.save_preview_every and ((epoch + 1) % config.save_preview_every == 0
                                               or finished):
                 preview_samples(accelerator, config, data, parts, unet, text_encoder,
                                 f"epoch-{epoch + 1:04d}")
             if finished:
-                stopped = step < plan.total_steps
                 break
             if config.save_every_epochs and (epoch + 1) % config.save_every_epochs == 0:
-                _save(accelerator, config, parts, unet, text_encoder, ema, step, seed, plan, data)
+                checkpoints.save(run)
     except KeyboardInterrupt:
-        stopped = True
+        stop.set()
         log.warning("Interrupted at step %d: saving the model trained so far", step)
     finally:
+        restore_ctrl_c()
         bar.close()
 
+    stopped = step < plan.total_steps
+    if stopped:
+        log.warning("Stopped at step %d of %d: writing a checkpoint and the model; continue "
+                    "with resume (train --resume, or the notebook's RESUME switch)", step,
+                    plan.total_steps)
+    if clean:  # a checkpoint taken in the middle of a step would not resume exactly
+        checkpoints.save(run)
     model_dir = _save(accelerator, config, parts, unet, text_encoder, ema, step, seed, plan, data)
+    if uploader is not None:
+        uploader.close(timeout=3600)
     accelerator.end_training()
     return TrainResult(model_dir, step, plan.total_steps, plan.epochs, seed, losses, stopped,
-                       lora_file_path(config) if config.use_lora else None)
+                       lora_file_path(config) if config.use_lora else None,
+                       checkpoints.last, resume_from)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def find_resume_checkpoint(config: DreamBoothConfig) -> Path | None:
+    """The newest complete local checkpoint; else the newest on Checkpoint Hub repo
+    (downloaded); else None (the run starts from the beginning, with a warning)."""
+    root = checkpoint_root(config)
+    found = latest_checkpoint(root)
+    repo = hub_target(config)
+    if found is None and repo is not None:
+        log.info("No checkpoint in %s: looking in %s", root, repo)
+        found = download_latest_checkpoint(repo, root)
+    if found is None:
+        log.warning("Resume: no complete checkpoint in %s%s: starting from the beginning", root,
+                    f" or {repo}" if repo else "")
+    return found
+
+
+class _Checkpointer:
+    """Writes checkpoints where the config says and hands them to the Hub uploader."""
+
+    def __init__(self, config: DreamBoothConfig, state: TrainingState, accelerator,
+                 uploader: BackgroundUploader | None, batches_per_epoch: int):
+        self.config, self.state, self.accelerator = config, state, accelerator
+        self.uploader, self.batches_per_epoch = uploader, batches_per_epoch
+        self.root = checkpoint_root(config)
+        self.last: Path | None = None  # set by train() to the checkpoint it resumed from
+        self.uploaded: list[str] = []
+
+    def save(self, run: Progress) -> Path | None:
+        position = Progress(**vars(run))
+        position.losses = list(run.losses)
+        if position.batch_in_epoch >= self.batches_per_epoch:  # an epoch just ended
+            position.epoch, position.batch_in_epoch = run.epoch + 1, 0
+        if self.last is not None and self.last.name.endswith(f"{run.step:08d}"):
+            return self.last  # this step is saved already (e.g. a stop right after a save)
+        path = save_checkpoint(self.root, self.state, position, self.config,
+                               keep=self.config.checkpoints_to_keep,
+                               accelerator=self.accelerator)
+        if path is not None:
+            self.last = path
+            if self.uploader is not None and self.accelerator.is_main_process:
+                kept = {p.name for p in list_checkpoints(self.root)}
+                gone = [name for name in self.uploaded if name not in kept]
+                self.uploaded = [name for name in self.uploaded if name in kept] + [path.name]
+                self.uploader.upload(path, f"checkpoints/{path.name}",
+                                     then_delete=[f"checkpoints/{name}" for name in gone])
+        return path
+
+
+def _hub_uploader(config: DreamBoothConfig, accelerator) -> BackgroundUploader | None:
+    repo = hub_target(config)
+    if repo is None or not accelerator.is_main_process:
+        return None
+    return BackgroundUploader(repo, private=True)
+
+
+def _ctrl_c_sets(stop: threading.Event) -> Callable[[], None]:
+    """Until the returned function is called, the first Ctrl-C (or a notebook's interrupt)
+    only asks the loop to stop after the current step, so the checkpoint written is whole; a
+    second one interrupts at once. Only the main thread can catch signals: elsewhere (a
+    notebook's training thread) the Stop button does this job."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        log.warning("Stopping after this step (a checkpoint and the model are saved); "
+                    "interrupt again to stop at once")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    return lambda: signal.signal(signal.SIGINT, previous)
+
+
+def _sync_stop(stop: threading.Event, accelerator) -> None:
+    """Stop every process when any of them was asked to (they must save together)."""
+    flag = torch.tensor([1.0 if stop.is_set() else 0.0], device=accelerator.device)
+    if accelerator.reduce(flag, reduction="sum").item() > 0:
+        stop.set()
 
 
 def dreambooth_loss(unet, noise_scheduler, latents: torch.Tensor, text_states: torch.Tensor,

@@ -70,6 +70,10 @@ def validate(config: "DreamBoothConfig", device: "DeviceInfo | None" = None, *,
                                 f"({device.name}): choose fp16 (T4, V100) or no"))
     if check_paths:
         problems += _base_model_problems(config)
+    hub = _text(config.checkpoint_hub_repo)
+    if hub and not re.fullmatch(r"hf://[\w.-]+/[\w.-]+/?", hub):
+        problems.append(Problem("checkpoint_hub_repo", f"{hub!r} is not a Hub repo: write "
+                                "hf://<user or org>/<repo name>, or leave it blank"))
 
     from .lora import lora_problems  # imported here: lora imports this module
 

@@ -38,6 +38,7 @@ from colab_dreambooth.lora import (
 )
 from colab_dreambooth.models import load_components, tiny_model_path
 from colab_dreambooth.params import load_params, params_from_dict
+from colab_dreambooth.presets import apply_preset
 from colab_dreambooth.runtime import DeviceInfo
 from colab_dreambooth.train import train
 from colab_dreambooth.validation import ConfigError, validate
@@ -180,7 +181,9 @@ def test_run_writes_the_lora_file_and_no_full_model(run):
     assert not (config.model_dir / "model").exists()  # no full weights written
     names = {p.name for p in result.model_dir.iterdir()}
     assert names == {"zwx-lora.safetensors", "params.json", "training_info.json"}  # no temps
-    assert load_params(result.model_dir / "params.json") == config
+    # The saved parameters are what trained: blank (auto) fields as the preset filled them.
+    assert load_params(result.model_dir / "params.json") == apply_preset(
+        config, DeviceInfo.cpu())[0]
     info = json.loads((result.model_dir / "training_info.json").read_text())
     assert info["lora"] is True and info["lora_file"] == "zwx-lora.safetensors"
     assert info["steps"] == 3

@@ -82,6 +82,14 @@ def test_every_field_has_exactly_one_generated_widget(tiny_config):
     assert tristate.label == "auto" and form.fields["use_8bit_adam"].get() is None
     assert list(form.fields["lr_scheduler"].input.options) == [
         (c, c) for c in RUN_SPECS["lr_scheduler"].setting.choices]
+    # A choice the GPU preset may make offers "auto" (blank) first.
+    precision = form.fields["mixed_precision"]
+    assert [label for label, _ in precision.input.options] == ["auto", "no", "fp16", "bf16"]
+    precision.set(None)
+    assert precision.input.label == "auto" and precision.get() is None
+    precision.set("bf16")
+    assert precision.get() == "bf16"
+    assert form.fields["train_batch_size"].input.placeholder == "blank or 1 to 256"
     assert isinstance(form.fields["max_train_steps"], NumberControl)
     assert form.fields["resolution"].input.placeholder == "64 to 2048"
     assert form.fields["seed"].input.placeholder.startswith("blank or")
@@ -105,9 +113,11 @@ def test_header_shows_runtime_gpu_and_preset():
     t4 = DeviceInfo("cuda", "Tesla T4", 15.0, False, 1)
     text = runtime_banner(t4)
     assert "Tesla T4" in text and "15.0 GB" in text and "bf16 no" in text
-    assert "none yet" in text and "Jupyter" in text
-    assert "CPU" in runtime_banner(CPU)
-    assert "Tesla T4" in ConfigForm(device=t4).header.value
+    assert "<b>preset</b>: T4 (NVIDIA T4, 16 GB" in text and "local machine" in text
+    assert "CPU" in runtime_banner(CPU) and "preset</b>: CPU" in runtime_banner(CPU)
+    assert "my preset" in runtime_banner(t4, "my preset")
+    header = ConfigForm(device=t4).header.value
+    assert "Tesla T4" in header and "preset</b>: T4" in header
 
 
 # ----------------------------------------------------------------------------- values

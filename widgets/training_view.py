@@ -25,6 +25,7 @@ from colab_dreambooth.config import DreamBoothConfig
 from colab_dreambooth.images import list_image_files
 from colab_dreambooth.optim import plan_steps
 from colab_dreambooth.params import resolve_concepts
+from colab_dreambooth.presets import resolve_auto
 from colab_dreambooth.runtime import DeviceInfo
 from colab_dreambooth.train import TrainResult, train
 
@@ -86,7 +87,7 @@ class TrainingView:
         """
         if self.running:
             raise RuntimeError("a training run is already going: stop it or wait for it first")
-        self._reset(config)
+        self._reset(config, device)
         args = (config, device, on_step, on_finish)
         if background:
             self.thread = threading.Thread(target=self._work, args=args, kwargs={"echo": False},
@@ -116,7 +117,7 @@ class TrainingView:
         return self.result
 
     # ------------------------------------------------------------------------ the run
-    def _reset(self, config: DreamBoothConfig) -> None:
+    def _reset(self, config: DreamBoothConfig, device: DeviceInfo | None) -> None:
         self.stop_event = threading.Event()
         self.losses, self.result, self.error = [], None, None
         self._log_lines.clear()
@@ -125,7 +126,7 @@ class TrainingView:
         self._last_plot = 0.0
         self._preview_path = None
         self._model_dir = config.model_dir
-        self.total_steps = estimate_total_steps(config)
+        self.total_steps = estimate_total_steps(config, device)
         self.progress.max = max(1, self.total_steps or 1)
         self.progress.value = 0
         self.progress.bar_style = "info"
@@ -255,13 +256,17 @@ def saved_output(result: TrainResult) -> Path:
     return getattr(result, "lora_file", None) or result.model_dir
 
 
-def estimate_total_steps(config: DreamBoothConfig) -> int | None:
-    """The number of optimizer steps ``config`` will run, counted from its image files.
+def estimate_total_steps(config: DreamBoothConfig,
+                         device: DeviceInfo | None = None) -> int | None:
+    """The number of optimizer steps ``config`` will run on ``device`` (detected when None:
+    a blank batch size comes from its preset), counted from its image files.
 
     Exact when Training Steps is set; otherwise it assumes every instance image is usable.
     None when it cannot tell (e.g. a missing concepts file: training will say why).
     """
     try:
+        if config.train_batch_size is None:
+            config = resolve_auto(config, device)
         concepts = resolve_concepts(config).concepts_list
         images = 0
         for concept in concepts:
