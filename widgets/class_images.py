@@ -22,7 +22,7 @@ from colab_dreambooth.config import DreamBoothConfig
 from colab_dreambooth.images import check_images, list_image_files
 from colab_dreambooth.params import resolve_concepts, save_params
 from colab_dreambooth.runtime import DeviceInfo
-from colab_dreambooth.validation import ConfigError
+from colab_dreambooth.validation import ConfigError, Problem
 
 from .form import ConfigForm
 from .plot import png_bytes
@@ -117,7 +117,7 @@ class ClassImagesApp:
         return self.thread is not None and self.thread.is_alive()
 
     @property
-    def problems(self) -> list:
+    def problems(self) -> list[Problem]:
         """The problems of the shown settings (those elsewhere belong to other notebooks)."""
         return [p for p in self.form.problems if self.form.shows(p.where)]
 

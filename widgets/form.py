@@ -67,7 +67,7 @@ class ConceptEditor:
 
     def read(self, prefix: str) -> tuple[dict[str, Any], list[Problem]]:
         """The typed values (defaults where a box cannot be parsed) and the parse problems."""
-        return _read_controls(self.fields, CONCEPT_SPECS, prefix)
+        return read_controls(self.fields, CONCEPT_SPECS, prefix)
 
 
 class ConfigForm:
@@ -267,7 +267,7 @@ class ConfigForm:
         return self.problems
 
     def _read(self) -> tuple[DreamBoothConfig, list[Problem]]:
-        values, problems = _read_controls(self.fields, RUN_SPECS, "")
+        values, problems = read_controls(self.fields, RUN_SPECS, "")
         concepts = []
         for number, editor in enumerate(self.concepts, start=1):
             concept_values, concept_problems = editor.read(f"concept {number} ")
@@ -404,8 +404,10 @@ class ConfigForm:
             callback(config)
 
 
-def _read_controls(controls: dict[str, FieldControl], specs: dict, prefix: str
-                   ) -> tuple[dict[str, Any], list[Problem]]:
+def read_controls(controls: dict[str, FieldControl], specs: dict, prefix: str
+                  ) -> tuple[dict[str, Any], list[Problem]]:
+    """Every control's typed value (its field's default where a box cannot be parsed) and a
+    :class:`Problem` per box that cannot, named ``prefix + field``."""
     values: dict[str, Any] = {}
     problems: list[Problem] = []
     for name, control in controls.items():

@@ -22,7 +22,7 @@ from colab_dreambooth.release import (ReleaseResult, ReleaseSettings, check_rele
                                       make_release, release_folder, sample_model)
 
 from .controls import FieldControl, make_control
-from .form import _read_controls
+from .form import read_controls
 from .plot import png_bytes
 
 RELEASE_SPECS = field_specs(ReleaseSettings)
@@ -86,7 +86,7 @@ class ReleaseApp:
     @property
     def settings(self) -> ReleaseSettings:
         """The settings as now shown; ValueError names a box that cannot be read."""
-        values, problems = _read_controls(self.fields, RELEASE_SPECS, "")
+        values, problems = read_controls(self.fields, RELEASE_SPECS, "")
         if problems:
             raise ValueError("; ".join(str(p) for p in problems))
         return ReleaseSettings(**values)
