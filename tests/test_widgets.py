@@ -498,6 +498,27 @@ def test_train_app_background_run_and_stop(tiny_config, tmp_path):
         TrainApp(DreamBoothConfig(), params_path=tmp_path / "p.json", device=CPU).train()
 
 
+def test_train_app_stop_then_resume(tiny_config, tmp_path):
+    """The Stop button leaves a checkpoint; the resume switch continues it."""
+    config = without_class_images(tiny_config).copy(max_train_steps=50, train_text_encoder=False)
+    app = TrainApp(config, params_path=tmp_path / "params.json", device=CPU)
+    assert app.resume.value is False
+    app.form.train_button.click()
+    deadline = time.time() + 120
+    while len(app.view.losses) < 2 and app.view.running and time.time() < deadline:
+        time.sleep(0.05)
+    app.view.stop_button.click()
+    first = app.view.wait(120)
+    assert first.stopped_early and first.checkpoint is not None
+
+    again = TrainApp(config.copy(max_train_steps=first.steps + 2),
+                     params_path=tmp_path / "params.json", device=CPU, resume=True)
+    assert again.resume.value is True
+    result = again.train(background=False)
+    assert result.resumed_from == first.checkpoint and result.steps == first.steps + 2
+    assert result.losses[:first.steps] == first.losses
+
+
 def test_core_package_never_imports_ipywidgets():
     core = Path(__file__).resolve().parent.parent / "colab_dreambooth"
     offenders = [p.name for p in core.rglob("*.py") if "ipywidgets" in p.read_text("utf-8")]

@@ -77,8 +77,10 @@ class TrainingView:
     # ------------------------------------------------------------------------ control
     def run(self, config: DreamBoothConfig, *, background: bool = True,
             device: DeviceInfo | None = None, on_step: StepCallback | None = None,
-            on_finish: Callable[["TrainingView"], None] | None = None) -> TrainResult | None:
-        """Train ``config`` and follow it in the view.
+            on_finish: Callable[["TrainingView"], None] | None = None,
+            resume: bool = False) -> TrainResult | None:
+        """Train ``config`` and follow it in the view (``resume``: continue from the newest
+        checkpoint, see :func:`colab_dreambooth.train.train`).
 
         In the background (the default) this returns at once; :meth:`wait` gives the result.
         In the foreground it returns the :class:`TrainResult` and raises whatever training
@@ -88,7 +90,7 @@ class TrainingView:
         if self.running:
             raise RuntimeError("a training run is already going: stop it or wait for it first")
         self._reset(config, device)
-        args = (config, device, on_step, on_finish)
+        args = (config, device, on_step, on_finish, resume)
         if background:
             self.thread = threading.Thread(target=self._work, args=args, kwargs={"echo": False},
                                            name="dreambooth-training", daemon=True)
@@ -139,7 +141,8 @@ class TrainingView:
         self.loss_image.value = png_bytes(loss_curve([], self.plot_size))
 
     def _work(self, config: DreamBoothConfig, device: DeviceInfo | None,
-              on_step: StepCallback | None, on_finish: Callable | None, *, echo: bool) -> None:
+              on_step: StepCallback | None, on_finish: Callable | None, resume: bool, *,
+              echo: bool) -> None:
         def step_callback(step: int, loss: float, lr: float) -> None:
             try:
                 self._on_step(step, loss, lr)
@@ -156,7 +159,7 @@ class TrainingView:
             logger.setLevel(logging.INFO)
         try:
             self.result = train(config, device=device, stop=self.stop_event, progress=False,
-                                on_step=step_callback)
+                                on_step=step_callback, resume=resume)
         except BaseException as exc:  # shown in the view; re-raised by a foreground run
             self.error = exc
         finally:
