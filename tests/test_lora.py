@@ -174,7 +174,8 @@ def test_run_writes_the_lora_file_and_no_full_model(run):
     config, result = run.config, run.result
     assert result.steps == 3 and len(result.losses) == 3
     assert all(torch.isfinite(torch.tensor(result.losses)))
-    assert run.saves == [2, 3]  # the periodic save, then the final one
+    assert run.saves == [3]  # step 2 wrote a checkpoint (adapters + state), not the file
+    assert result.checkpoint.name == "checkpoint-00000003"
     assert result.lora_file == lora_file_path(config) == (
         config.model_dir / "lora" / "zwx-lora.safetensors")
     assert result.model_dir == result.lora_file.parent
