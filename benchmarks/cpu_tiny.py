@@ -113,7 +113,9 @@ def run_one(name: str, data_root: Path, out_root: Path, steps: int, warmup: int,
     return {
         "name": name, "description": CONFIGS[name][0], "resolution": config.resolution,
         "batch": config.train_batch_size, "rows_per_step": rows_per_step,
-        "cache_latents": config.cache_latents, "train_text_encoder": config.train_text_encoder,
+        # Blank (auto) is on for both on the CPU preset.
+        "cache_latents": config.cache_latents is not False,
+        "train_text_encoder": config.train_text_encoder is not False,
         "threads": torch.get_num_threads(), "steps_done": result.steps,
         "measured_steps": measured, "steps_per_s": measured / span,
         "s_per_step": span / measured, "median_s_per_step": gaps[len(gaps) // 2],

@@ -346,6 +346,22 @@ def load_checkpoint(folder: Path, state: TrainingState, config: "DreamBoothConfi
                     seed=p["seed"], total_steps=p["total_steps"], losses=list(p["losses"]))
 
 
+def keep_checkpoint_choices(config: "DreamBoothConfig", folder: Path) -> "DreamBoothConfig":
+    """``config`` with its blank (auto) fields that a checkpoint depends on set as the
+    checkpoint's run had them, so a resume on another GPU (whose preset would choose another
+    batch size, say) can continue it. Fields the user set stay theirs."""
+    state = read_state(folder)
+    if state is None:
+        return config
+    saved = state["params"]
+    changes = {k: saved[k] for k in MUST_MATCH
+               if hasattr(config, k) and getattr(config, k) is None and saved.get(k) is not None}
+    if changes:
+        log.info("Resume: keeping the interrupted run's %s",
+                 ", ".join(f"{k}={v!r}" for k, v in changes.items()))
+    return config.copy(**changes) if changes else config
+
+
 def saved_seed(folder: Path) -> int | None:
     """The seed a checkpoint's run used (a resumed run must use it again)."""
     state = read_state(folder)
@@ -399,4 +415,4 @@ def download_latest_checkpoint(repo: HubRepo, root: Path, *, token: str | None =
 
 __all__ = ["Progress", "TrainingState", "CheckpointError", "checkpoint_root", "list_checkpoints",
            "latest_checkpoint", "save_checkpoint", "load_checkpoint", "prune", "check_compatible",
-           "saved_seed", "hub_target", "hub_uploader", "download_latest_checkpoint"]
+           "saved_seed", "keep_checkpoint_choices", "hub_target", "hub_uploader", "download_latest_checkpoint"]

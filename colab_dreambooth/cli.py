@@ -1,4 +1,5 @@
-"""``colab-dreambooth`` (also ``python -m colab_dreambooth``): train, check data, show prompts, demo.
+"""``colab-dreambooth`` (also ``python -m colab_dreambooth``): train, check data, show prompts, demo,
+show the runtime (``env``).
 
 Every configuration field is also a ``train``/``prompts`` option (``--learning-rate 1e-6``),
 generated from the configuration model, so the CLI never lags behind the fields.
@@ -84,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, help="where to write it")
     p.set_defaults(run=_params)
 
+    p = sub.add_parser("env", help="show the runtime, GPU, packages, the GPU preset's choices "
+                       "and the estimated peak GPU memory")
+    p.add_argument("--config", type=Path, help="parameters JSON to estimate (default: every "
+                   "field at its default)")
+    p.add_argument("--presets", action="store_true", help="also print the whole preset table")
+    p.set_defaults(run=_env)
+
     p = sub.add_parser("demo", help="train the tiny built-in model on a synthetic subject")
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder")
     p.add_argument("--steps", type=int, default=150, help="training steps")
@@ -122,7 +130,8 @@ def _parser_type(spec: FieldSpec):
 
 def _metavar(spec: FieldSpec) -> str:
     if spec.setting.choices:
-        return "{" + ",".join(map(str, spec.setting.choices)) + "}"
+        blank = ("auto",) if spec.optional else ()
+        return "{" + ",".join(map(str, spec.setting.choices + blank)) + "}"
     metavar = {bool: "true|false", int: "N", float: "X", str: "TEXT"}[spec.type]
     return metavar + "|none" if spec.optional else metavar
 
@@ -206,6 +215,18 @@ def _prompts(args: argparse.Namespace) -> int:
 def _params(args: argparse.Namespace) -> int:
     save_params(DreamBoothConfig(), args.out)
     print(f"Wrote the default parameters to {args.out}")
+    return 0
+
+
+def _env(args: argparse.Namespace) -> int:
+    from .presets import describe_presets
+    from .runtime import environment_report
+
+    config = resolve_concepts(load_params(args.config)) if args.config else DreamBoothConfig()
+    print(environment_report(config))
+    if args.presets:
+        print("\nAll presets (blank fields take the values of the GPU's row):")
+        print(describe_presets())
     return 0
 
 

@@ -198,9 +198,10 @@ class DreamBoothConfig:
         [], "Concepts", "The concepts trained together in this run. Train several concepts in "
         "one run: training concept B later blurs concept A.", "Concepts")
     # Advanced
-    train_batch_size: int = setting(
-        1, "Batch size", "Instance images per step (with prior preservation each step also "
-        "takes as many class images). More VRAM.", "Advanced", minimum=1, maximum=256)
+    train_batch_size: Optional[int] = setting(
+        None, "Batch size", "Instance images per step (with prior preservation each step also "
+        "takes as many class images). More VRAM. Blank = chosen from the GPU (preset: 1 on a "
+        "T4, up to 8 on an 80 GB card).", "Advanced", minimum=1, maximum=256)
     sample_batch_size: int = setting(
         1, "Class batch size", "Images generated at once when making class images.",
         "Advanced", minimum=1, maximum=256)
@@ -212,8 +213,8 @@ class DreamBoothConfig:
         "Cannot use 8-bit Adam.", "Advanced")
     use_8bit_adam: Optional[bool] = setting(
         None, "Use 8bit Adam", "bitsandbytes 8-bit optimizer state (AdamW8bit, or Lion8bit "
-        "with Lion): saves about 2 GB of VRAM on SD 1.5, slightly less exact; CUDA only. "
-        "Blank = on for AdamW when a CUDA GPU and bitsandbytes are present. Prodigy and "
+        "with Lion): saves about 5 GB of VRAM on SD 1.5 with AdamW, slightly less exact; CUDA "
+        "only. Blank = chosen from the GPU (on for GPUs up to 24 GB; AdamW only). Prodigy and "
         "Adafactor have no 8-bit form.", "Advanced")
     optimizer: str = setting(
         "AdamW", "Optimizer", "AdamW: the standard (2 states per weight; 8-bit with Use 8bit "
@@ -243,9 +244,10 @@ class DreamBoothConfig:
     max_grad_norm: float = setting(
         1.0, "Max grad norm", "Clip gradients to this norm; 0 = no clipping.", "Advanced",
         minimum=0.0)
-    mixed_precision: str = setting(
-        "fp16", "Mixed precision", "no / fp16 / bf16. bf16 needs an A100, L4, H100 or newer "
-        "(not T4/V100). On the CPU training runs in fp32.", "Advanced", choices=MIXED_PRECISION)
+    mixed_precision: Optional[str] = setting(
+        None, "Mixed precision", "no / fp16 / bf16. bf16 needs an A100, L4, H100 or newer "
+        "(not T4/V100). On the CPU training runs in fp32. Blank = chosen from the GPU "
+        "(bf16 where it runs, else fp16).", "Advanced", choices=MIXED_PRECISION)
     allow_tf32: bool = setting(
         False, "Use TF32", "Let fp32 matmuls and convolutions use TF32 tensor cores on Ampere "
         "and newer GPUs (A100, L4, H100, RTX 30xx+): the fp32 parts of a step run several "
@@ -265,16 +267,18 @@ class DreamBoothConfig:
         "cuBLAS workspace) so the same seed repeats the same run; slower, often 10-20% on a "
         "GPU. Kernels with no deterministic version warn instead of failing, so a GPU run may "
         "still differ in the last bits; on the CPU runs repeat exactly.", "Advanced")
-    attention: str = setting(
-        "default", "Memory Attention", "default = PyTorch scaled-dot-product attention "
+    attention: Optional[str] = setting(
+        None, "Memory Attention", "default = PyTorch scaled-dot-product attention "
         "(memory-efficient, no extra install); xformers needs its package and CUDA; "
-        "flash_attention = PyTorch's flash kernel.", "Advanced", choices=ATTENTION)
-    cache_latents: bool = setting(
-        True, "Cache latents", "Run the VAE once over all images and keep the latents (both "
-        "flips when flipping), so the VAE leaves the GPU. Turn off to encode each step.",
-        "Advanced")
-    train_text_encoder: bool = setting(
-        True, "Train Text Encoder", "Also fine-tune CLIP: better faces, more VRAM.", "Advanced")
+        "flash_attention = PyTorch's flash kernel (A100, L4, H100 and newer). Blank = chosen "
+        "from the GPU.", "Advanced", choices=ATTENTION)
+    cache_latents: Optional[bool] = setting(
+        None, "Cache latents", "Run the VAE once over all images and keep the latents (both "
+        "flips when flipping), so the VAE leaves the GPU. Turn off to encode each step. "
+        "Blank = on.", "Advanced")
+    train_text_encoder: Optional[bool] = setting(
+        None, "Train Text Encoder", "Also fine-tune CLIP: better faces, about 1 GB more VRAM "
+        "(with 8-bit Adam). Blank = on unless the GPU has under 12 GB.", "Advanced")
     stop_text_encoder: float = setting(
         1.0, "Step Ratio of Text Encoder Training", "Fraction of the run during which the text "
         "encoder trains (1.0 = all of it).", "Advanced", minimum=0.0, maximum=1.0)
@@ -349,7 +353,8 @@ class DreamBoothConfig:
         "UNet sees, and drift there moves all prompts at once. Free.", "Advanced")
     gradient_checkpointing: Optional[bool] = setting(
         None, "Gradient checkpointing", "Recompute activations in the backward pass: much less "
-        "VRAM, about 25% slower. Blank = on with a CUDA GPU.", "Advanced")
+        "VRAM, about 25% slower. Blank = chosen from the GPU (on for 16 GB cards).",
+        "Advanced")
     # Saving and sampling cadence
     save_every_steps: int = setting(
         0, "Save checkpoint every N steps", "Write a checkpoint (the full training state: "

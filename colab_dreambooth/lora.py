@@ -99,7 +99,7 @@ def add_lora(unet, text_encoder, config: "DreamBoothConfig") -> list[torch.nn.Pa
     unet.add_adapter(_lora_config(config.lora_unet_rank, config.lora_alpha,
                                   UNET_TARGET_MODULES), adapter_name=ADAPTER_NAME)
     trained = [unet]
-    if config.train_text_encoder:
+    if config.train_text_encoder is not False:  # blank (auto): every preset trains it with LoRA
         text_encoder.add_adapter(_lora_config(config.lora_txt_rank, config.lora_alpha,
                                               TEXT_ENCODER_TARGET_MODULES),
                                  adapter_name=ADAPTER_NAME)
@@ -165,7 +165,7 @@ def lora_metadata(config: "DreamBoothConfig", unet, *, steps: int, epochs: int, 
     v2 = getattr(unet.config, "cross_attention_dim", 768) == 1024  # OpenCLIP ViT-H
     v_pred = prediction_type == "v_prediction"
     base_version = ("sd_v2" if v2 else "sd_v1") + ("_v" if v_pred else "")  # kohya's names
-    te_trained = bool(config.train_text_encoder)
+    te_trained = config.train_text_encoder is not False  # blank (auto): on, as in add_lora
     unet_alpha = effective_alpha(config.lora_alpha, config.lora_unet_rank)
     now = time.time()
     tags = Counter(tag.strip() for prompt in instance_prompts for tag in prompt.split(",")
@@ -192,8 +192,9 @@ def lora_metadata(config: "DreamBoothConfig", unet, *, steps: int, epochs: int, 
         "ss_text_encoder_lr": _number(config.lora_txt_learning_rate if te_trained else 0.0),
         "ss_lr_scheduler": config.lr_scheduler,
         "ss_lr_warmup_steps": str(config.lr_warmup_steps),
-        "ss_mixed_precision": config.mixed_precision,
-        "ss_batch_size_per_device": str(config.train_batch_size),
+        # train() fills blank (auto) fields before saving; "auto" only for a direct call.
+        "ss_mixed_precision": config.mixed_precision or "auto",
+        "ss_batch_size_per_device": str(config.train_batch_size or "auto"),
         "ss_gradient_accumulation_steps": str(config.gradient_accumulation_steps),
         "ss_prior_loss_weight": _number(config.prior_loss_weight),
         "ss_optimizer": config.optimizer,

@@ -106,9 +106,8 @@ def make_optimizer(param_groups: list[dict], name: str = "AdamW", *, use_8bit: b
         if name == "AdamW":
             return eight_bit(param_groups, betas=betas, weight_decay=weight_decay, eps=eps)
         return eight_bit(param_groups, betas=betas, weight_decay=weight_decay)
-    if use_8bit and name not in EIGHT_BIT:
-        log.warning("Use 8bit Adam has no effect on %s (bitsandbytes has no 8-bit %s)", name,
-                    name)
+    if use_8bit and name not in EIGHT_BIT:  # also a GPU preset's choice: no warning
+        log.info("Use 8bit Adam has no effect on %s (bitsandbytes has no 8-bit %s)", name, name)
     if name == "AdamW":
         return cls(param_groups, betas=betas, weight_decay=weight_decay, eps=eps)
     if name == "Lion":
@@ -156,7 +155,7 @@ def optimizer_problems(config) -> list:
                   "lora_txt_learning_rate": config.lora_txt_learning_rate} if config.use_lora
                  else {"learning_rate": config.learning_rate,
                        "text_encoder_learning_rate": config.text_encoder_learning_rate})
-        if not config.train_text_encoder:
+        if config.train_text_encoder is False:  # blank (the GPU preset decides) is checked
             rates.pop("lora_txt_learning_rate" if config.use_lora
                       else "text_encoder_learning_rate")
         for field, lr in rates.items():

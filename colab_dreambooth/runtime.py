@@ -1,32 +1,207 @@
-"""What this machine can train on: the GPU found (or the CPU) and its abilities."""
+"""Where this run happens: the notebook service (Colab, Kaggle, Gradient or a local machine),
+its default folders and Google Drive, and the GPU found (or the CPU) with its abilities.
+
+No widgets here; the notebooks' banner (``widgets.environment``) and the
+``colab-dreambooth env`` command both read this module.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+DRIVE_MOUNT = Path("/content/drive")
+PLATFORM_NAMES = {"colab": "Google Colab", "kaggle": "Kaggle",
+                  "gradient": "Paperspace Gradient", "local": "local machine"}
+# Environment variables each service sets in its kernels (any one is enough).
+COLAB_VARIABLES = ("COLAB_RELEASE_TAG", "COLAB_GPU", "COLAB_BACKEND_VERSION")
+KAGGLE_VARIABLES = ("KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_URL_BASE", "KAGGLE_DATA_PROXY_URL")
+GRADIENT_VARIABLES = ("PAPERSPACE_NOTEBOOK_REPO_ID", "PAPERSPACE_CLUSTER_ID",
+                      "PAPERSPACE_NOTEBOOK_ID", "PAPERSPACE_METRIC_WORKLOAD_ID")
 
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """The accelerator a run will use."""
+    """The accelerator a run will use.
+
+    ``memory_gb`` is the first GPU's memory in GiB as PyTorch reports it (a "16 GB" T4 shows
+    about 15); ``capability`` is its CUDA compute capability, (0, 0) on the CPU.
+    """
 
     kind: str  # "cuda" or "cpu"
     name: str
     memory_gb: float = 0.0
     bf16: bool = False
     count: int = 0
+    capability: tuple[int, int] = (0, 0)
 
     @classmethod
     def cpu(cls) -> "DeviceInfo":
         """The CPU, as a device."""
         return cls("cpu", "CPU")
 
+    @property
+    def tf32(self) -> bool:
+        """TensorFloat-32 matmuls (Ampere, compute capability 8.0, and newer)."""
+        return self.kind == "cuda" and self.capability >= (8, 0)
+
+    @property
+    def flash_attention(self) -> bool:
+        """PyTorch's flash-attention kernel runs here (Ampere and newer); older GPUs get its
+        memory-efficient kernel, which saves as much memory but is slower."""
+        return self.kind == "cuda" and self.capability >= (8, 0)
+
 
 def detect_device() -> DeviceInfo:
-    """The first CUDA GPU with its memory and bf16 support, else the CPU."""
+    """The first CUDA GPU with its memory, compute capability and bf16 support, else the CPU."""
     import torch
 
     if not torch.cuda.is_available():
         return DeviceInfo.cpu()
     props = torch.cuda.get_device_properties(0)
-    return DeviceInfo("cuda", props.name, props.total_memory / 2**30,
-                      bool(torch.cuda.is_bf16_supported()), torch.cuda.device_count())
+    capability = (props.major, props.minor)
+    # Not torch.cuda.is_bf16_supported(): recent versions answer True on a T4 or V100,
+    # where bf16 is only emulated and far slower than fp16.
+    return DeviceInfo("cuda", props.name, props.total_memory / 2**30, capability >= (8, 0),
+                      torch.cuda.device_count(), capability)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The notebook service this process runs on and the folders that suit it."""
+
+    platform: str  # "colab", "kaggle", "gradient" or "local"
+    work_dir: Path  # where data and models go by default
+    drive_dir: Path | None = None  # Google Drive's MyDrive, when mounted (Colab only)
+
+    @property
+    def name(self) -> str:
+        """A short human name of the service."""
+        return PLATFORM_NAMES[self.platform]
+
+    @property
+    def persistent_dir(self) -> Path:
+        """Where files outlive the session: Drive when mounted, else the work folder (lost
+        with a Colab runtime; kept as the notebook's output on Kaggle; kept on Gradient)."""
+        return self.drive_dir or self.work_dir
+
+
+def detect_platform(env: Mapping[str, str] | None = None, root: Path = Path("/")) -> str:
+    """"colab", "kaggle", "gradient" or "local", from the services' environment variables
+    (and, for Kaggle, its /kaggle/working folder). ``env`` and ``root`` exist for tests."""
+    env = os.environ if env is None else env
+    if any(env.get(v) is not None for v in COLAB_VARIABLES) or (env is os.environ
+                                                              and _colab_importable()):
+        return "colab"
+    if any(env.get(v) for v in KAGGLE_VARIABLES) or (
+            (root / "kaggle" / "working").is_dir() and (root / "kaggle" / "input").is_dir()):
+        return "kaggle"
+    if any(env.get(v) for v in GRADIENT_VARIABLES):
+        return "gradient"
+    return "local"
+
+
+def detect_runtime(env: Mapping[str, str] | None = None, root: Path = Path("/"),
+                   cwd: Path | None = None) -> Runtime:
+    """The service, its default work folder and Drive's folder when mounted.
+
+    Colab: /content (Drive under /content/drive/MyDrive once mounted); Kaggle: /kaggle/working;
+    Gradient: /notebooks; a local machine: the current folder.
+    """
+    platform = detect_platform(env, root)
+    if platform == "colab":
+        drive = root / "content" / "drive" / "MyDrive"
+        return Runtime(platform, root / "content", drive if drive.is_dir() else None)
+    work = {"kaggle": root / "kaggle" / "working", "gradient": root / "notebooks"}.get(platform)
+    return Runtime(platform, work or (cwd or Path.cwd()))
+
+
+def _colab_importable() -> bool:
+    try:
+        return importlib.util.find_spec("google.colab") is not None
+    except (ModuleNotFoundError, ValueError):  # no "google" namespace at all
+        return False
+
+
+def on_colab() -> bool:
+    """True inside Google Colab."""
+    return detect_platform() == "colab"
+
+
+def platform_name() -> str:
+    """A short name of the service this process runs on ("Google Colab", "Kaggle", ...)."""
+    return PLATFORM_NAMES[detect_platform()]
+
+
+def mount_drive() -> Path | None:
+    """Mount Google Drive on Colab (asking the user to sign in the first time) and return its
+    MyDrive folder; None anywhere else, where there is nothing to mount."""
+    if not on_colab():
+        return None
+    if not (DRIVE_MOUNT / "MyDrive").is_dir():
+        from google.colab import drive  # type: ignore[import-not-found]
+
+        drive.mount(str(DRIVE_MOUNT))
+    return DRIVE_MOUNT / "MyDrive"
+
+
+def mount_drive_if_needed(*paths: str | os.PathLike) -> bool:
+    """Mount Google Drive when on Colab and one of ``paths`` lies under /content/drive.
+
+    Mounting asks the user to sign in, so it happens only when a path needs it. Returns True
+    when Drive is (now) mounted.
+    """
+    wanted = any(str(p).startswith(str(DRIVE_MOUNT)) for p in paths if p)
+    return bool(wanted and mount_drive() is not None)
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the packages training depends on; None for one that is not installed
+    (bitsandbytes and xformers are optional, CUDA only)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "diffusers", "transformers", "accelerate", "peft", "bitsandbytes",
+                 "xformers"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def environment_report(config=None, device: DeviceInfo | None = None,
+                       runtime: Runtime | None = None) -> str:
+    """Text for ``colab-dreambooth env``: the service and its folders, Drive, the GPU(s), the
+    package versions, the preset's choices for ``config`` (the defaults when None) and the
+    estimate of peak GPU memory."""
+    from .config import DreamBoothConfig
+    from .memory import estimate_peak_memory
+    from .presets import apply_preset, format_choices, preset_for
+
+    config = config if config is not None else DreamBoothConfig()
+    device = device or (DeviceInfo.cpu() if config.use_cpu else detect_device())
+    runtime = runtime or detect_runtime()
+    lines = [f"Platform:     {runtime.name}",
+             f"Work folder:  {runtime.work_dir}"]
+    if runtime.platform == "colab":
+        lines.append(f"Google Drive: {runtime.drive_dir or 'not mounted (mount_drive() mounts it)'}")
+    if device.kind == "cuda":
+        gpus = f" x{device.count}" if device.count > 1 else ""
+        lines.append(f"GPU:          {device.name}{gpus}, {device.memory_gb:.1f} GB, compute "
+                     f"capability {device.capability[0]}.{device.capability[1]}, bf16 "
+                     f"{'yes' if device.bf16 else 'no'}, flash attention "
+                     f"{'yes' if device.flash_attention else 'no'}")
+    else:
+        lines.append("GPU:          none (the CPU: fine for the tiny model, very slow for SD)")
+    versions = package_versions()
+    lines.append("Packages:     " + ", ".join(
+        f"{name} {v or 'not installed'}" for name, v in versions.items()))
+    resolved, choices = apply_preset(config, device)
+    lines += ["", format_choices(choices, preset_for(config, device)), ""]
+    lines.append(str(estimate_peak_memory(resolved, device,
+                                          bitsandbytes=versions["bitsandbytes"] is not None)))
+    return "\n".join(lines)

@@ -25,20 +25,23 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoints import (Progress, TrainingState, check_compatible, checkpoint_root,
-                          download_latest_checkpoint, hub_target, latest_checkpoint,
-                          list_checkpoints, load_checkpoint, save_checkpoint, saved_seed)
+                          download_latest_checkpoint, hub_target, keep_checkpoint_choices,
+                          latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
+                          saved_seed)
 from .buckets import BucketBatchSampler, assign_buckets, bucket_report
 from .class_images import generate_class_images
 from .config import DreamBoothConfig
 from .data import (DreamBoothDataset, EpochBatchSampler, TrainingData, collate,
                    collect_training_data)
 from .lora import add_lora, check_lora, kohya_state_dict, lora_file_path, lora_metadata, save_lora
+from .memory import warn_if_too_big
 from .models import Components, load_components, save_folder_atomic
 from .noise import add_noise, make_noise_scheduler, min_snr_weights, sample_noise, velocity
 from .numerics import (allow_fp16_gradient_unscale, apply_numerics, half_model_dtype,
                        warn_fp16_optimizer_state)
 from .optim import EMA, make_lr_scheduler, make_optimizer, plan_steps, set_memory_attention
 from .params import resolve_concepts, save_params, write_text_atomic
+from .presets import apply_preset, format_choices, preset_for
 from .runtime import DeviceInfo, detect_device
 from .storage import BackgroundUploader
 from .text_encoding import (chunked_input_ids, encode_prompts, freeze_final_layer_norm,
@@ -85,8 +88,16 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
 
     # ---- configuration and data, checked before any model is loaded
     device = device or (DeviceInfo.cpu() if config.use_cpu else detect_device())
+    resume_from = find_resume_checkpoint(config) if resume else None
+    if resume_from is not None:
+        # A resumed run on another GPU keeps what the interrupted run's preset chose.
+        config = keep_checkpoint_choices(config, resume_from)
+    # Blank (auto) memory/speed fields take the GPU preset's values; the user's win.
+    config, choices = apply_preset(config, device)
+    log.info("%s", format_choices(choices, preset_for(config, device)))
     config = resolve_concepts(config)
     check_config(config, device)
+    warn_if_too_big(config, device)  # a warning only: the estimate can be wrong
     check_lora(config)
     if any(c.num_class_images for c in config.concepts_list):
         # Instance images are checked before any class image is generated (GPU time).
@@ -95,7 +106,6 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
     data = collect_training_data(config)
     for warning in data.warnings:
         log.warning("%s", warning)
-    resume_from = find_resume_checkpoint(config) if resume else None
     if resume_from is not None:
         seed = saved_seed(resume_from)  # the interrupted run's seed, even when it was random
     else:

@@ -171,11 +171,13 @@ DOCUMENTED_DEFAULTS = {
     "text_encoder_learning_rate": 1e-6, "scale_lr": False,
     "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 0, "resolution": 512,
     "center_crop": False, "hflip": True, "concepts_path": "", "concepts_list": [],
-    "train_batch_size": 1, "sample_batch_size": 1, "gradient_accumulation_steps": 1,
-    "use_cpu": False, "use_8bit_adam": None,  # None = on for CUDA GPUs (auto)
-    "mixed_precision": "fp16", "attention": "default", "cache_latents": True,
-    "train_text_encoder": True, "use_ema": False, "prior_loss_weight": 1.0, "pad_tokens": True,
-    "gradient_checkpointing": None,  # None = on with a CUDA GPU (auto)
+    "sample_batch_size": 1, "gradient_accumulation_steps": 1,
+    "use_cpu": False, "use_ema": False, "prior_loss_weight": 1.0, "pad_tokens": True,
+    # None = auto: the GPU preset chooses (on a T4 it gives the documented defaults: batch 1,
+    # fp16, default attention, latents cached, text encoder trained; see test_presets.py).
+    "train_batch_size": None, "use_8bit_adam": None, "mixed_precision": None,
+    "attention": None, "cache_latents": None, "train_text_encoder": None,
+    "gradient_checkpointing": None,
 }
 DOCUMENTED_CONCEPT_DEFAULTS = {
     "class_guidance_scale": 7.5, "class_infer_steps": 40, "num_class_images": 0,

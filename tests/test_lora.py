@@ -38,6 +38,7 @@ from colab_dreambooth.lora import (
 )
 from colab_dreambooth.models import load_components, tiny_model_path
 from colab_dreambooth.params import load_params, params_from_dict
+from colab_dreambooth.presets import apply_preset
 from colab_dreambooth.runtime import DeviceInfo
 from colab_dreambooth.train import train
 from colab_dreambooth.validation import ConfigError, validate
@@ -173,14 +174,17 @@ def test_run_writes_the_lora_file_and_no_full_model(run):
     config, result = run.config, run.result
     assert result.steps == 3 and len(result.losses) == 3
     assert all(torch.isfinite(torch.tensor(result.losses)))
-    assert run.saves == [2, 3]  # the periodic save, then the final one
+    assert run.saves == [3]  # step 2 wrote a checkpoint (adapters + state), not the file
+    assert result.checkpoint.name == "checkpoint-00000003"
     assert result.lora_file == lora_file_path(config) == (
         config.model_dir / "lora" / "zwx-lora.safetensors")
     assert result.model_dir == result.lora_file.parent
     assert not (config.model_dir / "model").exists()  # no full weights written
     names = {p.name for p in result.model_dir.iterdir()}
     assert names == {"zwx-lora.safetensors", "params.json", "training_info.json"}  # no temps
-    assert load_params(result.model_dir / "params.json") == config
+    # The saved parameters are what trained: blank (auto) fields as the preset filled them.
+    assert load_params(result.model_dir / "params.json") == apply_preset(
+        config, DeviceInfo.cpu())[0]
     info = json.loads((result.model_dir / "training_info.json").read_text())
     assert info["lora"] is True and info["lora_file"] == "zwx-lora.safetensors"
     assert info["steps"] == 3

@@ -1,4 +1,5 @@
-"""Notebooks 01 and 03 run headless, unattended, on the tiny model, as papermill would run them."""
+"""The four notebooks run headless, unattended, in order, on the tiny model, in one fresh
+WORK_DIR (each using what the one before left there), as papermill would run them."""
 
 from __future__ import annotations
 
@@ -43,12 +44,21 @@ def text_output(nb) -> str:
     return "\n".join(parts)
 
 
-@pytest.mark.parametrize("name", ["01_prepare_data.ipynb", "03_train.ipynb"])
+NAMES = ["01_prepare_data.ipynb", "02_generate_class_images.ipynb", "03_train.ipynb",
+         "04_test_and_export.ipynb"]
+
+
+def test_the_four_notebooks_are_there():
+    assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_notebook_is_committed_clean(name):
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(nb)
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
-    assert "colab.research.google.com/github/" in nb.cells[0].source
+    assert f"colab.research.google.com/github/OWNER/colab-dreambooth/blob/main/notebooks/{name}" \
+        in nb.cells[0].source
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.outputs == [] and c.execution_count is None for c in code)
     tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
@@ -60,15 +70,17 @@ def test_notebook_is_committed_clean(name):
     assert len(installs) == 1 and "except ImportError" in installs[0].source
 
 
-def test_prepare_then_train_unattended(tmp_path, monkeypatch):
+def test_all_four_notebooks_run_in_order_unattended(tmp_path, monkeypatch):
     work = tmp_path / "work"
     # The kernel imports the checkout (colab_dreambooth and widgets) even when not installed.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny matrices: threads only cost time
     common = {"BASE_MODEL": "tiny", "WORK_DIR": str(work), "UNATTENDED": True}
-
-    prepared = execute("01_prepare_data.ipynb", {**common, "RESOLUTION": 64}, tmp_path)
     params = work / "params.json"
+
+    # 01: no photos, so the demo subject (6 images, 12 class images) is drawn.
+    prepared = execute("01_prepare_data.ipynb", {**common, "RESOLUTION": 64}, tmp_path)
     assert params.is_file()
     config = load_params(params)
     assert config.pretrained_model_name_or_path == "tiny" and config.resolution == 64
@@ -76,15 +88,50 @@ def test_prepare_then_train_unattended(tmp_path, monkeypatch):
     assert instance.parent.parent == work and len(list(instance.glob("*.png"))) == 6
     out = text_output(prepared)
     assert "drew the demo subject" in out and "No problem stops training" in out
-    images = [o for c in prepared.cells for o in c.get("outputs", [])
-              if "image/png" in o.get("data", {})]
-    assert len(images) >= 2  # the captioned grid and the crop preview
+    assert len(png_outputs(prepared)) >= 2  # the captioned grid and the crop preview
 
+    # 02: two more class images than the demo drew, so two are generated (with captions).
+    generated = execute("02_generate_class_images.ipynb",
+                        {**common, "NUM_CLASS_IMAGES": 14, "CLASS_STEPS": 2}, tmp_path)
+    config = load_params(params)  # 02 saved what it generated with
+    concept = config.concepts_list[0]
+    assert concept.num_class_images == 14 and concept.class_infer_steps == 2
+    class_dir = config.class_dir(0)
+    made = sorted(class_dir.glob("class-*.png"))
+    assert len(made) == 2 and len(list(class_dir.glob("*.png"))) == 14
+    assert all(p.with_suffix(".txt").is_file() for p in made)
+    out = text_output(generated)
+    assert "generated 2 class images" in out
+    assert png_outputs(generated)  # the grid of the new class images
+
+    # 03: trains on the instance images and the 14 class images.
     trained = execute("03_train.ipynb", {**common, "STEPS": 3}, tmp_path)
     config = load_params(params)  # 03 saved what it trained
-    assert config.max_train_steps == 3
+    assert config.max_train_steps == 3 and config.concepts_list[0].num_class_images == 14
     model = config.model_dir / "model"
     assert (model / "model_index.json").is_file()
     assert (model / "unet").is_dir() and (model / "text_encoder").is_dir()
     out = text_output(trained)
     assert "Finished 3 steps" in out and "finished step 3 of 3" in out
+
+    # 04: samples, export, card, dehydrate, and "send" to a folder (no network).
+    published = work / "published"
+    tested = execute("04_test_and_export.ipynb",
+                     {**common, "N_SAMPLES": 1, "SAMPLE_STEPS": 2, "DEHYDRATE": True,
+                      "DESTINATION": str(published)}, tmp_path)
+    assert png_outputs(tested)  # the sample grid
+    release = config.model_dir / "release"
+    name = config.model_name
+    assert (release / f"{name}.safetensors").stat().st_size > 0
+    assert (release / f"{name}.dehydrated.safetensors").is_file()
+    card = (release / "README.md").read_text(encoding="utf-8")
+    assert "![Samples](samples.png)" in card and (release / "samples.png").is_file()
+    sent = published / name
+    assert (sent / f"{name}.safetensors").is_file() and (sent / "README.md").is_file()
+    assert (sent / "model_index.json").is_file() and (sent / "unet").is_dir()
+    out = text_output(tested)
+    assert "Exported" in out and "Sent" in out and str(sent) in out
+
+
+def png_outputs(nb) -> list:
+    return [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]

@@ -308,3 +308,18 @@ def test_lora_run_resumes_exactly_with_small_checkpoints(tiny_config, tmp_path):
     assert second.losses == whole.losses
     a, b = load_file(whole.lora_file), load_file(second.lora_file)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_on_another_gpu_keeps_the_runs_auto_choices(tiny_config, tmp_path):
+    """Blank (auto) batch size etc. come from the GPU preset; a resume on a machine whose
+    preset differs keeps what the checkpoint's run used instead of refusing."""
+    from colab_dreambooth.checkpoints import keep_checkpoint_choices
+
+    config = resumable(tiny_config, tmp_path, "m", max_train_steps=2, use_ema=False,
+                       gradient_accumulation_steps=1, train_batch_size=2)
+    first = train(config, progress=False)
+    auto = config.copy(train_batch_size=None, cache_latents=None)
+    kept = keep_checkpoint_choices(auto, first.checkpoint)
+    assert kept.train_batch_size == 2 and kept.cache_latents is False
+    mine = keep_checkpoint_choices(config.copy(train_batch_size=3), first.checkpoint)
+    assert mine.train_batch_size == 3  # the user's own value is never replaced

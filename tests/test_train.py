@@ -15,8 +15,12 @@ from colab_dreambooth.data import DataError
 from colab_dreambooth.models import load_components, tiny_model_path
 from colab_dreambooth.optim import EMA, make_optimizer, plan_steps, set_memory_attention
 from colab_dreambooth.params import load_params
+from colab_dreambooth.presets import PRESET_FIELDS, apply_preset
+from colab_dreambooth.runtime import DeviceInfo
 from colab_dreambooth.train import dreambooth_loss, tokenize, train
 from colab_dreambooth.validation import ConfigError
+
+CPU = DeviceInfo.cpu()
 
 
 def weights(folder: Path, part: str) -> dict[str, torch.Tensor]:
@@ -165,8 +169,22 @@ def test_loss_falls_and_model_loads(tiny_config):
     image = pipe("a photo of zwx toy", num_inference_steps=2, height=64, width=64,
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
-    assert load_params(result.model_dir / "params.json") == config
+    # The saved parameters are what trained: blank (auto) fields as the preset filled them.
+    assert load_params(result.model_dir / "params.json") == apply_preset(config, CPU)[0]
     assert not list(result.model_dir.parent.glob(".model.tmp-*"))  # no leftovers
+
+
+def test_blank_fields_take_the_preset(tiny_config, caplog):
+    config = tiny_config.copy(max_train_steps=2, **{name: None for name in PRESET_FIELDS})
+    with caplog.at_level(logging.INFO, logger="colab_dreambooth"):
+        result = train(config, progress=False)
+    assert result.steps == 2
+    assert "Preset: CPU" in caplog.text and "train_batch_size" in caplog.text
+    assert "GPU memory" not in caplog.text  # no estimate on the CPU
+    saved = load_params(result.model_dir / "params.json")
+    assert (saved.mixed_precision, saved.use_8bit_adam, saved.gradient_checkpointing,
+            saved.attention, saved.cache_latents, saved.train_batch_size,
+            saved.train_text_encoder) == ("no", False, False, "default", True, 1, True)
 
 
 def test_frozen_text_encoder_stays_bit_identical(tiny_config):

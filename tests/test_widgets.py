@@ -19,9 +19,13 @@ from colab_dreambooth.config import Concept, DreamBoothConfig  # noqa: E402
 from colab_dreambooth.fields import field_specs  # noqa: E402
 from colab_dreambooth.params import load_params, save_params  # noqa: E402
 from colab_dreambooth.runtime import DeviceInfo  # noqa: E402
-from widgets import (ConfigForm, TrainApp, TrainingView, UploadBox, caption_grid,  # noqa: E402
-                     crop_preview, data_report, estimate_total_steps, params_file,
-                     prepare_config, runtime_banner, save_uploads, training_config)
+from colab_dreambooth.release import ReleaseSettings  # noqa: E402
+from widgets import (ClassImagesApp, ConfigForm, ReleaseApp, TrainApp,  # noqa: E402
+                     TrainingView, UploadBox, caption_grid, class_images_config,
+                     count_class_images, crop_preview, data_report, estimate_total_steps,
+                     params_file, prepare_config, release_config, runtime_banner, save_uploads,
+                     training_config)
+from widgets.class_images import CLASS_IMAGE_FIELDS  # noqa: E402
 from widgets.controls import NumberControl, parse_number  # noqa: E402
 from widgets.plot import loss_curve, smooth  # noqa: E402
 
@@ -78,6 +82,14 @@ def test_every_field_has_exactly_one_generated_widget(tiny_config):
     assert tristate.label == "auto" and form.fields["use_8bit_adam"].get() is None
     assert list(form.fields["lr_scheduler"].input.options) == [
         (c, c) for c in RUN_SPECS["lr_scheduler"].setting.choices]
+    # A choice the GPU preset may make offers "auto" (blank) first.
+    precision = form.fields["mixed_precision"]
+    assert [label for label, _ in precision.input.options] == ["auto", "no", "fp16", "bf16"]
+    precision.set(None)
+    assert precision.input.label == "auto" and precision.get() is None
+    precision.set("bf16")
+    assert precision.get() == "bf16"
+    assert form.fields["train_batch_size"].input.placeholder == "blank or 1 to 256"
     assert isinstance(form.fields["max_train_steps"], NumberControl)
     assert form.fields["resolution"].input.placeholder == "64 to 2048"
     assert form.fields["seed"].input.placeholder.startswith("blank or")
@@ -101,9 +113,11 @@ def test_header_shows_runtime_gpu_and_preset():
     t4 = DeviceInfo("cuda", "Tesla T4", 15.0, False, 1)
     text = runtime_banner(t4)
     assert "Tesla T4" in text and "15.0 GB" in text and "bf16 no" in text
-    assert "none yet" in text and "Jupyter" in text
-    assert "CPU" in runtime_banner(CPU)
-    assert "Tesla T4" in ConfigForm(device=t4).header.value
+    assert "<b>preset</b>: T4 (NVIDIA T4, 16 GB" in text and "local machine" in text
+    assert "CPU" in runtime_banner(CPU) and "preset</b>: CPU" in runtime_banner(CPU)
+    assert "my preset" in runtime_banner(t4, "my preset")
+    header = ConfigForm(device=t4).header.value
+    assert "Tesla T4" in header and "preset</b>: T4" in header
 
 
 # ----------------------------------------------------------------------------- values
@@ -484,7 +498,106 @@ def test_train_app_background_run_and_stop(tiny_config, tmp_path):
         TrainApp(DreamBoothConfig(), params_path=tmp_path / "p.json", device=CPU).train()
 
 
+def test_train_app_stop_then_resume(tiny_config, tmp_path):
+    """The Stop button leaves a checkpoint; the resume switch continues it."""
+    config = without_class_images(tiny_config).copy(max_train_steps=50, train_text_encoder=False)
+    app = TrainApp(config, params_path=tmp_path / "params.json", device=CPU)
+    assert app.resume.value is False
+    app.form.train_button.click()
+    deadline = time.time() + 120
+    while len(app.view.losses) < 2 and app.view.running and time.time() < deadline:
+        time.sleep(0.05)
+    app.view.stop_button.click()
+    first = app.view.wait(120)
+    assert first.stopped_early and first.checkpoint is not None
+
+    again = TrainApp(config.copy(max_train_steps=first.steps + 2),
+                     params_path=tmp_path / "params.json", device=CPU, resume=True)
+    assert again.resume.value is True
+    result = again.train(background=False)
+    assert result.resumed_from == first.checkpoint and result.steps == first.steps + 2
+    assert result.losses[:first.steps] == first.losses
+
+
 def test_core_package_never_imports_ipywidgets():
     core = Path(__file__).resolve().parent.parent / "colab_dreambooth"
     offenders = [p.name for p in core.rglob("*.py") if "ipywidgets" in p.read_text("utf-8")]
     assert offenders == []
+
+
+# ----------------------------------------------------------------------------- notebook 02
+def test_a_partial_form_shows_only_its_fields_and_keeps_the_others(tiny_config):
+    form = form_for(tiny_config, only=CLASS_IMAGE_FIELDS, show_train=False)
+    assert form.tab_names == ["Model", "Parameters", "Advanced", "Concepts"]
+    shown_labels = {x.description for x in walk(form.widget) if getattr(x, "description", "")}
+    assert {"Base model", "Resolution", "Class batch size", "Class prompt",
+            "Total Number of Class/Reg Images", "Classification Steps"} <= shown_labels
+    assert not {"Learning rate", "Instance prompt", "Sample Image Prompt", "Model name",
+                "Add concept", "Remove this concept"} & shown_labels
+    assert form.config == tiny_config  # the hidden fields keep their values
+    assert form.shows("concept 1 class_prompt") and form.shows("concept 1")
+    assert not form.shows("learning_rate") and not form.shows("concept 1 instance_prompt")
+    assert "these settings are ready" in form.summary.value
+
+
+def test_class_images_app_counts_generates_and_shows_them(tiny_config, tmp_path, one_thread):
+    concept = dataclasses.replace(tiny_config.concepts_list[0], class_prompt="a photo of a toy",
+                                  class_data_dir="", num_class_images=2, class_infer_steps=2)
+    config = tiny_config.copy(concepts_list=[concept], sample_batch_size=2)
+    params = tmp_path / "params.json"
+    app = ClassImagesApp(config, params_path=params, device=CPU)
+    folder = config.class_dir(0)
+    assert [(c.wanted, c.existing, c.missing) for c in count_class_images(config)] == [(2, 0, 2)]
+    assert "0</b> of 2" in app.counts.value and "2 to generate" in app.counts.value
+    assert app.form.tab_names[app.form.tabs.selected_index] == "Concepts"
+
+    type_into(app.form, "class_prompt", "a photo of zwx toy", concept=0)  # holds the token
+    assert app.generate_button.disabled
+    with pytest.raises(ValueError, match="instance token"):
+        app.generate(background=False)
+    type_into(app.form, "class_prompt", "a photo of a toy", concept=0)
+    assert not app.generate_button.disabled
+
+    reports = app.generate(background=False)
+    assert [r.generated for r in reports] == [2] and len(list(folder.glob("*.png"))) == 2
+    assert load_params(params) == config  # saved before generating
+    assert app.progress.value == 2 and app.progress.bar_style == "success"
+    assert "generated 2 class images" in app.status.value and "complete" in app.counts.value
+    assert app.grid.layout.display is None and app.grid.value[:4] == b"\x89PNG"
+    type_into(app.form, "num_class_images", "3", concept=0)
+    assert "2</b> of 3" in app.counts.value and "1 to generate" in app.counts.value
+    assert app.grid_image().width > 0
+
+
+def test_class_images_config_for_notebook_02(tmp_path, tiny_config):
+    save_params(tiny_config, params_file(tmp_path))
+    config, notes = class_images_config(tmp_path, base_model="ignored", num_class_images=20,
+                                        class_steps=5)
+    concept = config.concepts_list[0]
+    assert (concept.num_class_images, concept.class_infer_steps) == (20, 5) and "Loaded" in notes[0]
+    config, _ = class_images_config(tmp_path, base_model="ignored")
+    assert config == tiny_config
+
+
+# ----------------------------------------------------------------------------- notebook 04
+def test_release_app_form_checks_its_settings(tiny_config):
+    settings = ReleaseSettings(fp16=False, destination="/content/drive/MyDrive/models")
+    app = ReleaseApp(tiny_config, settings, sample_prompt="a photo of zwx toy")
+    assert app.settings == settings and app.prompt.value == "a photo of zwx toy"
+    assert "not found" in app.header.value  # nothing trained in this models root yet
+    assert app.fields["export_name"].input.placeholder == "blank = test-model"
+    assert not app.release_button.disabled and app.message.value == ""
+    app.fields["destination"].input.value = "hf://no-user-part"
+    assert app.release_button.disabled and "Send to" in app.message.value
+    app.fields["destination"].input.value = "hf://me/my-model"
+    app.fields["dehydrate_rank"].input.value = "many"
+    assert app.release_button.disabled and "dehydrate_rank" in app.message.value
+    app.fields["dehydrate_rank"].input.value = "64"
+    assert app.settings.dehydrate_rank == 64 and not app.release_button.disabled
+
+
+def test_release_config_for_notebook_04(tmp_path, tiny_config):
+    save_params(tiny_config, params_file(tmp_path))
+    config, _ = release_config(tmp_path, base_model="ignored", n_samples=1, sample_steps=3)
+    assert (config.concepts_list[0].n_save_sample, config.concepts_list[0].save_infer_steps) \
+        == (1, 3)

@@ -7,20 +7,28 @@ This package is the only part of the project that imports ipywidgets (install th
 - :class:`TrainingView`: progress, loss curve, preview grid and a Stop button for a run.
 - :class:`TrainApp`: both together, as notebook 03 shows them.
 - :mod:`widgets.prepare`: uploads, captioned image grid, crop preview and data report (01).
+- :class:`ClassImagesApp`: the class-image settings, Generate, progress and a grid (02).
+- :class:`ReleaseApp`: samples, export, model card, dehydrate and send (04).
 - :mod:`widgets.workdir`: ``WORK_DIR/params.json``, which carries settings between notebooks.
 """
 
 from .app import TrainApp
-from .environment import mount_drive_if_needed, on_colab, platform_name, runtime_banner
+from .class_images import ClassImagesApp, count_class_images
+from .environment import (mount_drive, mount_drive_if_needed, on_colab, platform_name,
+                          runtime_banner)
 from .form import ConfigForm
-from .prepare import (DataReport, UploadBox, caption_grid, colab_upload, crop_preview,
-                      data_report, save_uploads, show_images, upload_images)
+from .prepare import (DataReport, UploadBox, caption_grid, captioned_grid, colab_upload,
+                      crop_preview, data_report, save_uploads, show_images, upload_images)
+from .release import ReleaseApp
 from .training_view import TrainingView, estimate_total_steps
-from .workdir import params_file, prepare_config, training_config
+from .workdir import (class_images_config, params_file, prepare_config, release_config,
+                      training_config)
 
 __all__ = [
-    "ConfigForm", "DataReport", "TrainApp", "TrainingView", "UploadBox", "caption_grid",
-    "colab_upload", "crop_preview", "data_report", "estimate_total_steps", "mount_drive_if_needed", "on_colab",
-    "params_file", "platform_name", "prepare_config", "runtime_banner", "save_uploads",
-    "show_images", "training_config", "upload_images",
+    "ClassImagesApp", "ConfigForm", "DataReport", "ReleaseApp", "TrainApp", "TrainingView",
+    "UploadBox", "caption_grid", "captioned_grid", "class_images_config", "colab_upload",
+    "count_class_images", "crop_preview", "data_report", "estimate_total_steps", "mount_drive",
+    "mount_drive_if_needed", "on_colab", "params_file", "platform_name", "prepare_config",
+    "release_config", "runtime_banner", "save_uploads", "show_images", "training_config",
+    "upload_images",
 ]

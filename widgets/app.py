@@ -26,12 +26,16 @@ class TrainApp:
 
     def __init__(self, config: DreamBoothConfig | None = None, *,
                  params_path: str | os.PathLike, device: DeviceInfo | None = None,
-                 plot_interval: float = 1.0) -> None:
+                 plot_interval: float = 1.0, resume: bool = False) -> None:
         self.params_path = Path(params_path)
         self.form = ConfigForm(config, device=device, params_path=params_path)
         self.view = TrainingView(plot_interval=plot_interval)
+        self.resume = w.Checkbox(value=resume, indent=False,
+                                 description="Resume from the newest checkpoint",
+                                 tooltip="Continue an interrupted run exactly where its last "
+                                 "checkpoint left it (Saving tab: Checkpoint folder)")
         self.form.on_train(lambda config: self.train(config, background=True))
-        self.widget = w.VBox([self.form.widget, self.view.widget])
+        self.widget = w.VBox([self.form.widget, self.resume, self.view.widget])
 
     def train(self, config: DreamBoothConfig | None = None, *,
               background: bool = True) -> TrainResult | None:
@@ -49,7 +53,7 @@ class TrainApp:
         save_params(config, self.params_path)
         self.form.busy = True
         try:
-            return self.view.run(config, background=background,
+            return self.view.run(config, background=background, resume=self.resume.value,
                                  on_finish=lambda _view: setattr(self.form, "busy", False))
         except RuntimeError:
             self.form.busy = self.view.running

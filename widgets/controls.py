@@ -97,13 +97,23 @@ def _tri(value: bool | None) -> bool | str:
 
 
 class ChoiceControl(FieldControl):
-    """A field with fixed choices: a dropdown."""
+    """A field with fixed choices: a dropdown (led by "auto" when the field may be blank)."""
 
     def __init__(self, spec: FieldSpec):
         options = [(str(c), c) for c in spec.setting.choices or ()]
-        super().__init__(spec, w.Dropdown(options=options, value=spec.default))
+        if spec.optional:  # blank lets the GPU preset choose; "auto" stands for it (see TRISTATE)
+            options.insert(0, (AUTO, AUTO))
+        default = AUTO if spec.default is None and spec.optional else spec.default
+        super().__init__(spec, w.Dropdown(options=options, value=default))
+
+    def _shown(self, value: Any) -> Any:
+        return AUTO if value is None and self.spec.optional else value
+
+    def get(self) -> Any:
+        return None if self.spec.optional and self.input.value == AUTO else self.input.value
 
     def set(self, value: Any) -> None:
+        value = self._shown(value)
         # A loaded file may hold a value that is not a choice: show it so validation can say so.
         if value not in [v for _, v in self.input.options]:
             self.input.options = list(self.input.options) + [(str(value), value)]

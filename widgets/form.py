@@ -39,22 +39,25 @@ _CONCEPT_WHERE = re.compile(r"^concept (\d+)(?: (\w+))?$")
 class ConceptEditor:
     """The controls of one concept, in sections, with a Remove button."""
 
-    def __init__(self) -> None:
+    def __init__(self, only: frozenset[str] | None = None) -> None:
         self.fields: dict[str, FieldControl] = {
             name: make_control(spec) for name, spec in CONCEPT_SPECS.items()}
         self.remove_button = w.Button(description="Remove this concept", icon="trash",
-                                      button_style="warning")
+                                      button_style="warning", layout=w.Layout(width="200px"))
         self.message = w.HTML()
         children: list[w.Widget] = [self.message]
-        groups = [c.spec.setting.group for c in self.fields.values()]
+        # Fields left out of ``only`` still exist (and keep their values), unshown.
+        shown = [c for c in self.fields.values() if only is None or c.name in only]
+        groups = [c.spec.setting.group for c in shown]
         for section in CONCEPT_SECTIONS + tuple(g for g in dict.fromkeys(groups)
                                                 if g not in CONCEPT_SECTIONS):
-            controls = [c for c in self.fields.values() if c.spec.setting.group == section]
+            controls = [c for c in shown if c.spec.setting.group == section]
             if controls:
                 title = "Concept" if section == "Concepts" else section
                 children.append(w.HTML(f"<h4 style='margin:8px 0 2px'>{title}</h4>"))
                 children += [c.widget for c in controls]
-        children.append(self.remove_button)
+        if only is None:  # a partial form edits the concepts it was given, it adds none
+            children.append(self.remove_button)
         self.widget = w.VBox(children)
 
     def set(self, concept: Concept) -> None:
@@ -64,7 +67,7 @@ class ConceptEditor:
 
     def read(self, prefix: str) -> tuple[dict[str, Any], list[Problem]]:
         """The typed values (defaults where a box cannot be parsed) and the parse problems."""
-        return _read_controls(self.fields, CONCEPT_SPECS, prefix)
+        return read_controls(self.fields, CONCEPT_SPECS, prefix)
 
 
 class ConfigForm:
@@ -73,13 +76,18 @@ class ConfigForm:
     ``form.widget`` is what to display; ``form.config`` builds a fresh configuration from the
     widgets; ``form.problems`` lists what is wrong now; ``form.train_button`` is enabled only
     when nothing is. ``tabs`` chooses which tabs show (fields of hidden tabs keep their values).
+    ``only`` (field names, run-level or per concept) shows just those fields, e.g. the
+    class-image part of the configuration; the others keep their values, tabs left empty are
+    dropped, and concepts can then be edited but not added or removed.
     """
 
     def __init__(self, config: DreamBoothConfig | None = None, *,
                  device: DeviceInfo | None = None, tabs: Iterable[str] = TABS,
                  params_path: str | os.PathLike = "params.json", check_paths: bool = True,
-                 show_train: bool = True, preset: str | None = None) -> None:
+                 show_train: bool = True, preset: str | None = None,
+                 only: Iterable[str] | None = None) -> None:
         self.device = device or detect_device()
+        self.only = frozenset(only) if only is not None else None
         self.check_paths = check_paths
         self.fields: dict[str, FieldControl] = {
             name: make_control(spec) for name, spec in RUN_SPECS.items() if name != CONCEPTS_FIELD}
@@ -115,7 +123,7 @@ class ConfigForm:
         self.train_button.on_click(lambda _b: self._on_train())
         self.summary = w.HTML()
 
-        self.tab_names = [t for t in TABS if t in set(tabs)]
+        self.tab_names = [t for t in TABS if t in set(tabs) and self._tab_has_fields(t)]
         self.tabs = w.Tab(children=[self._tab_content(t) for t in self.tab_names])
         self.tabs.titles = tuple(self.tab_names)
         bottom = [self.summary] + ([self.train_button] if show_train else [])
@@ -126,12 +134,32 @@ class ConfigForm:
         self.set_config(config if config is not None else DreamBoothConfig())
 
     # ------------------------------------------------------------------------ layout
+    def _shown_fields(self, tab: str) -> list[FieldControl]:
+        return [c for c in self.fields.values()
+                if TAB_OF_GROUP.get(c.spec.setting.group, c.spec.setting.group) == tab
+                and (self.only is None or c.name in self.only)]
+
+    def _tab_has_fields(self, tab: str) -> bool:
+        if self.only is None:
+            return True
+        return bool(self._shown_fields(tab)) or (
+            tab == "Concepts" and any(name in self.only for name in CONCEPT_SPECS))
+
     def _tab_content(self, tab: str) -> w.Widget:
-        controls = [c.widget for c in self.fields.values()
-                    if TAB_OF_GROUP.get(c.spec.setting.group, c.spec.setting.group) == tab]
+        controls = [c.widget for c in self._shown_fields(tab)]
         if tab == "Concepts":
-            controls += [self.concepts_message, self.concepts_box, self.add_concept_button]
+            controls += [self.concepts_message, self.concepts_box]
+            if self.only is None:
+                controls.append(self.add_concept_button)
         return w.VBox(controls, layout=w.Layout(width="100%"))
+
+    def shows(self, where: str) -> bool:
+        """True when the field a problem names (``Problem.where``) is shown in this form."""
+        match = _CONCEPT_WHERE.match(where)
+        name = match[2] if match else where
+        if match and name is None:
+            return True  # a problem of a whole concept
+        return self.only is None or name in self.only
 
     # ------------------------------------------------------------------------ values
     @property
@@ -160,6 +188,8 @@ class ConfigForm:
             for editor, concept in zip(self.concepts, concepts):
                 editor.set(concept)
             self._layout_concepts()
+            if self.concepts and self.concepts_box.selected_index is None:
+                self.concepts_box.selected_index = 0  # show the first concept open
         finally:
             self._quiet = False
         self.refresh()
@@ -201,7 +231,7 @@ class ConfigForm:
         self.refresh()
 
     def _new_editor(self) -> ConceptEditor:
-        editor = ConceptEditor()
+        editor = ConceptEditor(self.only)
         for control in editor.fields.values():
             control.observe(self.refresh)
         editor.remove_button.on_click(
@@ -216,7 +246,8 @@ class ConfigForm:
         titles = []
         for number, editor in enumerate(self.concepts, start=1):
             prompt = editor.fields["instance_prompt"].input.value.strip() or "no instance prompt"
-            count = sum(len(c.shown) for c in editor.fields.values()) + bool(editor.message.value)
+            count = sum(len(c.shown) for c in editor.fields.values() if self.shows(c.name)) \
+                + bool(editor.message.value)
             flag = f" \u26a0 {count}" if count else ""
             titles.append(f"Concept {number}: {prompt}{flag}")
         self.concepts_box.titles = tuple(titles)
@@ -236,7 +267,7 @@ class ConfigForm:
         return self.problems
 
     def _read(self) -> tuple[DreamBoothConfig, list[Problem]]:
-        values, problems = _read_controls(self.fields, RUN_SPECS, "")
+        values, problems = read_controls(self.fields, RUN_SPECS, "")
         concepts = []
         for number, editor in enumerate(self.concepts, start=1):
             concept_values, concept_problems = editor.read(f"concept {number} ")
@@ -277,11 +308,11 @@ class ConfigForm:
         counts = dict.fromkeys(self.tab_names, 0)
         for control in self.fields.values():
             tab = TAB_OF_GROUP.get(control.spec.setting.group, control.spec.setting.group)
-            if tab in counts:
+            if tab in counts and self.shows(control.name):
                 counts[tab] += len(control.shown)
         if "Concepts" in counts:
             counts["Concepts"] += sum(len(c.shown) for e in self.concepts
-                                      for c in e.fields.values())
+                                      for c in e.fields.values() if self.shows(c.name))
             counts["Concepts"] += sum(1 for e in self.concepts if e.message.value)
             counts["Concepts"] += bool(self.concepts_message.value)
         self.tabs.titles = tuple(f"{t} \u26a0 {counts[t]}" if counts[t] else t
@@ -289,8 +320,9 @@ class ConfigForm:
 
     def _update_summary(self, problems: list[Problem]) -> None:
         if not problems:
+            ready = "ready to train" if self.only is None else "these settings are ready"
             self.summary.value = ("<span style='color:#2e7d32'>&#10004; No problems found: "
-                                  "ready to train.</span>")
+                                  f"{ready}.</span>")
             return
         items = "".join(f"<li>{html.escape(self.describe(p))}</li>" for p in problems)
         self.summary.value = (f"<div style='color:#c62828'><b>{len(problems)} problem(s) to fix "
@@ -372,8 +404,10 @@ class ConfigForm:
             callback(config)
 
 
-def _read_controls(controls: dict[str, FieldControl], specs: dict, prefix: str
-                   ) -> tuple[dict[str, Any], list[Problem]]:
+def read_controls(controls: dict[str, FieldControl], specs: dict, prefix: str
+                  ) -> tuple[dict[str, Any], list[Problem]]:
+    """Every control's typed value (its field's default where a box cannot be parsed) and a
+    :class:`Problem` per box that cannot, named ``prefix + field``."""
     values: dict[str, Any] = {}
     problems: list[Problem] = []
     for name, control in controls.items():

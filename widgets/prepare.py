@@ -192,6 +192,13 @@ def caption_grid(folder: str | os.PathLike, *, limit: int = GRID_LIMIT, size: in
         paths = list_image_files(Path(folder).expanduser())[:limit]
     except FileNotFoundError:
         return None
+    return captioned_grid(paths, size=size, columns=columns)
+
+
+def captioned_grid(paths: Iterable[str | os.PathLike], *, size: int = 160,
+                   columns: int = 6) -> Image.Image | None:
+    """These images in a grid, each labelled with its name and caption; None for no image."""
+    paths = [Path(p) for p in paths]
     if not paths:
         return None
     tiles, labels = [], []

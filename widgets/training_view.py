@@ -25,6 +25,7 @@ from colab_dreambooth.config import DreamBoothConfig
 from colab_dreambooth.images import list_image_files
 from colab_dreambooth.optim import plan_steps
 from colab_dreambooth.params import resolve_concepts
+from colab_dreambooth.presets import resolve_auto
 from colab_dreambooth.runtime import DeviceInfo
 from colab_dreambooth.train import TrainResult, train
 
@@ -76,8 +77,10 @@ class TrainingView:
     # ------------------------------------------------------------------------ control
     def run(self, config: DreamBoothConfig, *, background: bool = True,
             device: DeviceInfo | None = None, on_step: StepCallback | None = None,
-            on_finish: Callable[["TrainingView"], None] | None = None) -> TrainResult | None:
-        """Train ``config`` and follow it in the view.
+            on_finish: Callable[["TrainingView"], None] | None = None,
+            resume: bool = False) -> TrainResult | None:
+        """Train ``config`` and follow it in the view (``resume``: continue from the newest
+        checkpoint, see :func:`colab_dreambooth.train.train`).
 
         In the background (the default) this returns at once; :meth:`wait` gives the result.
         In the foreground it returns the :class:`TrainResult` and raises whatever training
@@ -86,8 +89,8 @@ class TrainingView:
         """
         if self.running:
             raise RuntimeError("a training run is already going: stop it or wait for it first")
-        self._reset(config)
-        args = (config, device, on_step, on_finish)
+        self._reset(config, device)
+        args = (config, device, on_step, on_finish, resume)
         if background:
             self.thread = threading.Thread(target=self._work, args=args, kwargs={"echo": False},
                                            name="dreambooth-training", daemon=True)
@@ -116,7 +119,7 @@ class TrainingView:
         return self.result
 
     # ------------------------------------------------------------------------ the run
-    def _reset(self, config: DreamBoothConfig) -> None:
+    def _reset(self, config: DreamBoothConfig, device: DeviceInfo | None) -> None:
         self.stop_event = threading.Event()
         self.losses, self.result, self.error = [], None, None
         self._log_lines.clear()
@@ -125,7 +128,7 @@ class TrainingView:
         self._last_plot = 0.0
         self._preview_path = None
         self._model_dir = config.model_dir
-        self.total_steps = estimate_total_steps(config)
+        self.total_steps = estimate_total_steps(config, device)
         self.progress.max = max(1, self.total_steps or 1)
         self.progress.value = 0
         self.progress.bar_style = "info"
@@ -138,7 +141,8 @@ class TrainingView:
         self.loss_image.value = png_bytes(loss_curve([], self.plot_size))
 
     def _work(self, config: DreamBoothConfig, device: DeviceInfo | None,
-              on_step: StepCallback | None, on_finish: Callable | None, *, echo: bool) -> None:
+              on_step: StepCallback | None, on_finish: Callable | None, resume: bool, *,
+              echo: bool) -> None:
         def step_callback(step: int, loss: float, lr: float) -> None:
             try:
                 self._on_step(step, loss, lr)
@@ -155,7 +159,7 @@ class TrainingView:
             logger.setLevel(logging.INFO)
         try:
             self.result = train(config, device=device, stop=self.stop_event, progress=False,
-                                on_step=step_callback)
+                                on_step=step_callback, resume=resume)
         except BaseException as exc:  # shown in the view; re-raised by a foreground run
             self.error = exc
         finally:
@@ -255,13 +259,17 @@ def saved_output(result: TrainResult) -> Path:
     return getattr(result, "lora_file", None) or result.model_dir
 
 
-def estimate_total_steps(config: DreamBoothConfig) -> int | None:
-    """The number of optimizer steps ``config`` will run, counted from its image files.
+def estimate_total_steps(config: DreamBoothConfig,
+                         device: DeviceInfo | None = None) -> int | None:
+    """The number of optimizer steps ``config`` will run on ``device`` (detected when None:
+    a blank batch size comes from its preset), counted from its image files.
 
     Exact when Training Steps is set; otherwise it assumes every instance image is usable.
     None when it cannot tell (e.g. a missing concepts file: training will say why).
     """
     try:
+        if config.train_batch_size is None:
+            config = resolve_auto(config, device)
         concepts = resolve_concepts(config).concepts_list
         images = 0
         for concept in concepts:

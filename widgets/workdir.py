@@ -85,3 +85,31 @@ def training_config(work_dir: str | os.PathLike, *, base_model: str, steps: int 
     if resolution is not None:
         changes["resolution"] = resolution
     return config.copy(**changes), notes
+
+
+def class_images_config(work_dir: str | os.PathLike, *, base_model: str,
+                        num_class_images: int | None = None, class_steps: int | None = None
+                        ) -> tuple[DreamBoothConfig, list[str]]:
+    """The configuration notebook 02 starts from: ``WORK_DIR/params.json`` with, when given,
+    Total Number of Class Images and Classification Steps replaced in every concept that has a
+    class prompt. ``base_model`` is used only when there is no params.json yet."""
+    config, notes = training_config(work_dir, base_model=base_model)
+    concepts = [dataclasses.replace(
+        c, **({"num_class_images": num_class_images} if num_class_images is not None else {}),
+        **({"class_infer_steps": class_steps} if class_steps is not None else {}))
+        if c.class_prompt.strip() else c for c in config.concepts_list]
+    return config.copy(concepts_list=concepts), notes
+
+
+def release_config(work_dir: str | os.PathLike, *, base_model: str,
+                   n_samples: int | None = None, sample_steps: int | None = None
+                   ) -> tuple[DreamBoothConfig, list[str]]:
+    """The configuration notebook 04 starts from: ``WORK_DIR/params.json`` as 03 saved it
+    (what trained), with Number of Samples and Sample Steps replaced in every concept when
+    given. ``base_model`` is used only when there is no params.json."""
+    config, notes = training_config(work_dir, base_model=base_model)
+    concepts = [dataclasses.replace(
+        c, **({"n_save_sample": n_samples} if n_samples is not None else {}),
+        **({"save_infer_steps": sample_steps} if sample_steps is not None else {}))
+        for c in config.concepts_list]
+    return config.copy(concepts_list=concepts), notes

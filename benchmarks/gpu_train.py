@@ -1,0 +1,387 @@
+"""Training speed and peak memory of full-size SD 1.5 per GPU preset, with random weights.
+
+What it measures
+    For each GPU preset (:mod:`colab_dreambooth.presets`) it builds the SD 1.5 UNet, CLIP text
+    encoder and VAE from the shipped ``colab_dreambooth/model_configs/sd1.json`` with random
+    weights (nothing is downloaded), applies the preset's settings to a DreamBooth
+    configuration at 512 px with prior preservation (each step trains on ``batch`` instance rows
+    plus as many class rows), and runs real training steps the way ``train()`` does: the same
+    Accelerator mixed precision, :func:`set_memory_attention`, gradient checkpointing,
+    :func:`make_optimizer` (8-bit AdamW or torch AdamW), gradient clipping,
+    :func:`dreambooth_loss`, EMA when on, LoRA adapters with ``--lora``. Latents and token ids
+    are random (as cached latents would be) unless the preset encodes with the VAE each step.
+    It prints per preset:
+
+    * s/step (mean over ``--steps`` steps after ``--warmup``), images/s (rows per second);
+    * peak GPU memory allocated and reserved (``torch.cuda.max_memory_*``), and the package's
+      estimate for the same configuration (:func:`estimate_peak_memory`) beside it;
+    * peak host memory (``ru_maxrss`` of the process that ran the preset);
+    * achieved TFLOP/s and its fraction of the GPU's peak dense fp16/bf16 tensor throughput.
+      FLOPs per row: the SD 1.5 UNet forward at 64x64 latents is ~0.8 TFLOP, the backward about
+      twice that, and gradient checkpointing recomputes the forward once more (LoRA's backward
+      computes only input gradients through the frozen base: ~1x the forward); the text
+      encoder adds 2 x parameters x 77 tokens per pass. Scaled by (resolution / 512)^2.
+
+    A smaller GPU is imitated on a larger one by capping the process's memory with
+    ``torch.cuda.set_per_process_memory_fraction``: by default each preset of a smaller GPU runs
+    capped to that GPU's memory (a T4 at 15 GB), so "OOM" there means it would not fit the real
+    card. The cap limits memory only: speed is the larger GPU's. Each preset runs in a fresh
+    process, so its memory figures are its own.
+
+Usage
+    python benchmarks/gpu_train.py                          # every preset this GPU can imitate
+    python benchmarks/gpu_train.py --preset T4 --steps 20   # one preset, capped to 15 GB
+    python benchmarks/gpu_train.py --preset H100 --batch 16 --compile --fused-adamw
+    python benchmarks/gpu_train.py --preset T4 --no-text-encoder   # the UNet-only figure
+    python benchmarks/gpu_train.py --tiny                   # tiny shapes, 2 steps, CPU is fine
+
+``--tiny`` uses the tiny built-in model (same topology, tiny widths) so the script runs (and is
+tested) on a CPU; its figures mean nothing. Record real figures, with the GPU's name, in
+benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO))
+
+GIB = 2**30
+UNET_FORWARD_FLOP = 0.8e12  # per row at 512 px (64x64 latents), SD 1.5
+SD15_UNET_PARAMS = 859_520_964
+TOKENS = 77
+# Peak dense fp16/bf16 tensor-core FLOP/s (no sparsity), from the vendors' data sheets; the
+# first pattern that matches the GPU's name wins.
+PEAK_FLOPS = (
+    (r"H100.*PCIe", 756e12), (r"H100.*NVL", 835e12), (r"H100|H200|GH200", 989e12),
+    (r"A100", 312e12), (r"L40S", 362e12), (r"\bL4\b", 121e12), (r"A10G", 70e12),
+    (r"\bA10\b", 125e12), (r"V100.*PCIE", 112e12), (r"V100", 125e12), (r"\bT4\b", 65e12),
+    (r"RTX 4090", 165e12), (r"RTX 3090", 71e12),
+)
+
+
+def peak_flops(gpu_name: str) -> float | None:
+    """The GPU's peak dense fp16/bf16 FLOP/s, or None when this table does not know it."""
+    for pattern, flops in PEAK_FLOPS:
+        if re.search(pattern, gpu_name, re.IGNORECASE):
+            return flops
+    return None
+
+
+def step_flops(rows: int, resolution: int, unet_params: int, text_params: int, *,
+               checkpointing: bool, lora: bool, trains_text: bool) -> float:
+    """FLOPs of one training step over ``rows`` images (see the module docstring)."""
+    unet_forward = UNET_FORWARD_FLOP * (resolution / 512) ** 2 * unet_params / SD15_UNET_PARAMS
+    unet_passes = 1 + (1 if lora else 2) + (1 if checkpointing else 0)
+    text_forward = 2 * text_params * TOKENS
+    text_passes = (1 + 2 + (1 if checkpointing else 0)) if trains_text else 1
+    return rows * (unet_forward * unet_passes + text_forward * text_passes)
+
+
+def build_models(tiny: bool, device):
+    """UNet, text encoder, VAE and the noise scheduler: SD 1.5 shapes with random weights
+    (created directly on ``device``), or the tiny model."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if tiny:
+        from colab_dreambooth.models import load_components
+
+        parts = load_components("tiny")
+        return (parts.unet.to(device), parts.text_encoder.to(device), parts.vae.to(device),
+                parts.noise_scheduler)
+    configs = json.loads((REPO / "colab_dreambooth" / "model_configs" / "sd1.json").read_text())
+    text_config = {k: v for k, v in configs["text_encoder"].items() if k != "architectures"}
+    with torch.device(device):  # random init on the GPU: seconds instead of a minute on CPU
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+        vae = AutoencoderKL.from_config(configs["vae"])
+    return unet, text_encoder, vae, DDPMScheduler.from_config(configs["scheduler"])
+
+
+def run_preset(name: str, args: argparse.Namespace) -> dict:
+    """Train ``args.steps`` timed steps with preset ``name``; return the figures."""
+    import importlib.util
+    import warnings
+
+    import torch
+
+    from colab_dreambooth.config import Concept, DreamBoothConfig
+    from colab_dreambooth.memory import SD15, count_parameters, estimate_peak_memory
+    from colab_dreambooth.presets import PRESETS_BY_NAME, apply_preset
+    from colab_dreambooth.runtime import DeviceInfo, detect_device
+
+    warnings.filterwarnings("ignore")
+    device = detect_device() if not args.cpu else DeviceInfo.cpu()
+    on_cuda = device.kind == "cuda"
+    preset = PRESETS_BY_NAME[name]
+    cap = args.memory_cap_gb
+    if cap is None and not args.no_cap and on_cuda and preset.memory_gb < device.memory_gb - 1:
+        cap = preset.memory_gb  # imitate the smaller GPU's memory
+    if on_cuda and cap:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / device.memory_gb))
+        device = DeviceInfo(device.kind, device.name, cap, device.bf16, device.count,
+                            device.capability)
+    concept = Concept(instance_prompt="photo of sks dog", instance_data_dir="/unused",
+                      class_prompt="" if args.no_prior else "photo of a dog",
+                      num_class_images=0 if args.no_prior else 100)
+    config = DreamBoothConfig(
+        pretrained_model_name_or_path="tiny" if args.tiny else "stable-diffusion-v1-5",
+        resolution=args.resolution, train_batch_size=args.batch, use_lora=args.lora,
+        train_text_encoder=False if args.no_text_encoder else None, concepts_list=[concept])
+    config = apply_preset(config, device, preset)[0]
+    rows = config.train_batch_size * (1 if args.no_prior else 2)
+    result = {"preset": name, "gpu": device.name, "memory_cap_gb": cap,
+              "precision": config.mixed_precision if on_cuda else "no",
+              # What runs: make_optimizer falls back to torch AdamW without CUDA/bitsandbytes.
+              "use_8bit_adam": bool(config.use_8bit_adam) and on_cuda
+              and importlib.util.find_spec("bitsandbytes") is not None,
+              "checkpointing": bool(config.gradient_checkpointing),
+              "attention": config.attention, "cache_latents": bool(config.cache_latents),
+              "batch": config.train_batch_size, "rows": rows, "lora": config.use_lora,
+              "train_text_encoder": bool(config.train_text_encoder), "compile": args.compile,
+              "fused_adamw": args.fused_adamw, "resolution": config.resolution}
+    sizes = (count_parameters(_tiny_folder(), "the tiny model") if args.tiny else SD15)
+    result["estimate_gb"] = estimate_peak_memory(
+        config, device, sizes=sizes,
+        bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None).total_gb
+    try:
+        result.update(_train_steps(config, args, on_cuda, rows, sizes))
+    except torch.cuda.OutOfMemoryError as exc:
+        result["error"] = "OOM"
+        result["detail"] = str(exc).splitlines()[0][:200]
+    if on_cuda:
+        result["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / GIB
+        result["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / GIB
+    result["peak_host_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    peak = peak_flops(device.name) if on_cuda else None
+    if "s_per_step" in result:
+        flops = step_flops(rows, config.resolution, sizes.unet, sizes.text_encoder,
+                           checkpointing=bool(config.gradient_checkpointing), lora=config.use_lora,
+                           trains_text=bool(config.train_text_encoder))
+        result["tflops"] = flops / result["s_per_step"] / 1e12
+        result["fraction_of_peak"] = flops / result["s_per_step"] / peak if peak else None
+    return result
+
+
+def _tiny_folder() -> Path:
+    from colab_dreambooth.models import tiny_model_path
+
+    return tiny_model_path()
+
+
+def _train_steps(config, args, on_cuda: bool, rows: int, sizes) -> dict:
+    """The training loop of ``train()`` on random inputs; returns the timings."""
+    import torch
+    from accelerate import Accelerator
+
+    from colab_dreambooth.lora import add_lora
+    from colab_dreambooth.optim import EMA, make_optimizer, set_memory_attention
+    from colab_dreambooth.train import dreambooth_loss
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision if on_cuda else "no",
+                              cpu=not on_cuda)
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32)
+    unet, text_encoder, vae, noise_scheduler = build_models(args.tiny, device)
+    trains_text = bool(config.train_text_encoder)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(trains_text)
+    if config.use_lora:
+        for module in (unet, text_encoder):
+            module.to(device, dtype=weight_dtype)
+        add_lora(unet, text_encoder, config)
+    unet.train()
+    text_encoder.train(trains_text)
+    set_memory_attention(unet, config.attention, on_cuda)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if trains_text:
+            text_encoder.gradient_checkpointing_enable()
+    for module in [vae] + ([] if trains_text else [text_encoder]):
+        module.to(device, dtype=weight_dtype)
+    if config.cache_latents:
+        vae.to("cpu")  # as train() does once the latents are cached
+
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": 1e-6}]
+    if trains_text:
+        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
+                       "lr": 1e-6})
+    if args.fused_adamw and on_cuda and not config.use_8bit_adam:
+        unet.to(device)
+        text_encoder.to(device)
+        optimizer = torch.optim.AdamW(groups, weight_decay=1e-2, fused=True)
+    else:
+        optimizer = make_optimizer(groups, use_8bit=config.use_8bit_adam, on_cuda=on_cuda,
+                                   betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    if args.compile:
+        unet = torch.compile(unet)
+    if trains_text:
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+    ema = EMA(unet.parameters(), 0.9999, "cpu" if config.ema_on_cpu else None) \
+        if config.use_ema else None
+    trained = [p for group in groups for p in group["params"]]
+
+    side = config.resolution // 8
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    stamps = []
+    for step in range(args.warmup + args.steps):
+        if config.cache_latents:
+            latents = torch.randn(rows, 4, side, side, generator=generator).to(device) * 0.18215
+        else:
+            pixels = torch.rand(rows, 3, config.resolution, config.resolution,
+                                generator=generator).to(device, weight_dtype) * 2 - 1
+            with torch.no_grad():
+                latents = vae.encode(pixels).latent_dist.sample().float() * 0.18215
+        input_ids = torch.randint(0, 49407, (rows, TOKENS), generator=generator).to(device)
+        with torch.set_grad_enabled(trains_text):
+            text_states = text_encoder(input_ids)[0]
+        loss = dreambooth_loss(unet, noise_scheduler, latents, text_states,
+                               config.train_batch_size, 1.0)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(trained, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema:
+            ema.update(unet.parameters())
+        if on_cuda:
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+    timed = stamps[args.warmup - 1:] if args.warmup else stamps
+    if len(timed) < 2:
+        return {"loss": float(loss)}
+    s_per_step = (timed[-1] - timed[0]) / (len(timed) - 1)
+    return {"s_per_step": s_per_step, "images_per_s": rows / s_per_step, "loss": float(loss),
+            "steps": args.steps}
+
+
+def _default_presets(args: argparse.Namespace) -> list[str]:
+    """Every GPU preset whose memory this GPU holds (the CPU's with --tiny on a CPU)."""
+    from colab_dreambooth.presets import PRESETS, choose_preset
+    from colab_dreambooth.runtime import detect_device
+
+    device = detect_device()
+    if device.kind != "cuda":
+        return ["CPU"] if args.tiny else []
+    own = choose_preset(device)
+    return [p.name for p in PRESETS if p.name not in ("CPU", "small")
+            and p.memory_gb <= own.memory_gb]
+
+
+def _table(results: list[dict]) -> str:
+    head = ("preset", "batch", "rows", "prec", "8bit", "ckpt", "TE", "cap GB", "s/step",
+            "img/s", "alloc GB", "resv GB", "est GB", "host GB", "TFLOP/s", "of peak")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in results:
+        def num(key, fmt):
+            value = r.get(key)
+            return fmt.format(value) if isinstance(value, (int, float)) else "-"
+        cells = [r["preset"] + (" LoRA" if r["lora"] else ""), str(r["batch"]), str(r["rows"]),
+                 r["precision"], "y" if r["use_8bit_adam"] else "n",
+                 "y" if r["checkpointing"] else "n", "y" if r["train_text_encoder"] else "n",
+                 num("memory_cap_gb", "{:.1f}"),
+                 r.get("error") or num("s_per_step", "{:.3f}"), num("images_per_s", "{:.2f}"),
+                 num("peak_allocated_gb", "{:.2f}"), num("peak_reserved_gb", "{:.2f}"),
+                 num("estimate_gb", "{:.2f}"), num("peak_host_gb", "{:.2f}"),
+                 num("tflops", "{:.1f}"),
+                 num("fraction_of_peak", "{:.0%}") if r.get("fraction_of_peak") else "-"]
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def _child_options(args: argparse.Namespace) -> list[str]:
+    """The options of this run, for a child process that runs one preset."""
+    options = ["--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--resolution", str(args.resolution)]
+    if args.batch is not None:
+        options += ["--batch", str(args.batch)]
+    if args.memory_cap_gb is not None:
+        options += ["--memory-cap-gb", str(args.memory_cap_gb)]
+    for flag in ("no_cap", "compile", "fused_adamw", "no_text_encoder", "no_prior", "lora",
+                 "tiny", "cpu"):
+        if getattr(args, flag):
+            options.append("--" + flag.replace("_", "-"))
+    return options
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", nargs="+", help="preset names (default: every preset this GPU "
+                   "can imitate)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; --tiny 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 3; "
+                   "--tiny 1)")
+    p.add_argument("--batch", type=int, default=None, help="instance images per step "
+                   "(default: the preset's)")
+    p.add_argument("--resolution", type=int, default=None, help="default 512 (--tiny 64)")
+    p.add_argument("--memory-cap-gb", type=float, default=None, help="cap the process's GPU "
+                   "memory (default: the preset's GPU memory when smaller than this GPU's)")
+    p.add_argument("--no-cap", action="store_true", help="never cap the GPU memory")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    p.add_argument("--fused-adamw", action="store_true", help="torch's fused AdamW kernel "
+                   "(when the preset does not use 8-bit Adam)")
+    p.add_argument("--no-text-encoder", action="store_true", help="train the UNet only")
+    p.add_argument("--no-prior", action="store_true", help="no class rows (half the rows)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters")
+    p.add_argument("--tiny", action="store_true", help="the tiny model (tests; runs on a CPU)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
+    p.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # child process
+    args = p.parse_args(argv)
+    tiny = args.tiny
+    args.steps = args.steps if args.steps is not None else (2 if tiny else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 3)
+    args.resolution = args.resolution or (64 if tiny else 512)
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the presets and print the table; returns the results."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    names = args.preset or _default_presets(args)
+    if not names:
+        print("No CUDA GPU here: run with --tiny (tiny shapes on the CPU) or on a GPU.")
+        return []
+    if args.one or len(names) == 1:
+        results = [run_preset(name, args) for name in names]
+    else:  # a fresh process per preset: its own peak memory and memory cap
+        results = []
+        for name in names:
+            child = subprocess.run([sys.executable, __file__, "--one", "--preset", name,
+                                    *_child_options(args)], capture_output=True, text=True)
+            lines = [ln for ln in child.stdout.splitlines() if ln.startswith("RESULT ")]
+            if not lines:
+                print(f"{name}: failed\n{child.stderr[-2000:]}", file=sys.stderr)
+                continue
+            results.append(json.loads(lines[-1][len("RESULT "):]))
+    if args.one:
+        print("RESULT " + json.dumps(results[-1]))
+        return results
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.cpu else "CPU"
+    print(f"GPU: {gpu}; torch {torch.__version__}; {args.steps} timed steps after "
+          f"{args.warmup} warm-up; {args.resolution} px; "
+          f"{'no class rows' if args.no_prior else 'prior preservation (2 rows per image)'}")
+    print(_table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

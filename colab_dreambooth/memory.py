@@ -1,0 +1,319 @@
+"""An estimate of a run's peak GPU memory, before any model is loaded.
+
+The estimate adds what lives on the GPU at the peak of a training step (the end of the
+backward pass): the weights in their dtype, the gradients and optimizer states of what trains,
+the EMA copy, the activations kept for the backward pass, the VAE when latents are not cached,
+and the CUDA context. Figures are GiB, which the package (like ``nvidia-smi``) calls GB.
+
+Calibration (SD 1.5 at 512 px):
+
+- ShivamShrirao/diffusers, examples/dreambooth/README.md, measured on a Tesla T4 with
+  prior preservation (two rows per step at batch 1), xformers, VAE and text encoder off the GPU:
+  fp16 + 8-bit Adam + checkpointing 9.92 GB; batch 2 10.4 GB (+0.24 GB per row with
+  checkpointing); without checkpointing 11.17 GB, batch 2 13.67 GB (+1.25 GB per row); fp32
+  AdamW instead of 8-bit 15.79 GB. Those are ``nvidia-smi`` figures with torch 1.12, whose CUDA
+  context (no lazy kernel loading) took ~0.5 GB more than today's; this module gives 9.1 GB for
+  that configuration.
+- kohya-style fine-tuning on an RTX 4090 (arca.live/b/aiart/77209577): with xformers
+  +1.34 GB per image without checkpointing, +0.5 GB with it; without memory-efficient attention
+  +7 GB per image (we never run that: the package always uses SDPA or xformers).
+- The diffusers DreamBooth README: fine-tuning the text encoder too (fp32 AdamW, prior
+  preservation) "needs 24 GB"; this module gives 16-18 GB for it at batch 1 (with and without
+  checkpointing): more than a 16 GB card holds, as there.
+
+The sum is deliberately simple and errs high at batch 1 without checkpointing, where the
+backward pass frees activations while it creates gradients.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .runtime import DeviceInfo
+
+if TYPE_CHECKING:
+    from .config import DreamBoothConfig
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Parameter counts of a Stable Diffusion model's parts."""
+
+    unet: int
+    text_encoder: int
+    vae: int
+    label: str
+
+
+# Exact counts of the published models (diffusers' UNet2DConditionModel, CLIPTextModel,
+# AutoencoderKL built from their configs).
+SD15 = ModelSizes(859_520_964, 123_060_480, 83_653_863, "SD 1.x")
+SD2 = ModelSizes(865_910_724, 340_387_840, 83_653_863, "SD 2.x")
+
+# Activations kept for the backward pass, GiB per row (image) of SD 1.5 at 512 px in
+# fp16/bf16 with memory-efficient attention (see the module docstring for the sources).
+ACTIVATIONS_GB = 1.3
+ACTIVATIONS_CHECKPOINTED_GB = 0.25
+# fp32 activations take about twice as much (autocast already keeps some in fp32).
+FP32_ACTIVATION_FACTOR = 2.0
+# Flash attention keeps slightly less than the memory-efficient kernel (no padding buffers).
+ATTENTION_FACTOR = {"flash_attention": 0.9}
+TEXT_ENCODER_ACTIVATIONS_GB = 0.03  # CLIP-L over 77 tokens, per row
+VAE_ENCODE_GB = 0.3  # transient activations of encoding one 512 px image (no gradients)
+# CUDA context (lazy kernel loading), cuBLAS/cuDNN workspaces and the allocator's slack.
+CUDA_OVERHEAD_GB = 0.6
+# bitsandbytes AdamW8bit: two 1-byte states per weight (plus per-block scales, ~1%).
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}
+# LoRA parameters per unit of rank on SD 1.5's attention projections (q, k, v, out):
+# 16 transformer blocks in the UNet, 12 layers in CLIP-L.
+LORA_UNET_PER_RANK = 199_296
+LORA_TEXT_PER_RANK = 73_728
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak GPU memory of a configuration, item by item, in GB (GiB)."""
+
+    items: list[tuple[str, float]]
+    device_gb: float  # the GPU's memory; 0 on the CPU
+    on_gpu: bool
+    notes: list[str] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)  # changes that would lower the peak
+
+    @property
+    def total_gb(self) -> float:
+        """The estimated peak."""
+        return sum(gb for _, gb in self.items)
+
+    @property
+    def fits(self) -> bool:
+        """True on the CPU, or when the peak is within the GPU's memory."""
+        return not self.on_gpu or self.total_gb <= self.device_gb
+
+    def __str__(self) -> str:
+        where = (f"of {self.device_gb:.1f} GB on the GPU" if self.on_gpu
+                 else "(host memory: training runs on the CPU)")
+        lines = [f"Estimated peak memory: {self.total_gb:.1f} GB {where}"]
+        lines += [f"  {label:52} {gb:6.2f} GB" for label, gb in self.items if gb >= 0.005]
+        lines += [f"  note: {n}" for n in self.notes]
+        if not self.fits:
+            lines.append("  It will not fit. To lower it: " + "; ".join(self.advice))
+        return "\n".join(lines)
+
+
+def estimate_peak_memory(config: "DreamBoothConfig", device: DeviceInfo, *,
+                         sizes: ModelSizes | None = None, bitsandbytes: bool | None = None,
+                         processes: int | None = None) -> MemoryEstimate:
+    """Estimate the peak memory of training ``config`` on ``device``.
+
+    Blank (auto) preset fields are first filled as training would fill them. ``sizes`` are the
+    model's parameter counts (from :func:`model_sizes` of the base model when None);
+    ``bitsandbytes`` says whether 8-bit Adam can really run (detected when None);
+    ``processes`` is the number of training processes (the WORLD_SIZE when None): with more
+    than one, DistributedDataParallel keeps a bucket copy of the gradients.
+    """
+    from .presets import apply_preset
+
+    config = apply_preset(config, device)[0]
+    sizes = sizes or model_sizes(config.base_model)
+    on_gpu = device.kind == "cuda" and not config.use_cpu
+    if bitsandbytes is None:
+        bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
+    if processes is None:
+        processes = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    precision = config.mixed_precision if on_gpu else "no"
+    half = 2 if precision in ("fp16", "bf16") else 4
+    # Activations and LoRA sizes scale with the width; parameters with its square.
+    width = (sizes.unet / SD15.unet) ** 0.5
+    text_width = (sizes.text_encoder / SD15.text_encoder) ** 0.5
+    area = (config.resolution / 512) ** 2
+    prior = any(c.wants_prior_preservation for c in config.concepts_list)
+    rows = config.train_batch_size * (2 if prior else 1)
+    trains_text = bool(config.train_text_encoder)
+    notes: list[str] = []
+
+    eight_bit = bool(config.use_8bit_adam) and on_gpu
+    if eight_bit and not bitsandbytes:
+        notes.append("8-bit Adam is on but bitsandbytes is not installed: counted as torch "
+                     "AdamW (pip install 'colab-dreambooth[cuda]')")
+        eight_bit = False
+    optimizer_bytes = OPTIMIZER_BYTES["adamw8bit" if eight_bit else "adamw"]
+
+    items: list[tuple[str, float]] = []
+    if config.use_lora:
+        adapters = round(config.lora_unet_rank * LORA_UNET_PER_RANK * width)
+        if trains_text:
+            adapters += round(config.lora_txt_rank * LORA_TEXT_PER_RANK * text_width)
+        items += [
+            (f"UNet weights ({_dtype(half)}, frozen)", sizes.unet * half / GIB),
+            (f"text encoder weights ({_dtype(half)}, frozen)", sizes.text_encoder * half / GIB),
+            ("LoRA adapters: fp32 weights, gradients, AdamW states",
+             adapters * (4 + 4 + 8) / GIB)]
+        trained = adapters
+    else:
+        trained = sizes.unet + (sizes.text_encoder if trains_text else 0)
+        items.append(("UNet weights (fp32, trained)", sizes.unet * 4 / GIB))
+        items.append((f"text encoder weights ({'fp32, trained' if trains_text else _dtype(half)})",
+                      sizes.text_encoder * (4 if trains_text else half) / GIB))
+        items.append(("gradients (fp32)", trained * 4 / GIB))
+        items.append((f"optimizer states ({'8-bit AdamW' if eight_bit else 'AdamW, fp32'})",
+                      trained * optimizer_bytes / GIB))
+        if processes > 1:
+            items.append(("gradient buckets of DistributedDataParallel", trained * 4 / GIB))
+
+    checkpointing = bool(config.gradient_checkpointing)
+    per_row = ACTIVATIONS_CHECKPOINTED_GB if checkpointing else ACTIVATIONS_GB
+    per_row *= ATTENTION_FACTOR.get(_attention(config.attention, device), 1.0)
+    if half == 4:
+        per_row *= FP32_ACTIVATION_FACTOR
+    items.append((f"activations ({rows} row(s) at {config.resolution} px"
+                  f"{', checkpointed' if checkpointing else ''})", rows * per_row * area * width))
+    if trains_text:
+        text_rows = TEXT_ENCODER_ACTIVATIONS_GB * (0.2 if checkpointing else 1.0) * (4 / half)
+        items.append(("text encoder activations", rows * text_rows * text_width))
+    if not config.cache_latents:
+        items.append((f"VAE ({_dtype(half)}) and encoding each step",
+                      sizes.vae * half / GIB + rows * VAE_ENCODE_GB * area * (half / 2)))
+    if config.use_ema and not config.ema_on_cpu:
+        items.append(("EMA copy of the UNet (fp32)", sizes.unet * 4 / GIB))
+    if on_gpu:
+        items.append(("CUDA context, workspaces, allocator slack", CUDA_OVERHEAD_GB))
+    if sizes.label not in (SD15.label, SD2.label):
+        notes.append(f"model sizes counted from {sizes.label}")
+
+    estimate = MemoryEstimate(items, device.memory_gb if on_gpu else 0.0, on_gpu, notes)
+    estimate.advice = _advice(config, eight_bit, bitsandbytes)
+    return estimate
+
+
+def warn_if_too_big(config: "DreamBoothConfig", device: DeviceInfo, *,
+                    sizes: ModelSizes | None = None,
+                    bitsandbytes: bool | None = None) -> MemoryEstimate | None:
+    """Log a warning (with what to change) when ``config`` will not fit ``device``'s memory.
+    Says nothing on the CPU; returns the estimate (None on the CPU). The keywords are those of
+    :func:`estimate_peak_memory`."""
+    if device.kind != "cuda" or config.use_cpu:
+        return None
+    try:
+        estimate = estimate_peak_memory(config, device, sizes=sizes, bitsandbytes=bitsandbytes)
+    except Exception as exc:  # an estimate must never stop a run
+        log.debug("no memory estimate: %s", exc)
+        return None
+    if not estimate.fits:
+        log.warning("This configuration needs about %.1f GB of GPU memory but %s has %.1f GB: "
+                    "it will probably run out of memory. To lower it: %s",
+                    estimate.total_gb, device.name, device.memory_gb, "; ".join(estimate.advice))
+    else:
+        log.info("Estimated peak GPU memory %.1f GB of %.1f GB", estimate.total_gb,
+                 device.memory_gb)
+    return estimate
+
+
+def _advice(config: "DreamBoothConfig", eight_bit: bool, bitsandbytes: bool) -> list[str]:
+    """The changes that lower the peak, cheapest first, among those not made yet."""
+    advice = []
+    if not config.gradient_checkpointing:
+        advice.append("turn on Gradient checkpointing (~1 GB less per image)")
+    if not config.use_lora and not eight_bit:
+        advice.append("turn on Use 8bit Adam (about 5 GB less)" if bitsandbytes else
+                      "install bitsandbytes for 8-bit Adam (pip install "
+                      "'colab-dreambooth[cuda]'; about 5 GB less)")
+    if config.use_ema and not config.ema_on_cpu:
+        advice.append("turn on Keep EMA on CPU (about 3 GB less)")
+    if not config.cache_latents:
+        advice.append("turn on Cache latents")
+    if config.train_batch_size > 1:
+        advice.append("lower the Batch size (use Gradient accumulation steps instead)")
+    if config.train_text_encoder and not config.use_lora:
+        advice.append("turn off Train Text Encoder (about 1-2 GB less)")
+    if not config.use_lora:
+        advice.append("turn on Use LORA (under 6 GB)")
+    if config.resolution > 512:
+        advice.append("lower the Resolution")
+    return advice
+
+
+def _dtype(half: int) -> str:
+    return "fp16/bf16" if half == 2 else "fp32"
+
+
+def _attention(choice: str | None, device: DeviceInfo) -> str:
+    return "flash_attention" if choice == "flash_attention" and device.flash_attention else "sdpa"
+
+
+@lru_cache(maxsize=16)
+def model_sizes(base_model: str) -> ModelSizes:
+    """Parameter counts of ``base_model``: counted from its configs when they are on this
+    machine (the tiny model, a local diffusers folder, a Hub model already downloaded), else
+    those of SD 2.x for a name that says so and of SD 1.x otherwise. Loads no weights."""
+    from .config import TINY_MODEL
+
+    name = base_model.strip()
+    try:
+        if name == TINY_MODEL:
+            from .models import tiny_model_path
+
+            return count_parameters(tiny_model_path(), "the tiny model")
+        folder = _local_folder(name)
+        if folder is not None:
+            return count_parameters(folder, name)
+    except Exception as exc:  # unreadable configs: fall back to the published sizes
+        log.debug("could not count the parameters of %s: %s", name, exc)
+    lowered = name.lower()
+    return SD2 if ("stable-diffusion-2" in lowered or "sd2" in lowered
+                   or "v2-1" in lowered) else SD15
+
+
+def _local_folder(name: str) -> Path | None:
+    path = Path(name).expanduser()
+    if (path / "unet" / "config.json").is_file():
+        return path
+    if path.suffix.lower() in (".safetensors", ".ckpt"):
+        converted = path.with_name(path.stem + "-diffusers")
+        return converted if (converted / "unet" / "config.json").is_file() else None
+    if name.count("/") == 1 and not path.exists():  # a Hub id: only its local cache
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "unet/config.json")
+        if isinstance(found, str):
+            return Path(found).parent.parent
+    return None
+
+
+def count_parameters(folder: str | os.PathLike, label: str) -> ModelSizes:
+    """Parameter counts of a diffusers folder's UNet, text encoder and VAE, from their
+    configs alone (built on the meta device: no memory, no weights read)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(_read(folder / "unet" / "config.json"))
+        vae = AutoencoderKL.from_config(_read(folder / "vae" / "config.json"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+    return ModelSizes(_numel(unet), _numel(text), _numel(vae), label)
+
+
+def _read(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _numel(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = ["MemoryEstimate", "ModelSizes", "SD15", "SD2", "count_parameters",
+           "estimate_peak_memory", "model_sizes", "warn_if_too_big"]
