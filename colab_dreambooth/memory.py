@@ -73,8 +73,11 @@ TEXT_ENCODER_ACTIVATIONS_GB = 0.03  # CLIP-L over 77 tokens, per row
 VAE_ENCODE_GB = 0.3  # transient activations of encoding one 512 px image (no gradients)
 # CUDA context (lazy kernel loading), cuBLAS/cuDNN workspaces and the allocator's slack.
 CUDA_OVERHEAD_GB = 0.6
-# bitsandbytes AdamW8bit: two 1-byte states per weight (plus per-block scales, ~1%).
-OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}
+# Optimizer state bytes per fp32 weight. bitsandbytes AdamW8bit: two 1-byte states (plus
+# per-block scales, ~1%); Lion one state; Prodigy four (two moments, its s and the initial
+# weights); Adafactor factored second moments only, a row and a column per matrix (~0).
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "lion": 4, "lion8bit": 1, "prodigy": 16,
+                   "adafactor": 0}
 # LoRA parameters per unit of rank on SD 1.5's attention projections (q, k, v, out):
 # 16 transformer blocks in the UNet, 12 layers in CLIP-L.
 LORA_UNET_PER_RANK = 199_296
@@ -143,12 +146,20 @@ def estimate_peak_memory(config: "DreamBoothConfig", device: DeviceInfo, *,
     trains_text = bool(config.train_text_encoder)
     notes: list[str] = []
 
-    eight_bit = bool(config.use_8bit_adam) and on_gpu
+    name = config.optimizer if config.optimizer in ("Lion", "Prodigy", "Adafactor") else "AdamW"
+    eight_bit = bool(config.use_8bit_adam) and on_gpu and name in ("AdamW", "Lion")
     if eight_bit and not bitsandbytes:
         notes.append("8-bit Adam is on but bitsandbytes is not installed: counted as torch "
-                     "AdamW (pip install 'colab-dreambooth[cuda]')")
+                     f"{name} (pip install 'colab-dreambooth[cuda]')")
         eight_bit = False
-    optimizer_bytes = OPTIMIZER_BYTES["adamw8bit" if eight_bit else "adamw"]
+    # Half model: the trained weights, their gradients and torch optimizers' states in 16 bit.
+    full_half = bool(config.full_fp16) and half == 2 and not config.use_lora
+    weight_bytes = 2 if full_half else 4
+    optimizer_bytes = OPTIMIZER_BYTES[name.lower() + ("8bit" if eight_bit else "")]
+    if full_half and not eight_bit and name != "Adafactor":
+        optimizer_bytes //= 2
+    optimizer_label = (f"8-bit {name}" if eight_bit else
+                       f"{name}, {'16-bit' if full_half and name != 'Adafactor' else 'fp32'}")
 
     items: list[tuple[str, float]] = []
     if config.use_lora:
@@ -163,14 +174,17 @@ def estimate_peak_memory(config: "DreamBoothConfig", device: DeviceInfo, *,
         trained = adapters
     else:
         trained = sizes.unet + (sizes.text_encoder if trains_text else 0)
-        items.append(("UNet weights (fp32, trained)", sizes.unet * 4 / GIB))
-        items.append((f"text encoder weights ({'fp32, trained' if trains_text else _dtype(half)})",
-                      sizes.text_encoder * (4 if trains_text else half) / GIB))
-        items.append(("gradients (fp32)", trained * 4 / GIB))
-        items.append((f"optimizer states ({'8-bit AdamW' if eight_bit else 'AdamW, fp32'})",
-                      trained * optimizer_bytes / GIB))
+        trained_dtype = _dtype(weight_bytes)
+        items.append((f"UNet weights ({trained_dtype}, trained)",
+                      sizes.unet * weight_bytes / GIB))
+        items.append((f"text encoder weights "
+                      f"({trained_dtype + ', trained' if trains_text else _dtype(half)})",
+                      sizes.text_encoder * (weight_bytes if trains_text else half) / GIB))
+        items.append((f"gradients ({trained_dtype})", trained * weight_bytes / GIB))
+        items.append((f"optimizer states ({optimizer_label})", trained * optimizer_bytes / GIB))
         if processes > 1:
-            items.append(("gradient buckets of DistributedDataParallel", trained * 4 / GIB))
+            items.append(("gradient buckets of DistributedDataParallel",
+                          trained * weight_bytes / GIB))
 
     checkpointing = bool(config.gradient_checkpointing)
     per_row = ACTIVATIONS_CHECKPOINTED_GB if checkpointing else ACTIVATIONS_GB
@@ -225,7 +239,7 @@ def _advice(config: "DreamBoothConfig", eight_bit: bool, bitsandbytes: bool) -> 
     advice = []
     if not config.gradient_checkpointing:
         advice.append("turn on Gradient checkpointing (~1 GB less per image)")
-    if not config.use_lora and not eight_bit:
+    if not config.use_lora and not eight_bit and config.optimizer in ("AdamW", "Lion"):
         advice.append("turn on Use 8bit Adam (about 5 GB less)" if bitsandbytes else
                       "install bitsandbytes for 8-bit Adam (pip install "
                       "'colab-dreambooth[cuda]'; about 5 GB less)")

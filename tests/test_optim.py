@@ -176,3 +176,28 @@ def test_the_extensions_training_option_keys_import(tmp_path):
     assert config.keep_tokens == 2 and config.stop_text_encoder == 0.5
     assert not set(values) & EXTENSION_ONLY_KEYS
     assert "half_model" in EXTENSION_ONLY_KEYS  # the extension's means "export in fp16"
+
+
+def test_memory_estimate_counts_the_optimizers_state_and_the_half_model():
+    from colab_dreambooth.config import Concept, DreamBoothConfig
+    from colab_dreambooth.memory import SD15, estimate_peak_memory
+
+    t4 = DeviceInfo("cuda", "Tesla T4", 14.7, False, 1, (7, 5))
+    base = DreamBoothConfig(concepts_list=[Concept(instance_prompt="sks dog",
+                                                   instance_data_dir="/d")],
+                            use_8bit_adam=False, mixed_precision="fp16",
+                            train_text_encoder=False)
+
+    def states(**changes):
+        estimate = estimate_peak_memory(base.copy(**changes), t4, sizes=SD15,
+                                        bitsandbytes=True)
+        (label, gb), = [(k, v) for k, v in estimate.items if k.startswith("optimizer states")]
+        return label, gb, estimate.total_gb
+
+    adamw, lion, prodigy, adafactor = (states(optimizer=n) for n in OPTIMIZERS)
+    assert lion[1] == pytest.approx(adamw[1] / 2) and prodigy[1] == pytest.approx(adamw[1] * 2)
+    assert adafactor[1] == 0 and "Adafactor" in adafactor[0]
+    assert states(optimizer="Lion", use_8bit_adam=True)[0] == "optimizer states (8-bit Lion)"
+    assert states(optimizer="Prodigy", use_8bit_adam=True)[1] == prodigy[1]  # no 8-bit form
+    half = states(full_fp16=True)
+    assert half[1] == pytest.approx(adamw[1] / 2) and half[2] < adamw[2] - 3
