@@ -218,8 +218,8 @@ class DreamBoothConfig:
         "Adafactor have no 8-bit form.", "Advanced")
     optimizer: str = setting(
         "AdamW", "Optimizer", "AdamW: the standard (2 states per weight; 8-bit with Use 8bit "
-        "Adam). Lion (pip install lion-pytorch): 1 state per weight, so about a third less "
-        "optimizer memory; use a 3-10x lower learning rate and a 3-10x higher weight decay. "
+        "Adam). Lion (pip install lion-pytorch): 1 state per weight, half AdamW's optimizer "
+        "memory; use a 3-10x lower learning rate and a 3-10x higher weight decay. "
         "Prodigy (pip install prodigyopt): finds its own step size: set the learning rates "
         "to 1.0; costs 2 more states per weight than AdamW. Adafactor (in transformers): "
         "factored second moments, the least optimizer memory, may learn more slowly.",
