@@ -8,6 +8,7 @@ trains only LoRA adapters (:mod:`colab_dreambooth.lora`) and the run saves one L
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -83,6 +84,17 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
     end the run cleanly after the current step with a checkpoint and the model saved.
     ``on_step(step, loss, lr)`` is called after each optimizer step.
     """
+    # Whatever a run changes outside itself (torch's global flags) is put back however it
+    # ends, an exception included.
+    with contextlib.ExitStack() as cleanup:
+        return _train(config, cleanup, device=device, stop=stop, progress=progress,
+                      on_step=on_step, resume=resume)
+
+
+def _train(config: DreamBoothConfig, cleanup: contextlib.ExitStack, *, device: DeviceInfo | None,
+           stop: threading.Event | None, progress: bool,
+           on_step: Callable[[int, float, float], None] | None, resume: bool) -> TrainResult:
+    """The body of :func:`train`; ``cleanup`` undoes global changes when the run ends."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -130,7 +142,8 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
                                    f"{num_text_layers(text_encoder)} layers of this model's "
                                    "text encoder: lower it (1 = the last layer)")])
     # Global torch flags, put back when the run ends (so a later run without them is without).
-    numerics = apply_numerics(tf32=config.allow_tf32, deterministic=config.deterministic)
+    cleanup.callback(apply_numerics(tf32=config.allow_tf32,
+                                    deterministic=config.deterministic).restore)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(config.train_text_encoder)
     if config.train_text_encoder and config.freeze_clip_normalization:
@@ -337,7 +350,6 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
     if uploader is not None:
         uploader.close(timeout=3600)
     accelerator.end_training()
-    numerics.restore()
     return TrainResult(model_dir, step, plan.total_steps, plan.epochs, seed, losses, stopped,
                        lora_file_path(config) if config.use_lora else None,
                        checkpoints.last, resume_from)
