@@ -18,10 +18,12 @@ import math
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from PIL import Image
+
+from .data import ResumableBatchSampler
 
 STEP = 64
 Size = tuple[int, int]  # (width, height) in pixels
@@ -107,7 +109,7 @@ def bucket_report(instance: Iterable[Path], classes: Iterable[Path],
     return "\n".join(lines)
 
 
-class BucketBatchSampler(torch.utils.data.Sampler):
+class BucketBatchSampler(ResumableBatchSampler):
     """Batches of dataset indices, each from one bucket, in an order that is a pure function
     of ``(seed, epoch)``.
 
@@ -119,24 +121,15 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, buckets: list[Size], max_batch: int, seed: int, shuffle: bool = True):
-        self.max_batch, self.seed, self.shuffle = max_batch, seed, shuffle
+        super().__init__(seed, shuffle)
+        self.max_batch = max_batch
         self.groups: dict[Size, list[int]] = {}
         for index, size in enumerate(buckets):
             self.groups.setdefault(size, []).append(index)
-        self.epoch = 0
-        self._skip = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose order the next iteration yields."""
-        self.epoch = epoch
-
-    def skip_next(self, batches: int) -> None:
-        """Make the next iteration (only) start after its first ``batches`` batches."""
-        self._skip = batches
 
     def batches(self, epoch: int) -> list[list[int]]:
         """Every batch of ``epoch``, in training order."""
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+        generator = self.generator(epoch)
         out = []
         for size in sorted(self.groups):
             members = self.groups[size]
@@ -148,10 +141,6 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         if self.shuffle:
             out = [out[k] for k in torch.randperm(len(out), generator=generator).tolist()]
         return out
-
-    def __iter__(self) -> Iterator[list[int]]:
-        skip, self._skip = self._skip, 0
-        yield from self.batches(self.epoch)[skip:]
 
     def __len__(self) -> int:
         return sum(-(-len(m) // self.max_batch) for m in self.groups.values())

@@ -8,10 +8,11 @@ class image of the same concept (prior preservation), as pixels or as cached lat
 
 from __future__ import annotations
 
+import abc
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -301,15 +302,16 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.latents = latents
 
 
-class EpochBatchSampler(torch.utils.data.Sampler):
-    """Shuffled batches of dataset indices whose order is a pure function of ``(seed, epoch)``.
+class ResumableBatchSampler(torch.utils.data.Sampler, abc.ABC):
+    """Batches of dataset indices whose order is a pure function of ``(seed, epoch)``.
 
-    A resumed run calls :meth:`set_epoch` and skips the batches already trained, and gets the
-    very batches an uninterrupted run would have. The last batch of an epoch may be smaller.
+    A resumed run calls :meth:`set_epoch` and :meth:`skip_next` and gets the very batches an
+    uninterrupted run would have, without loading the ones it skips. Subclasses say what an
+    epoch's batches are.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool = True):
-        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+    def __init__(self, seed: int, shuffle: bool = True):
+        self.seed, self.shuffle = seed, shuffle
         self.epoch = 0
         self._skip = 0
 
@@ -321,16 +323,30 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         """Make the next iteration (only) start after its first ``batches`` batches."""
         self._skip = batches
 
-    def __iter__(self):
-        if self.shuffle:
-            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch)
-                                                      % 2**63)
-            order = torch.randperm(self.size, generator=generator).tolist()
-        else:
-            order = list(range(self.size))
+    def generator(self, epoch: int) -> torch.Generator:
+        """The epoch's own random generator (never the global one)."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+
+    @abc.abstractmethod
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of ``epoch``, in training order."""
+
+    def __iter__(self) -> Iterator[list[int]]:
         skip, self._skip = self._skip, 0
-        for start in range(skip * self.batch_size, self.size, self.batch_size):
-            yield order[start:start + self.batch_size]
+        yield from self.batches(self.epoch)[skip:]
+
+
+class EpochBatchSampler(ResumableBatchSampler):
+    """Shuffled batches of ``batch_size`` indices out of ``size`` (the last may be smaller)."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool = True):
+        super().__init__(seed, shuffle)
+        self.size, self.batch_size = size, batch_size
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        order = (torch.randperm(self.size, generator=self.generator(epoch)).tolist()
+                 if self.shuffle else list(range(self.size)))
+        return [order[i:i + self.batch_size] for i in range(0, self.size, self.batch_size)]
 
     def __len__(self) -> int:
         return -(-self.size // self.batch_size)
