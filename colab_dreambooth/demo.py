@@ -134,6 +134,7 @@ def run_demo(out: str | Path = "demo-output", *, steps: int = 150, save_every: i
           f"{sum(result.losses[-10:]) / len(result.losses[-10:]):.3f} (mean of the last 10)")
     if result.stopped_early:
         print(f"  stopped at step {result.steps}: continue with  colab-dreambooth demo --out "
-              f"{out} --steps {steps} --resume")
+              f"{out} --steps {steps}{f' --save-every {save_every}' if save_every else ''} "
+              "--resume")
     print("Train on this data again with:  colab-dreambooth train --config " + str(params))
     return result.model_dir

@@ -44,7 +44,7 @@ from .optim import EMA, make_lr_scheduler, make_optimizer, plan_steps, set_memor
 from .params import resolve_concepts, save_params, write_text_atomic
 from .presets import apply_preset, format_choices, preset_for
 from .runtime import DeviceInfo, detect_device
-from .storage import BackgroundUploader
+from .storage import BackgroundUploader, hf_token
 from .text_encoding import (chunked_input_ids, encode_prompts, freeze_final_layer_norm,
                             num_text_layers)
 from .validation import ConfigError, Problem, check_config
@@ -407,7 +407,13 @@ def _hub_uploader(config: DreamBoothConfig, accelerator) -> BackgroundUploader |
     repo = hub_target(config)
     if repo is None or not accelerator.is_main_process:
         return None
-    return BackgroundUploader(repo, private=True)
+    # Read here, on the caller's thread: Colab's secrets cannot be asked from a worker thread.
+    token = hf_token()
+    if not token:
+        log.warning("Checkpoint Hub repo is %s but no Hugging Face token was found (Colab "
+                    "secret HF_TOKEN, the HF_TOKEN variable or `huggingface-cli login`): "
+                    "checkpoints stay local only", repo)
+    return BackgroundUploader(repo, token=token, private=True)
 
 
 def _ctrl_c_sets(stop: threading.Event) -> Callable[[], None]:
