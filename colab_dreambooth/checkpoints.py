@@ -98,8 +98,9 @@ def checkpoint_name(step: int) -> str:
 
 # ----------------------------------------------------------------------------- finding
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first. A folder whose ``state.json`` is
-    missing or unreadable, or whose files are not all there in full, is skipped."""
+    """Complete checkpoints under ``root``, oldest written first (a new run's step 100 is
+    newer than an earlier run's step 800). A folder whose ``state.json`` is missing or
+    unreadable, or whose files are not all there in full, is skipped."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -107,8 +108,9 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     for folder in root.glob(PREFIX + "*"):
         state = read_state(folder)
         if state is not None:
-            found.append((state["progress"]["step"], folder.name, folder))
-    return [folder for _, _, folder in sorted(found)]
+            found.append((float(state.get("saved_unix", 0.0)), state["progress"]["step"],
+                          folder.name, folder))
+    return [entry[-1] for entry in sorted(found)]
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
@@ -201,7 +203,7 @@ def save_checkpoint(root: str | os.PathLike, state: TrainingState, progress: Pro
               "ema_updates": state.ema.updates if state.ema is not None else None,
               "processes": 1 if accelerator is None else accelerator.num_processes,
               "params": params_to_dict(config),
-              "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "saved_unix": time.time()}
     _write_json_synced(tmp / STATE_FILE, record)
     target = root / checkpoint_name(progress.step)
     _swap_into_place(tmp, target)
@@ -362,6 +364,24 @@ def keep_checkpoint_choices(config: "DreamBoothConfig", folder: Path) -> "DreamB
     return config.copy(**changes) if changes else config
 
 
+def refuse_to_bury_unfinished_run(config: "DreamBoothConfig") -> None:
+    """Raise when a new (not resumed) run would start beside an interrupted run's checkpoint:
+    its next checkpoints would replace the only copy of hours of training. A finished run's
+    checkpoints are replaced like its model folder, without asking."""
+    root = checkpoint_root(config)
+    latest = latest_checkpoint(root)
+    state = read_state(latest) if latest is not None else None
+    if state is None:
+        return
+    progress = state["progress"]
+    if progress["step"] < progress["total_steps"]:
+        raise CheckpointError(
+            f"{latest} holds an interrupted run (step {progress['step']} of "
+            f"{progress['total_steps']}, saved {state.get('saved_at', '')}). Continue it with "
+            "resume (train --resume; notebook 03: RESUME = True), or, to start over, delete "
+            f"{root} or choose another model name or Checkpoint folder.")
+
+
 def saved_seed(folder: Path) -> int | None:
     """The seed a checkpoint's run used (a resumed run must use it again)."""
     state = read_state(folder)
@@ -415,4 +435,4 @@ def download_latest_checkpoint(repo: HubRepo, root: Path, *, token: str | None =
 
 __all__ = ["Progress", "TrainingState", "CheckpointError", "checkpoint_root", "list_checkpoints",
            "latest_checkpoint", "save_checkpoint", "load_checkpoint", "prune", "check_compatible",
-           "saved_seed", "keep_checkpoint_choices", "hub_target", "hub_uploader", "download_latest_checkpoint"]
+           "saved_seed", "keep_checkpoint_choices", "refuse_to_bury_unfinished_run", "hub_target", "hub_uploader", "download_latest_checkpoint"]

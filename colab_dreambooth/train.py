@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from .checkpoints import (Progress, TrainingState, check_compatible, checkpoint_root,
                           download_latest_checkpoint, hub_target, keep_checkpoint_choices,
-                          latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
-                          saved_seed)
+                          latest_checkpoint, list_checkpoints, load_checkpoint,
+                          refuse_to_bury_unfinished_run, save_checkpoint, saved_seed)
 from .buckets import BucketBatchSampler, assign_buckets, bucket_report
 from .class_images import generate_class_images
 from .config import DreamBoothConfig
@@ -101,6 +101,8 @@ def _train(config: DreamBoothConfig, cleanup: contextlib.ExitStack, *, device: D
     # ---- configuration and data, checked before any model is loaded
     device = device or (DeviceInfo.cpu() if config.use_cpu else detect_device())
     resume_from = find_resume_checkpoint(config) if resume else None
+    if not resume:
+        refuse_to_bury_unfinished_run(config)
     if resume_from is not None:
         # A resumed run on another GPU keeps what the interrupted run's preset chose.
         config = keep_checkpoint_choices(config, resume_from)

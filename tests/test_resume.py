@@ -323,3 +323,23 @@ def test_resume_on_another_gpu_keeps_the_runs_auto_choices(tiny_config, tmp_path
     assert kept.train_batch_size == 2 and kept.cache_latents is False
     mine = keep_checkpoint_choices(config.copy(train_batch_size=3), first.checkpoint)
     assert mine.train_batch_size == 3  # the user's own value is never replaced
+
+
+def test_a_new_run_never_buries_an_interrupted_one(tiny_config, tmp_path):
+    config = resumable(tiny_config, tmp_path, "m", max_train_steps=6, use_ema=False,
+                       gradient_accumulation_steps=1, save_every_steps=0)
+    stop = threading.Event()
+    first = train(config, stop=stop, progress=False,
+                  on_step=lambda step, loss, lr: step == 2 and stop.set())
+    # Rerunning the cell without resume: refused before any model loads, checkpoint kept.
+    with pytest.raises(CheckpointError, match="interrupted run .step 2 of 6.*resume"):
+        train(config, progress=False)
+    assert latest_checkpoint(first.checkpoint.parent) == first.checkpoint
+    finished = train(config, resume=True, progress=False)
+    assert finished.steps == 6
+    # A finished run's checkpoint is replaced by a new run's, newest written first.
+    again = train(config.copy(max_train_steps=3, learning_rate=5e-4), progress=False)
+    assert again.resumed_from is None and again.steps == 3
+    assert [p.name for p in list_checkpoints(first.checkpoint.parent)] == [
+        "checkpoint-00000006", "checkpoint-00000003"]  # two kept, oldest written first
+    assert latest_checkpoint(first.checkpoint.parent) == again.checkpoint
