@@ -398,11 +398,6 @@ def hub_target(config: "DreamBoothConfig") -> HubRepo | None:
     return target
 
 
-def hub_uploader(config: "DreamBoothConfig") -> BackgroundUploader | None:
-    repo = hub_target(config)
-    return BackgroundUploader(repo, private=True) if repo is not None else None
-
-
 def download_latest_checkpoint(repo: HubRepo, root: Path, *, token: str | None = None
                                ) -> Path | None:
     """Fetch the newest complete checkpoint of ``repo`` (``checkpoints/checkpoint-*``) into
@@ -433,6 +428,70 @@ def download_latest_checkpoint(repo: HubRepo, root: Path, *, token: str | None =
     return root / name
 
 
+# ----------------------------------------------------------------------------- during a run
+def find_resume_checkpoint(config: "DreamBoothConfig") -> Path | None:
+    """The newest complete local checkpoint; else the newest on Checkpoint Hub repo
+    (downloaded); else None (the run starts from the beginning, with a warning)."""
+    root = checkpoint_root(config)
+    found = latest_checkpoint(root)
+    repo = hub_target(config)
+    if found is None and repo is not None:
+        log.info("No checkpoint in %s: looking in %s", root, repo)
+        found = download_latest_checkpoint(repo, root)
+    if found is None:
+        log.warning("Resume: no complete checkpoint in %s%s: starting from the beginning", root,
+                    f" or {repo}" if repo else "")
+    return found
+
+
+class Checkpointer:
+    """Writes checkpoints where the config says and hands them to the Hub uploader."""
+
+    def __init__(self, config: "DreamBoothConfig", state: TrainingState, accelerator,
+                 uploader: BackgroundUploader | None, batches_per_epoch: int):
+        self.config, self.state, self.accelerator = config, state, accelerator
+        self.uploader, self.batches_per_epoch = uploader, batches_per_epoch
+        self.root = checkpoint_root(config)
+        self.last: Path | None = None  # set by train() to the checkpoint it resumed from
+        self.uploaded: list[str] = []
+
+    def save(self, run: Progress) -> Path | None:
+        """Checkpoint the run as it stands (every process calls it); None when skipped."""
+        position = Progress(**vars(run))
+        position.losses = list(run.losses)
+        if position.batch_in_epoch >= self.batches_per_epoch:  # an epoch just ended
+            position.epoch, position.batch_in_epoch = run.epoch + 1, 0
+        if self.last is not None and self.last.name.endswith(f"{run.step:08d}"):
+            return self.last  # this step is saved already (e.g. a stop right after a save)
+        path = save_checkpoint(self.root, self.state, position, self.config,
+                               keep=self.config.checkpoints_to_keep,
+                               accelerator=self.accelerator)
+        if path is not None:
+            self.last = path
+            if self.uploader is not None and self.accelerator.is_main_process:
+                kept = {p.name for p in list_checkpoints(self.root)}
+                gone = [name for name in self.uploaded if name not in kept]
+                self.uploaded = [name for name in self.uploaded if name in kept] + [path.name]
+                self.uploader.upload(path, f"checkpoints/{path.name}",
+                                     then_delete=[f"checkpoints/{name}" for name in gone])
+        return path
+
+
+def hub_uploader(config: "DreamBoothConfig", accelerator) -> BackgroundUploader | None:
+    """The background uploader of Checkpoint Hub repo (main process only), or None."""
+    repo = hub_target(config)
+    if repo is None or not accelerator.is_main_process:
+        return None
+    # Read here, on the caller's thread: Colab's secrets cannot be asked from a worker thread.
+    token = hf_token()
+    if not token:
+        log.warning("Checkpoint Hub repo is %s but no Hugging Face token was found (Colab "
+                    "secret HF_TOKEN, the HF_TOKEN variable or `huggingface-cli login`): "
+                    "checkpoints stay local only", repo)
+    return BackgroundUploader(repo, token=token, private=True)
+
+
 __all__ = ["Progress", "TrainingState", "CheckpointError", "checkpoint_root", "list_checkpoints",
            "latest_checkpoint", "save_checkpoint", "load_checkpoint", "prune", "check_compatible",
-           "saved_seed", "keep_checkpoint_choices", "refuse_to_bury_unfinished_run", "hub_target", "hub_uploader", "download_latest_checkpoint"]
+           "saved_seed", "keep_checkpoint_choices", "refuse_to_bury_unfinished_run", "hub_target", "hub_uploader", "download_latest_checkpoint",
+           "find_resume_checkpoint", "Checkpointer"]

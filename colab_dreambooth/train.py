@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoints import (Progress, TrainingState, check_compatible, checkpoint_root,
-                          download_latest_checkpoint, hub_target, keep_checkpoint_choices,
-                          latest_checkpoint, list_checkpoints, load_checkpoint,
-                          refuse_to_bury_unfinished_run, save_checkpoint, saved_seed)
+from .checkpoints import (Checkpointer, Progress, TrainingState, check_compatible,
+                          find_resume_checkpoint, hub_uploader, keep_checkpoint_choices,
+                          load_checkpoint, refuse_to_bury_unfinished_run, saved_seed)
 from .buckets import BucketBatchSampler, assign_buckets, bucket_report
 from .class_images import generate_class_images
 from .config import DreamBoothConfig
@@ -44,7 +43,6 @@ from .optim import EMA, make_lr_scheduler, make_optimizer, plan_steps, set_memor
 from .params import resolve_concepts, save_params, write_text_atomic
 from .presets import apply_preset, format_choices, preset_for
 from .runtime import DeviceInfo, detect_device
-from .storage import BackgroundUploader, hf_token
 from .text_encoding import (chunked_input_ids, encode_prompts, freeze_final_layer_norm,
                             num_text_layers)
 from .validation import ConfigError, Problem, check_config
@@ -246,8 +244,8 @@ def _train(config: DreamBoothConfig, cleanup: contextlib.ExitStack, *, device: D
         run.total_steps = plan.total_steps
         log.info("Resuming from %s: step %d of %d (epoch %d, batch %d)", resume_from, run.step,
                  plan.total_steps, run.epoch + 1, run.batch_in_epoch)
-    uploader = _hub_uploader(config, accelerator)
-    checkpoints = _Checkpointer(config, state, accelerator, uploader, len(loader))
+    uploader = hub_uploader(config, accelerator)
+    checkpoints = Checkpointer(config, state, accelerator, uploader, len(loader))
     checkpoints.last = resume_from
 
     noise_scheduler = make_noise_scheduler(config.noise_scheduler, parts.noise_scheduler.config)
@@ -355,67 +353,6 @@ def _train(config: DreamBoothConfig, cleanup: contextlib.ExitStack, *, device: D
     return TrainResult(model_dir, step, plan.total_steps, plan.epochs, seed, losses, stopped,
                        lora_file_path(config) if config.use_lora else None,
                        checkpoints.last, resume_from)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def find_resume_checkpoint(config: DreamBoothConfig) -> Path | None:
-    """The newest complete local checkpoint; else the newest on Checkpoint Hub repo
-    (downloaded); else None (the run starts from the beginning, with a warning)."""
-    root = checkpoint_root(config)
-    found = latest_checkpoint(root)
-    repo = hub_target(config)
-    if found is None and repo is not None:
-        log.info("No checkpoint in %s: looking in %s", root, repo)
-        found = download_latest_checkpoint(repo, root)
-    if found is None:
-        log.warning("Resume: no complete checkpoint in %s%s: starting from the beginning", root,
-                    f" or {repo}" if repo else "")
-    return found
-
-
-class _Checkpointer:
-    """Writes checkpoints where the config says and hands them to the Hub uploader."""
-
-    def __init__(self, config: DreamBoothConfig, state: TrainingState, accelerator,
-                 uploader: BackgroundUploader | None, batches_per_epoch: int):
-        self.config, self.state, self.accelerator = config, state, accelerator
-        self.uploader, self.batches_per_epoch = uploader, batches_per_epoch
-        self.root = checkpoint_root(config)
-        self.last: Path | None = None  # set by train() to the checkpoint it resumed from
-        self.uploaded: list[str] = []
-
-    def save(self, run: Progress) -> Path | None:
-        position = Progress(**vars(run))
-        position.losses = list(run.losses)
-        if position.batch_in_epoch >= self.batches_per_epoch:  # an epoch just ended
-            position.epoch, position.batch_in_epoch = run.epoch + 1, 0
-        if self.last is not None and self.last.name.endswith(f"{run.step:08d}"):
-            return self.last  # this step is saved already (e.g. a stop right after a save)
-        path = save_checkpoint(self.root, self.state, position, self.config,
-                               keep=self.config.checkpoints_to_keep,
-                               accelerator=self.accelerator)
-        if path is not None:
-            self.last = path
-            if self.uploader is not None and self.accelerator.is_main_process:
-                kept = {p.name for p in list_checkpoints(self.root)}
-                gone = [name for name in self.uploaded if name not in kept]
-                self.uploaded = [name for name in self.uploaded if name in kept] + [path.name]
-                self.uploader.upload(path, f"checkpoints/{path.name}",
-                                     then_delete=[f"checkpoints/{name}" for name in gone])
-        return path
-
-
-def _hub_uploader(config: DreamBoothConfig, accelerator) -> BackgroundUploader | None:
-    repo = hub_target(config)
-    if repo is None or not accelerator.is_main_process:
-        return None
-    # Read here, on the caller's thread: Colab's secrets cannot be asked from a worker thread.
-    token = hf_token()
-    if not token:
-        log.warning("Checkpoint Hub repo is %s but no Hugging Face token was found (Colab "
-                    "secret HF_TOKEN, the HF_TOKEN variable or `huggingface-cli login`): "
-                    "checkpoints stay local only", repo)
-    return BackgroundUploader(repo, token=token, private=True)
 
 
 def _ctrl_c_sets(stop: threading.Event) -> Callable[[], None]:
