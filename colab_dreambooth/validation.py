@@ -76,6 +76,8 @@ def validate(config: "DreamBoothConfig", device: "DeviceInfo | None" = None, *,
                                 "one, or turn Half model off"))
     if check_paths:
         problems += _base_model_problems(config)
+    if check_paths:
+        problems += _unmounted_drive_problems(config)
     hub = _text(config.checkpoint_hub_repo)
     if hub and not re.fullmatch(r"hf://[\w.-]+/[\w.-]+/?", hub):
         problems.append(Problem("checkpoint_hub_repo", f"{hub!r} is not a Hub repo: write "
@@ -206,6 +208,23 @@ def looks_like_local_path(name: str) -> bool:
     return (name.startswith((".", "/", "~")) or "\\" in name or re.match(r"^[A-Za-z]:", name)
             is not None or name.count("/") > 1 or Path(name).suffix in (".ckpt", ".safetensors")
             or Path(name).expanduser().exists())
+
+
+def _unmounted_drive_problems(config) -> list[Problem]:
+    """Output folders on Google Drive while Drive is not mounted: writing there would fill the
+    runtime's own disk (lost at the next disconnect) and block mounting Drive later."""
+    from . import runtime
+
+    if not runtime.on_colab() or (runtime.DRIVE_MOUNT / "MyDrive").is_dir():
+        return []
+    out = []
+    for name in ("models_root", "checkpoint_dir"):
+        value = _text(getattr(config, name))
+        if value and Path(value).expanduser().is_relative_to(runtime.DRIVE_MOUNT):
+            out.append(Problem(name, f"{value} is on Google Drive, which is not mounted: mount "
+                               "it first (notebooks do it; in code: from google.colab import "
+                               "drive; drive.mount('/content/drive'))"))
+    return out
 
 
 def _base_model_problems(config) -> list[Problem]:

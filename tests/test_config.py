@@ -1277,3 +1277,22 @@ def test_save_embedding_every_counts_steps_or_epochs(use_epochs, field):
     other = {"save_every_steps": "save_every_epochs",
              "save_every_epochs": "save_every_steps"}[field]
     assert getattr(config, other) == 0
+
+
+def test_output_folders_on_unmounted_google_drive(tmp_path, monkeypatch):
+    """On Colab, checkpoints or models on /content/drive before Drive is mounted would land on
+    the runtime's own disk (gone at the next disconnect): reported before training."""
+    from colab_dreambooth import runtime
+    from colab_dreambooth.validation import validate
+
+    drive = tmp_path / "content" / "drive"
+    monkeypatch.setattr(runtime, "DRIVE_MOUNT", drive)
+    monkeypatch.setattr(runtime, "on_colab", lambda: True)
+    config = DreamBoothConfig(checkpoint_dir=str(drive / "MyDrive" / "ckpt"))
+    problems = [p for p in validate(config, DeviceInfo.cpu()) if p.where == "checkpoint_dir"]
+    assert len(problems) == 1 and "not mounted" in problems[0].message
+    (drive / "MyDrive").mkdir(parents=True)  # mounted now
+    assert not [p for p in validate(config, DeviceInfo.cpu()) if p.where == "checkpoint_dir"]
+    monkeypatch.setattr(runtime, "on_colab", lambda: False)  # elsewhere it is just a path
+    (drive / "MyDrive").rmdir()
+    assert not [p for p in validate(config, DeviceInfo.cpu()) if p.where == "checkpoint_dir"]

@@ -9,7 +9,7 @@ import ipywidgets as w
 
 from colab_dreambooth.config import DreamBoothConfig
 from colab_dreambooth.params import save_params
-from colab_dreambooth.runtime import DeviceInfo
+from colab_dreambooth.runtime import DeviceInfo, mount_drive_if_needed
 from colab_dreambooth.train import TrainResult
 from colab_dreambooth.validation import ConfigError
 
@@ -50,6 +50,8 @@ class TrainApp:
             if problems:
                 raise ConfigError(problems)
             config = self.form.config
+        # Drive folders set in the form (checkpoints, models root) are mounted before the run.
+        mount_drive_if_needed(config.models_root, config.checkpoint_dir)
         save_params(config, self.params_path)
         self.form.busy = True
         try:
