@@ -461,7 +461,7 @@ class Checkpointer:
         position.losses = list(run.losses)
         if position.batch_in_epoch >= self.batches_per_epoch:  # an epoch just ended
             position.epoch, position.batch_in_epoch = run.epoch + 1, 0
-        if self.last is not None and self.last.name.endswith(f"{run.step:08d}"):
+        if self.last is not None and self.last.name == checkpoint_name(run.step):
             return self.last  # this step is saved already (e.g. a stop right after a save)
         path = save_checkpoint(self.root, self.state, position, self.config,
                                keep=self.config.checkpoints_to_keep,

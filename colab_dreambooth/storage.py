@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -86,8 +87,6 @@ def hf_token(explicit: str | None = None) -> str | None:
 
 def redact(text: str, *secrets: str | None) -> str:
     """``text`` with every secret (and any ``hf_...`` token-shaped word) replaced by ``***``."""
-    import re
-
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")

@@ -43,7 +43,7 @@ from .optim import EMA, make_lr_scheduler, make_optimizer, plan_steps, set_memor
 from .params import resolve_concepts, save_params, write_text_atomic
 from .presets import apply_preset, format_choices, preset_for
 from .runtime import DeviceInfo, detect_device
-from .text_encoding import (chunked_input_ids, encode_prompts, freeze_final_layer_norm,
+from .text_encoding import (encode_prompts, freeze_final_layer_norm,
                             num_text_layers)
 from .validation import ConfigError, Problem, check_config
 
@@ -418,12 +418,6 @@ def dreambooth_loss(unet, noise_scheduler, latents: torch.Tensor, text_states: t
     return loss
 
 
-def tokenize(tokenizer, prompts: list[str], pad_tokens: bool) -> torch.Tensor:
-    """Token ids of one 75-token chunk; Pad Tokens pads every prompt to the full 77, else to
-    the batch's longest (see :func:`colab_dreambooth.text_encoding.chunked_input_ids`)."""
-    return chunked_input_ids(tokenizer, prompts, pad_tokens=pad_tokens)[:, 0]
-
-
 @torch.no_grad()
 def encode_latents(batch: dict, vae, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Scaled latents of a batch: sampled from the cached distribution or from the VAE."""
@@ -576,5 +570,5 @@ def _training_info(config: DreamBoothConfig, step: int, seed: int, plan, *, ema:
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-__all__ = ["train", "TrainResult", "TrainingData", "dreambooth_loss", "tokenize", "encode_latents",
+__all__ = ["train", "TrainResult", "TrainingData", "dreambooth_loss", "encode_latents",
            "cache_latents"]

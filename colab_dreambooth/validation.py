@@ -78,10 +78,7 @@ def validate(config: "DreamBoothConfig", device: "DeviceInfo | None" = None, *,
         problems += _base_model_problems(config)
     if check_paths:
         problems += _unmounted_drive_problems(config)
-    hub = _text(config.checkpoint_hub_repo)
-    if hub and not re.fullmatch(r"hf://[\w.-]+/[\w.-]+/?", hub):
-        problems.append(Problem("checkpoint_hub_repo", f"{hub!r} is not a Hub repo: write "
-                                "hf://<user or org>/<repo name>, or leave it blank"))
+    problems += _hub_repo_problems(_text(config.checkpoint_hub_repo))
     from .optim import optimizer_problems  # imported here: it imports torch
 
     problems += optimizer_problems(config)
@@ -208,6 +205,17 @@ def looks_like_local_path(name: str) -> bool:
     return (name.startswith((".", "/", "~")) or "\\" in name or re.match(r"^[A-Za-z]:", name)
             is not None or name.count("/") > 1 or Path(name).suffix in (".ckpt", ".safetensors")
             or Path(name).expanduser().exists())
+
+
+def _hub_repo_problems(hub: str) -> list[Problem]:
+    from .storage import HubRepo, StorageError, parse_destination
+
+    try:
+        ok = not hub or isinstance(parse_destination(hub), HubRepo)
+    except StorageError:
+        ok = False
+    return [] if ok else [Problem("checkpoint_hub_repo", f"{hub!r} is not a Hub repo: write "
+                                  "hf://<user or org>/<repo name>, or leave it blank")]
 
 
 def _unmounted_drive_problems(config) -> list[Problem]:

@@ -1296,3 +1296,17 @@ def test_output_folders_on_unmounted_google_drive(tmp_path, monkeypatch):
     monkeypatch.setattr(runtime, "on_colab", lambda: False)  # elsewhere it is just a path
     (drive / "MyDrive").rmdir()
     assert not [p for p in validate(config, DeviceInfo.cpu()) if p.where == "checkpoint_dir"]
+
+
+def test_checkpoint_hub_repo_must_be_hf_url():
+    from colab_dreambooth.validation import validate
+
+    def hub_problems(value):
+        config = DreamBoothConfig(checkpoint_hub_repo=value)
+        return [p for p in validate(config, DeviceInfo.cpu(), check_paths=False)
+                if p.where == "checkpoint_hub_repo"]
+
+    assert hub_problems("") == [] and hub_problems("hf://me/ckpts") == []
+    for bad in ("me/ckpts", "hf://just-a-name", "/content/drive/x"):
+        [problem] = hub_problems(bad)
+        assert "hf://<user or org>/<repo name>" in problem.message

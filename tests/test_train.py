@@ -17,7 +17,8 @@ from colab_dreambooth.optim import EMA, make_optimizer, plan_steps, set_memory_a
 from colab_dreambooth.params import load_params
 from colab_dreambooth.presets import PRESET_FIELDS, apply_preset
 from colab_dreambooth.runtime import DeviceInfo
-from colab_dreambooth.train import dreambooth_loss, tokenize, train
+from colab_dreambooth.text_encoding import chunked_input_ids
+from colab_dreambooth.train import dreambooth_loss, train
 from colab_dreambooth.validation import ConfigError
 
 CPU = DeviceInfo.cpu()
@@ -110,6 +111,11 @@ def test_v_prediction_target(parts):
         target = sched.get_velocity(latents, noise, t) if kind == "v_prediction" else noise
         assert losses[kind] == pytest.approx(target.pow(2).mean().item(), rel=1e-5)
     assert losses["epsilon"] != pytest.approx(losses["v_prediction"])
+
+
+def tokenize(tokenizer, prompts, pad_tokens):
+    """One 75-token chunk of ids, as the loop tokenizes a short prompt."""
+    return chunked_input_ids(tokenizer, prompts, pad_tokens=pad_tokens)[:, 0]
 
 
 def test_pad_tokens(parts):
