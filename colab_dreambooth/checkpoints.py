@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .errors import UserError
 from .params import params_to_dict
 from .storage import (BackgroundUploader, HubRepo, free_bytes, hf_token, parse_destination,
                       redact)
@@ -48,7 +49,7 @@ MUST_MATCH = ("pretrained_model_name_or_path", "src", "use_lora", "lora_unet_ran
               "max_bucket_reso")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be written or used (with what to do about it)."""
 
 

@@ -54,6 +54,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .errors import UserError
 from .models import ModelLoadError, resolve_model_folder, save_folder_atomic
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-class DehydrateError(RuntimeError):
+class DehydrateError(UserError, RuntimeError):
     """Dehydrating or rehydrating failed; the message names the file and what to do."""
 
 

@@ -27,6 +27,7 @@ from typing import Any
 from PIL import Image
 
 from .config import TINY_MODEL, Concept, DreamBoothConfig
+from .errors import UserError
 from .params import read_params, write_text_atomic
 from .validation import looks_like_local_path
 
@@ -43,7 +44,7 @@ _COMMON_WORDS = frozenset("""a an the of in on at with and or by for to from pho
     my our your his her their this that""".split())
 
 
-class ModelCardError(ValueError):
+class ModelCardError(UserError, ValueError):
     """The model folder lacks what the card is built from; the message says what to do."""
 
 

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,13 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from .config import TINY_MODEL
+from .console import quiet_known_warnings
+from .errors import UserError
 
 log = logging.getLogger(__name__)
+quiet_known_warnings()  # e.g. transformers' "requires torchvision" on every model load
 
 TINY_VERSION = "1"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """The base model could not be loaded; the message says why and what to do."""
 
 
@@ -86,10 +90,25 @@ def resolve_model_folder(name: str) -> Path:
         if not path.is_file():
             raise ModelLoadError(f"model file {path} not found")
         return _convert_single_file(path)
-    if path.exists() or name.startswith((".", "/", "~")) or "\\" in name:
+    if path.exists():
         raise ModelLoadError(f"{name} is neither a diffusers folder nor a .safetensors/.ckpt "
                              "file")
+    if not looks_like_hub_id(name) or Path(name.split("/")[0]).expanduser().is_dir():
+        # "models/dreambooth/x/modle", "./base", "~/sd": a local path that is not there, not
+        # a Hub id (and never a network error about an id nobody meant).
+        raise ModelLoadError(f"the model folder {name} does not exist ({path.absolute()}): "
+                             "check the path, or give a Hub id "
+                             "(owner/name), a .safetensors/.ckpt file or 'tiny'")
     return _download(name)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """Whether ``name`` has the shape of a Hugging Face Hub model id (``name`` or
+    ``owner/name``: letters, digits, ``-_.``, no leading dot or slash)."""
+    return bool(_HUB_ID.match(name)) and ".." not in name and not name.endswith(".git")
 
 
 def _download(repo_id: str) -> Path:
@@ -106,8 +125,9 @@ def _download(repo_id: str) -> Path:
         raise ModelLoadError(
             f"could not download '{repo_id}' from the Hugging Face Hub ({type(exc).__name__}: "
             f"{exc}). Check the id and your network; a gated model needs a login "
-            "(HF_TOKEN). Or point the base model at a local diffusers folder or "
-            ".safetensors file, or use 'tiny' to try the package offline.") from exc
+            f"(HF_TOKEN). No local folder {repo_id} exists in {Path.cwd()} either. Or point "
+            "the base model at a local diffusers folder or .safetensors file, or use 'tiny' "
+            "to try the package offline.") from exc
 
 
 def _convert_single_file(path: Path) -> Path:

@@ -21,13 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 HUB_PREFIX = "hf://"
 TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A copy or upload that did not succeed (its message never holds the token)."""
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
+from .errors import UserError
 from .fields import coerce, field_specs
 from .prompts import contains_token
 
@@ -30,7 +31,7 @@ class Problem:
         return f"{self.where}: {self.message}"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """The configuration cannot be used; ``problems`` lists every reason."""
 
     def __init__(self, problems: Iterable[Problem]):

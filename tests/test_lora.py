@@ -242,14 +242,20 @@ def test_keys_follow_kohya_layout(run, tiny_parts):
 
 
 def test_adapters_trained_in_both_parts(run):
-    ups = {k: v for k, v in run.state.items() if k.endswith("lora_up.weight")}
-    still = {k.split(".")[0] for k, v in ups.items() if not v.any()}
+    lr = run.config.lora_learning_rate  # the text encoder's is the same here
+    moved = {k.split(".")[0]: v.abs().max().item() for k, v in run.state.items()
+             if k.endswith("lora_up.weight")}
     # lora_up starts at zero: every up weight moved, in the UNet and the text encoder, except
     # the mid block's self-attention q/k: at 64 px its map is 1x1, and a softmax over one
-    # token has no gradient.
+    # token has no gradient in exact arithmetic. Kernels that compute the softmax's backward
+    # another way leave a rounding residue, which Adam (dividing by its root mean square)
+    # turns into steps of about lr * |g| / eps: 2e-6 to 3.6e-6 seen (on an AVX-512 CPU and an
+    # AMD EPYC), 0 on others. The trained adapters moved by 0.55 lr and more (Adam's steps are
+    # about lr each), so lr / 100 tells them apart with a wide margin either side.
+    still = {name for name, size in moved.items() if size < lr / 100}
     assert still == {"lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q",
-                     "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_k"}
-    assert any(k.startswith("lora_te_") and v.any() for k, v in ups.items())
+                     "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_k"}, moved
+    assert any(name.startswith("lora_te_") for name in moved if name not in still)
 
 
 def test_diffusers_load_reproduces_the_trained_model(run, base_outputs):
