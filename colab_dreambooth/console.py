@@ -51,14 +51,18 @@ class TqdmHandler(logging.StreamHandler):
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    """Log ``levelname message`` lines to stderr through tqdm (the command line's setup)."""
+    """Log ``levelname message`` lines to stderr through tqdm (the command line's setup).
+
+    Like ``logging.basicConfig``, nothing changes when the root logger already has handlers
+    (an application or a test harness that set up logging its own way)."""
+    quiet_known_warnings()
+    root = logging.getLogger()
+    if root.handlers:
+        return
     handler = TqdmHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [h for h in root.handlers if not isinstance(h, TqdmHandler)]
     root.addHandler(handler)
     root.setLevel(level)
-    quiet_known_warnings()
 
 
 def hide_library_progress() -> None:

@@ -13,9 +13,7 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 from .config import TINY_MODEL
 from .console import quiet_known_warnings
 from .errors import UserError
+from .files import temp_folder_beside
 
 log = logging.getLogger(__name__)
 quiet_known_warnings()  # e.g. transformers' "requires torchvision" on every model load
@@ -93,22 +92,15 @@ def resolve_model_folder(name: str) -> Path:
     if path.exists():
         raise ModelLoadError(f"{name} is neither a diffusers folder nor a .safetensors/.ckpt "
                              "file")
-    if not looks_like_hub_id(name) or Path(name.split("/")[0]).expanduser().is_dir():
+    from .validation import looks_like_local_path
+
+    if looks_like_local_path(name):
         # "models/dreambooth/x/modle", "./base", "~/sd": a local path that is not there, not
         # a Hub id (and never a network error about an id nobody meant).
         raise ModelLoadError(f"the model folder {name} does not exist ({path.absolute()}): "
-                             "check the path, or give a Hub id "
-                             "(owner/name), a .safetensors/.ckpt file or 'tiny'")
+                             "check the path, or give a Hub id (owner/name), a "
+                             ".safetensors/.ckpt file or 'tiny'")
     return _download(name)
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
-
-
-def looks_like_hub_id(name: str) -> bool:
-    """Whether ``name`` has the shape of a Hugging Face Hub model id (``name`` or
-    ``owner/name``: letters, digits, ``-_.``, no leading dot or slash)."""
-    return bool(_HUB_ID.match(name)) and ".." not in name and not name.endswith(".git")
 
 
 def _download(repo_id: str) -> Path:
@@ -161,7 +153,7 @@ def save_folder_atomic(write, target: Path) -> Path:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temp_folder_beside(target)
     try:
         write(tmp)
         old = target.with_name(f".{target.name}.old-{os.getpid()}")

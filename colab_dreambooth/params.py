@@ -13,13 +13,13 @@ import difflib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from .config import Concept, DreamBoothConfig
 from .fields import FieldSpec, coerce, field_specs
+from .files import temp_file_beside
 from .validation import ConfigError, Problem
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def save_params(config: DreamBoothConfig, path: str | os.PathLike) -> Path:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
