@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .files import give_ordinary_permissions
 from .params import params_to_dict
 from .storage import (BackgroundUploader, HubRepo, free_bytes, hf_token, parse_destination,
                       redact)
@@ -207,6 +208,7 @@ def save_checkpoint(root: str | os.PathLike, state: TrainingState, progress: Pro
               "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "saved_unix": time.time()}
     _write_json_synced(tmp / STATE_FILE, record)
     target = root / checkpoint_name(progress.step)
+    give_ordinary_permissions(tmp)
     _swap_into_place(tmp, target)
     prune(root, keep=keep)
     log.info("Checkpoint at step %d: %s", progress.step, target)

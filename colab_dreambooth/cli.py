@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help=(
         "continue from the newest complete checkpoint (Checkpoint folder, else Checkpoint Hub "
         "repo) exactly where it stopped; starts from the beginning when there is none"))
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide the progress bars (the log lines stay)")
     _add_config_options(p)
     p.set_defaults(run=_train)
 
@@ -191,7 +193,7 @@ def config_from_args(args: argparse.Namespace) -> DreamBoothConfig:
 def _train(args: argparse.Namespace) -> int:
     from .train import train
 
-    result = train(config_from_args(args), resume=args.resume)
+    result = train(config_from_args(args), resume=args.resume, progress=not args.no_progress)
     state = "stopped early" if result.stopped_early else "finished"
     print(f"Training {state} after {result.steps}/{result.total_steps} steps (seed {result.seed}).")
     if result.checkpoint:

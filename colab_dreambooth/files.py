@@ -55,4 +55,19 @@ def temp_folder_beside(target: Path) -> Path:
     return folder
 
 
-__all__ = ["file_mode", "folder_mode", "temp_file_beside", "temp_folder_beside"]
+def give_ordinary_permissions(folder: Path) -> None:
+    """Set the usual modes on everything under ``folder`` before it is renamed into place:
+    safetensors (0.8) writes every file 0600, whoever saves with it (diffusers included)."""
+    files, folders = file_mode(), folder_mode()
+    os.chmod(folder, folders)
+    for root, dirs, names in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), folders)
+        for name in names:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, files)
+
+
+__all__ = ["file_mode", "folder_mode", "give_ordinary_permissions", "temp_file_beside",
+           "temp_folder_beside"]

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 
 from .config import safe_name
-from .files import temp_file_beside
+from .files import file_mode, temp_file_beside
 from .validation import ConfigError, Problem
 
 if TYPE_CHECKING:
@@ -253,6 +253,7 @@ def save_lora(path: str | os.PathLike, state: dict[str, torch.Tensor],
     os.close(fd)
     try:
         save_file(state, tmp, metadata=metadata)
+        os.chmod(tmp, file_mode())  # save_file makes the file anew: its own (private) mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from typing import Any
 from .config import TINY_MODEL
 from .console import quiet_known_warnings
 from .errors import UserError
-from .files import temp_folder_beside
+from .files import give_ordinary_permissions, temp_folder_beside
 
 log = logging.getLogger(__name__)
 quiet_known_warnings()  # e.g. transformers' "requires torchvision" on every model load
@@ -156,6 +156,7 @@ def save_folder_atomic(write, target: Path) -> Path:
     tmp = temp_folder_beside(target)
     try:
         write(tmp)
+        give_ordinary_permissions(tmp)
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         if target.exists():
             os.replace(target, old)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -230,6 +231,12 @@ def test_stopped_run_exits_130_and_a_new_run_is_refused_cleanly(tiny_config, tmp
     info = json.loads((tmp_path / "dreambooth" / "test-model" / "model" /
                        "training_info.json").read_text())
     assert info["steps"] < info["total_steps"] == 400
+    # what it wrote has the permissions of any file the user writes (safetensors makes 0600)
+    from colab_dreambooth.files import file_mode
+
+    written = [*latest_checkpoint(checkpoints).iterdir(),
+               *(tmp_path / "dreambooth" / "test-model" / "model").rglob("*.safetensors")]
+    assert written and all(stat.S_IMODE(p.stat().st_mode) == file_mode() for p in written)
 
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == cli.EXIT_ERROR
