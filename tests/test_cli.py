@@ -366,3 +366,18 @@ def test_invalid_override_is_reported_before_any_model_loads(demo, capsys, no_mo
     assert "2 problem(s) with the configuration" in err
     assert "lr_scheduler: 'nope' is not one of" in err
     assert "learning_rate" in err
+
+
+def test_readme_concept_example_loads_and_resolves_beside_the_file(tmp_path, monkeypatch):
+    """The README's JSON example is a valid parameters file; its relative folder is the one
+    beside the file, whatever the current folder."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```json\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "run").mkdir()
+    path = tmp_path / "run" / "params.json"
+    path.write_text(block, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    config = load_params(path)
+    (concept,) = config.concepts_list
+    assert concept.instance_data_dir == str(tmp_path / "run" / "my-photos")
+    assert concept.num_class_images == 50 and config.max_train_steps == 800
