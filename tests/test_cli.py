@@ -381,3 +381,19 @@ def test_readme_concept_example_loads_and_resolves_beside_the_file(tmp_path, mon
     (concept,) = config.concepts_list
     assert concept.instance_data_dir == str(tmp_path / "run" / "my-photos")
     assert concept.num_class_images == 50 and config.max_train_steps == 800
+
+
+def test_demo_suggests_a_command_that_works_in_a_fresh_shell(monkeypatch):
+    """Without the virtualenv activated, ``colab-dreambooth`` is not on PATH: the demo's hint
+    names the script's path instead (or the bare name once it is on PATH)."""
+    from colab_dreambooth.demo import command_name
+
+    script = Path(sys.executable).parent / "colab-dreambooth"
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    named = command_name()
+    if script.exists():
+        assert Path(named).resolve() == script.resolve()
+        monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")
+        assert command_name() == "colab-dreambooth"
+    else:  # not installed with its script: the module form always works
+        assert named.endswith("-m colab_dreambooth")
