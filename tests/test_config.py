@@ -269,6 +269,17 @@ def test_coerce_types():
 
 
 # ============================================================================= save / load
+def beside(config: DreamBoothConfig, folder: Path) -> DreamBoothConfig:
+    """``config`` as loaded from a file in ``folder``: relative instance/class folders are
+    taken relative to the file's folder."""
+    concepts = []
+    for concept in config.concepts_list:
+        changes = {key: str(folder / value) for key in ("instance_data_dir", "class_data_dir")
+                   if (value := getattr(concept, key)) and not Path(value).is_absolute()}
+        concepts.append(dataclasses.replace(concept, **changes))
+    return config.copy(concepts_list=concepts)
+
+
 def rich_config(tmp_path: Path) -> DreamBoothConfig:
     """Two concepts and many non-default values, with unicode everywhere prompts go."""
     return DreamBoothConfig(
@@ -339,13 +350,14 @@ def test_save_then_load_is_identical(tmp_path):
     path = save_params(config, tmp_path / "out" / "params.json")  # parent is created
     assert path == tmp_path / "out" / "params.json"
     loaded = load_params(path)
-    assert loaded == config
+    assert loaded == beside(config, path.parent)
     assert all(isinstance(c, Concept) for c in loaded.concepts_list)
     for name in RUN_SPECS:  # types survive too (2.0 stays a float, 3 an int)
         assert type(getattr(loaded, name)) is type(getattr(config, name)), name
-    # saving the loaded config gives the same bytes
-    again = save_params(loaded, tmp_path / "again.json")
-    assert again.read_text(encoding="utf-8") == path.read_text(encoding="utf-8")
+    # saving the loaded config (now with absolute folders) gives the same bytes
+    again = save_params(loaded, tmp_path / "out" / "again.json")
+    assert save_params(load_params(again), tmp_path / "third.json").read_text(
+        encoding="utf-8") == again.read_text(encoding="utf-8")
 
 
 def test_optional_fields_round_trip_as_none_and_as_values(tmp_path):
@@ -437,7 +449,7 @@ def test_save_params_leaves_no_temp_files(tmp_path):
     save_params(DreamBoothConfig(), folder / "params.json")
     save_params(rich_config(tmp_path), folder / "params.json")  # overwrite in place
     assert [p.name for p in folder.iterdir()] == ["params.json"]
-    assert load_params(folder / "params.json") == rich_config(tmp_path)
+    assert load_params(folder / "params.json") == beside(rich_config(tmp_path), folder)
 
 
 def test_failed_save_removes_its_temp_file_and_keeps_the_old_file(tmp_path):
