@@ -10,6 +10,7 @@ users of a shared machine and web servers cannot read them.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -55,6 +56,19 @@ def temp_folder_beside(target: Path) -> Path:
     return folder
 
 
+def copy_file_atomic(source: Path, target: Path) -> None:
+    """Copy ``source`` to a hidden file beside ``target``, then rename it into place: a crash
+    never leaves half a file under ``target``'s name."""
+    fd, tmp = temp_file_beside(target)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def give_ordinary_permissions(folder: Path) -> None:
     """Set the usual modes on everything under ``folder`` before it is renamed into place:
     safetensors (0.8) writes every file 0600, whoever saves with it (diffusers included)."""
@@ -69,5 +83,5 @@ def give_ordinary_permissions(folder: Path) -> None:
                 os.chmod(path, files)
 
 
-__all__ = ["file_mode", "folder_mode", "give_ordinary_permissions", "temp_file_beside",
+__all__ = ["copy_file_atomic", "file_mode", "folder_mode", "give_ordinary_permissions", "temp_file_beside",
            "temp_folder_beside"]

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -28,6 +27,7 @@ from PIL import Image
 
 from .config import TINY_MODEL, Concept, DreamBoothConfig
 from .errors import UserError
+from .files import copy_file_atomic
 from .params import read_params, write_text_atomic
 from .validation import looks_like_local_path
 
@@ -301,13 +301,7 @@ def _copy_grid(grid: Image.Image | str | Path, folder: Path) -> str:
     if target.exists() and target.resolve() == source.resolve():
         return GRID_NAME
     if source.suffix.lower() == ".png":
-        tmp = folder / f".{GRID_NAME}.tmp-{os.getpid()}"
-        try:
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        copy_file_atomic(source, target)
     else:
         with Image.open(source) as image:
             save_image_atomic(image.convert("RGB"), target)

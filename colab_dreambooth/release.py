@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 from .config import DreamBoothConfig, safe_name
 from .fields import setting
+from .files import copy_file_atomic
 from .lora import lora_file_path
 
 log = logging.getLogger(__name__)
@@ -106,19 +107,6 @@ def trained_model(config: DreamBoothConfig) -> Path:
     return folder
 
 
-def _copy_atomic(source: Path, target: Path) -> None:
-    import os
-    import shutil
-
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _name_lora_in_card(card: Path, trained_name: str, released_name: str) -> None:
     """The card's snippets name the released copy of the LoRA file, not the run's."""
     if trained_name != released_name:
@@ -176,7 +164,7 @@ def make_release(config: DreamBoothConfig, settings: ReleaseSettings, *,
         # The LoRA file is already what the WebUI, ComfyUI and diffusers load: copy it.
         say(f"Copying the LoRA as {name}.safetensors...")
         export = folder / f"{name}.safetensors"
-        _copy_atomic(lora_file_path(config), export)
+        copy_file_atomic(lora_file_path(config), export)
         result = ReleaseResult(folder, export)
         result.lines.append(f"LoRA {export} ({human_size(export.stat().st_size)}): put it in "
                             "the WebUI's models/Lora, or load_lora_weights in diffusers.")

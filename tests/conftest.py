@@ -40,3 +40,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if anything tries to load a model (checks must come first)."""
+    import colab_dreambooth.models as models
+    import colab_dreambooth.train as train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(train, "load_components", refuse)
+    monkeypatch.setattr(models, "load_components", refuse)

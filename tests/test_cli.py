@@ -40,19 +40,6 @@ def noise_image(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(arr)
 
 
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Fail the test if anything tries to load a model."""
-    import colab_dreambooth.models as models
-    import colab_dreambooth.train as train
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(train, "load_components", refuse)
-    monkeypatch.setattr(models, "load_components", refuse)
-
-
 # ----------------------------------------------------------------------------- help
 def test_help_as_a_subprocess():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(

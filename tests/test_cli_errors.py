@@ -46,18 +46,6 @@ def params(tiny_config, tmp_path) -> Path:
                                         save_preview_every_steps=0), tmp_path / "params.json")
 
 
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    import colab_dreambooth.models as models
-    import colab_dreambooth.train as train_module
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(train_module, "load_components", refuse)
-    monkeypatch.setattr(models, "load_components", refuse)
-
-
 # ----------------------------------------------------------------------------- input files
 @pytest.mark.parametrize("command", ["train", "prompts", "class-images"])
 def test_config_file_problems(command, tmp_path, capsys, no_model_loading):
