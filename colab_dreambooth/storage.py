@@ -101,6 +101,19 @@ def free_bytes(folder: str | os.PathLike) -> int:
     return shutil.disk_usage(path).free
 
 
+DRIVE_ROOT = Path("/content/drive")
+
+
+def on_google_drive(path: str | os.PathLike) -> bool:
+    """True when ``path`` lies on Colab's Google Drive mount (/content/drive), where deleted
+    files go to the bin (still counting against the quota) and writes upload asynchronously."""
+    try:
+        resolved = Path(path).expanduser().absolute()
+    except (OSError, RuntimeError):
+        return False
+    return resolved == DRIVE_ROOT or DRIVE_ROOT in resolved.parents
+
+
 def folder_size(path: str | os.PathLike) -> int:
     """Bytes in a file, or in every file under a folder."""
     path = Path(path)
@@ -270,5 +283,5 @@ class BackgroundUploader:
 
 
 __all__ = ["HubRepo", "StorageError", "BackgroundUploader", "parse_destination", "hf_token",
-           "redact", "free_bytes", "folder_size", "copy_to_folder", "upload_to_hub",
+           "redact", "free_bytes", "on_google_drive", "folder_size", "copy_to_folder", "upload_to_hub",
            "delete_from_hub", "publish"]
