@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .params import params_to_dict
+from .hub_token import find_token
 from .storage import (BackgroundUploader, HubRepo, free_bytes, hf_token, on_google_drive,
                       parse_destination, redact)
 from .tensor_stream import (fsync_file, fsync_folder, load_into, load_optimizer, save_optimizer,
@@ -495,13 +496,15 @@ def hub_uploader(config: "DreamBoothConfig", accelerator) -> BackgroundUploader 
     repo = hub_target(config)
     if repo is None or not accelerator.is_main_process:
         return None
-    # Read here, on the caller's thread: Colab's secrets cannot be asked from a worker thread.
-    token = hf_token()
-    if not token:
-        log.warning("Checkpoint Hub repo is %s but no Hugging Face token was found (Colab "
-                    "secret HF_TOKEN, the HF_TOKEN variable or `huggingface-cli login`): "
-                    "checkpoints stay local only", repo)
-    return BackgroundUploader(repo, token=token, private=True)
+    # Read here, on the caller's thread (Colab's access prompt belongs to the cell the user
+    # runs), once per run: a failure earlier in the session may have been fixed since.
+    lookup = find_token(ask_again=True)
+    if not lookup.token:
+        log.warning("Checkpoint Hub repo is %s but there is no Hugging Face token, so "
+                    "checkpoints stay local only. %s", repo, lookup.problem)
+    else:
+        log.info("Checkpoints go to %s too (token from %s)", repo, lookup.source)
+    return BackgroundUploader(repo, token=lookup.token, private=True)
 
 
 __all__ = ["Progress", "TrainingState", "CheckpointError", "checkpoint_root", "list_checkpoints",
