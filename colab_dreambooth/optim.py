@@ -110,7 +110,11 @@ def make_optimizer(param_groups: list[dict], name: str = "AdamW", *, use_8bit: b
     if use_8bit and name not in EIGHT_BIT:  # also a GPU preset's choice: no warning
         log.info("Use 8bit Adam has no effect on %s (bitsandbytes has no 8-bit %s)", name, name)
     if name == "AdamW":
-        return cls(param_groups, betas=betas, weight_decay=weight_decay, eps=eps)
+        # On a GPU the fused kernel: torch's default (foreach) step holds a temporary as large
+        # as the trained weights (~3.2 GB for SD 1.5's UNet), which the memory estimate does
+        # not count and a T4 does not have; fused is also the fastest.
+        fused = {"fused": True} if on_cuda else {}
+        return cls(param_groups, betas=betas, weight_decay=weight_decay, eps=eps, **fused)
     if name == "Lion":
         # lion-pytorch's decay is lr x weight_decay like AdamW's, so the same value means the
         # same pull; Lion's own paper uses 3-10x the AdamW decay with a 3-10x smaller lr.

@@ -122,3 +122,14 @@ def test_env_plans_for_a_gpu_that_is_not_here(tmp_path, capsys):
                                           ("A100 80GB", 79.1), ("NVIDIA A100-SXM4-40GB", 39.4)])
 def test_gpus_by_name(name, memory):
     assert gpu_by_name(name).memory_gb == memory
+
+
+def test_torch_adamw_is_fused_on_a_gpu():
+    """torch's default (foreach) AdamW step holds a temporary the size of the weights, which
+    the estimate does not count: on a GPU the fused kernel runs instead."""
+    weights = [torch.nn.Parameter(torch.zeros(3))]
+    gpu = make_optimizer([{"params": weights, "lr": 1e-3}], use_8bit=False, on_cuda=True,
+                         betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
+    cpu = make_optimizer([{"params": weights, "lr": 1e-3}], use_8bit=False, on_cuda=False,
+                         betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
+    assert gpu.defaults["fused"] is True and not cpu.defaults["fused"]
