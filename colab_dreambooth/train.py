@@ -84,8 +84,10 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
 
     Blank (auto) fields take the GPU preset's values, lowered until the memory estimate fits
     (:func:`~colab_dreambooth.fit.plan_memory`); a run whose own fields do not fit raises
-    :class:`~colab_dreambooth.fit.GpuMemoryError` before any model is loaded, unless ``force``
-    (for an expert who knows better than the estimate).
+    :class:`~colab_dreambooth.fit.GpuMemoryError` before any model is loaded, and a run whose
+    files will not fit where they go (checkpoints on a 15 GB Drive, say) raises
+    :class:`~colab_dreambooth.space.DiskSpaceError` before anything is written, unless
+    ``force`` (for an expert who knows better than the estimates).
     """
     # Whatever a run changes outside itself (torch's global flags) is put back however it
     # ends, an exception included.

@@ -51,3 +51,46 @@ def test_rotation_deletes_the_old_one_only_after_the_new_one(tiny_config, tmp_pa
     assert [p.name for p in list_checkpoints(root)] == ["checkpoint-00000004"]
     assert (root / "checkpoint-00000004" / "optimizer.json").is_file()
     assert not (root / "checkpoint-00000004" / "optimizer.pt").exists()
+
+
+def test_checkpoints_of_format_1_still_resume_exactly(tiny_config, tmp_path):
+    """A checkpoint written before streaming (optimizer.pt, format 1) resumes to the very
+    weights of a run that went on with the new format."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    def run(name, steps, resume=False):
+        config = tiny_config.copy(model_name=name, max_train_steps=steps, use_ema=False,
+                                  seed=5, save_every_steps=0, checkpoints_to_keep=1,
+                                  checkpoint_dir=str(tmp_path / name / "ckpt"))
+        return train(config, progress=False, resume=resume)
+
+    run("old", 2)
+    folder = list_checkpoints(tmp_path / "old" / "ckpt")[-1]
+    record = json.loads((folder / "optimizer.json").read_text())
+    tensors = load_file(folder / "optimizer.safetensors")
+
+    def decode(value):
+        if isinstance(value, dict) and set(value) == {"__tensor__"}:
+            return tensors[value["__tensor__"]]
+        if isinstance(value, dict):
+            return {k: decode(v) for k, v in value.items()}
+        return [decode(v) for v in value] if isinstance(value, list) else value
+
+    torch.save({"state": {i: decode(s) for i, s in record["state"]},
+                "param_groups": [decode(g) for g in record["param_groups"]]},
+               folder / "optimizer.pt")
+    (folder / "optimizer.json").unlink()
+    (folder / "optimizer.safetensors").unlink()
+    state = json.loads((folder / "state.json").read_text())
+    state["format"] = 1
+    state["files"] = {p.name: p.stat().st_size for p in folder.iterdir() if p.name != "state.json"}
+    (folder / "state.json").write_text(json.dumps(state))
+
+    resumed = run("old", 4, resume=True)
+    assert resumed.resumed_from == folder and resumed.steps == 4
+    run("new", 2)
+    straight = run("new", 4, resume=True)
+    assert resumed.losses == straight.losses
