@@ -6,9 +6,10 @@ The data path, top to bottom: :mod:`.config` (every field) -> :mod:`.params` (JS
 """
 
 from .config import Concept, DreamBoothConfig
+from .errors import UserError
 from .params import load_params, save_params
 from .validation import ConfigError, validate
 
 __version__ = "0.1.0"
-__all__ = ["Concept", "DreamBoothConfig", "ConfigError", "load_params", "save_params",
-           "validate", "__version__"]
+__all__ = ["Concept", "DreamBoothConfig", "ConfigError", "UserError", "load_params",
+           "save_params", "validate", "__version__"]

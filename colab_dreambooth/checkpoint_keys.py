@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+from .errors import UserError
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
@@ -59,7 +61,7 @@ class KeyLink:
         return len(self.diffusers) > 1
 
 
-class UnmappedKeyError(ValueError):
+class UnmappedKeyError(UserError, ValueError):
     """A diffusers weight that has no place in the original layout (an unsupported model)."""
 
 

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .errors import UserError
+from .files import give_ordinary_permissions
 from .params import params_to_dict
 from .hub_token import find_token
 from .storage import (BackgroundUploader, HubRepo, free_bytes, hf_token, on_google_drive,
@@ -56,7 +58,7 @@ MUST_MATCH = ("pretrained_model_name_or_path", "src", "use_lora", "lora_unet_ran
               "max_bucket_reso")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be written or used (with what to do about it)."""
 
 
@@ -215,6 +217,7 @@ def save_checkpoint(root: str | os.PathLike, state: TrainingState, progress: Pro
     _write_json_synced(tmp / STATE_FILE, record)
     fsync_folder(tmp)
     target = root / checkpoint_name(progress.step)
+    give_ordinary_permissions(tmp)
     _swap_into_place(tmp, target)
     fsync_folder(root)
     # Only now, with the new one complete on the disk, may older ones go.

@@ -8,20 +8,21 @@ generated from the configuration model, so the CLI never lags behind the fields.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
-import logging
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from .config import DreamBoothConfig
-from .data import DataError, collect_training_data
+from .console import configure_logging, hide_library_progress
+from .data import collect_training_data
+from .errors import UserError
 from .fields import FieldSpec, field_specs
 from .images import check_folders
-from .models import ModelLoadError
-from .params import load_params, resolve_concepts, save_params
-from .prompts import PromptError
-from .validation import ConfigError
+from .params import load_params, params_template, resolve_concepts, save_params
+from .validation import ConfigError, Problem, validate
 
 # Stages whose commands live beside the code they run: each has add_subcommand(subparsers).
 SUBCOMMAND_MODULES = ("class_images", "sample", "model_card", "convert", "export",
@@ -43,19 +44,47 @@ class _Blank:
 BLANK = _Blank()
 
 
+# Exit codes (the README lists them): scripts can chain ``train && export`` safely.
+EXIT_OK = 0
+EXIT_ERROR = 1  # a problem with the input or the situation; one "error: ..." line says what
+EXIT_USAGE = 2  # unknown option or bad value (argparse)
+EXIT_STOPPED = 130  # stopped before the last step (Ctrl-C, Stop): checkpoint and model written
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit code."""
+    """Run the command line; return the exit code (``EXIT_*``)."""
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    configure_logging()
+    if getattr(args, "no_progress", False):
+        hide_library_progress()
     try:
         return args.run(args)
-    except (ConfigError, DataError, PromptError, ModelLoadError) as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
+    except OSError as exc:  # a file missing or unreadable, a full disk: the user's situation
+        print(f"error: {_describe_os_error(exc)}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_STOPPED
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":  # torch's, on CUDA (no import here)
+            print(f"error: out of GPU memory ({str(exc).splitlines()[0]}). Lower the batch "
+                  "size or resolution, or turn on gradient checkpointing, 8-bit Adam or LoRA; "
+                  "`colab-dreambooth env --config PARAMS` shows the estimate", file=sys.stderr)
+            return EXIT_ERROR
+        raise  # anything else is a bug: keep its traceback for the report
+
+
+def _describe_os_error(exc: OSError) -> str:
+    what = {errno.ENOENT: "not found", errno.EACCES: "permission denied",
+            errno.ENOSPC: "no space left on the disk", errno.EISDIR: "is a folder, not a file",
+            errno.ENOTDIR: "is not a folder"}.get(exc.errno or 0)
+    if what and exc.filename:
+        return f"{exc.filename}: {what}"
+    return str(exc)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,25 +96,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help=(
         "continue from the newest complete checkpoint (Checkpoint folder, else Checkpoint Hub "
         "repo) exactly where it stopped; starts from the beginning when there is none"))
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide the progress bars (the log lines stay)")
     p.add_argument("--force", action="store_true", help=(
         "start even when the memory estimate says the GPU is too small or the disk plan says "
         "the checkpoints will not fit (for experts: the estimates err on the safe side)"))
     _add_config_options(p)
     p.set_defaults(run=_train)
 
-    p = sub.add_parser("check-data", help="report every problem with image folders (exit 1 if any)")
+    p = sub.add_parser("check-data", help="report every problem with image folders, and with "
+                       "--config everything train checks first (exit 1 on errors)")
     p.add_argument("folders", nargs="*", type=Path, help="image folders to check")
     p.add_argument("--config", type=Path, help="check every folder of this parameters JSON")
     p.add_argument("--resolution", type=int, default=None,
                    help="training resolution (default: the config's, else 512)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 on warnings too (default: only errors fail)")
     p.set_defaults(run=_check_data)
 
     p = sub.add_parser("prompts", help="show the prompt each training image will get")
     _add_config_options(p)
     p.set_defaults(run=_prompts)
 
-    p = sub.add_parser("params", help="write a parameters JSON with every field at its default")
+    p = sub.add_parser("params", help="write a parameters JSON with every field at its "
+                       "default and one concept to fill in")
     p.add_argument("out", type=Path, help="where to write it")
+    p.add_argument("--overwrite", action="store_true", help="replace the file if it exists")
     p.set_defaults(run=_params)
 
     p = sub.add_parser("env", help="show the runtime, GPU, packages, the GPU preset's choices "
@@ -163,7 +199,8 @@ def config_from_args(args: argparse.Namespace) -> DreamBoothConfig:
 def _train(args: argparse.Namespace) -> int:
     from .train import train
 
-    result = train(config_from_args(args), resume=args.resume, force=args.force)
+    result = train(config_from_args(args), resume=args.resume, progress=not args.no_progress,
+                   force=args.force)
     state = "stopped early" if result.stopped_early else "finished"
     print(f"Training {state} after {result.steps}/{result.total_steps} steps (seed {result.seed}).")
     if result.checkpoint:
@@ -172,40 +209,72 @@ def _train(args: argparse.Namespace) -> int:
         print(f"Trained LoRA (WebUI/kohya/diffusers .safetensors): {result.lora_file}")
     else:
         print(f"Trained model (diffusers folder): {result.model_dir}")
-    return 0
+    # A half-trained model must not pass for a finished one in `train && export`.
+    return EXIT_STOPPED if result.stopped_early else EXIT_OK
 
 
 def _check_data(args: argparse.Namespace) -> int:
     folders = list(args.folders)
     resolution = args.resolution
-    blank = []  # concepts without an instance folder: Path("") would check the current folder
+    errors: list[str] = []
+    warnings: list[str] = []
     if args.config:
         config = resolve_concepts(load_params(args.config))
-        resolution = resolution or config.resolution
+        if resolution:
+            config = config.copy(resolution=resolution)
+        resolution = config.resolution
         for index, concept in enumerate(config.concepts_list):
             if concept.instance_data_dir.strip():
                 folders.append(Path(concept.instance_data_dir).expanduser())
-            else:
-                blank.append(f"concept {index + 1}: the Instance dataset directory is blank: "
-                             "set the folder that holds the subject's images")
             if concept.wants_prior_preservation and config.class_dir(index).is_dir():
                 folders.append(config.class_dir(index))
-    if not folders and not blank:
+        more_errors, warnings = _pretraining_problems(config)
+        errors += more_errors
+    if not folders and not errors:
         print("error: name image folders or --config", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     problems = check_folders(folders, resolution or 512)
-    for message in blank:
+    errors = [str(p) for p in problems if p.severity == "error"] + errors
+    warnings = [str(p) for p in problems if p.severity != "error"] + warnings
+    for message in errors:
         print(f"{'ERROR':7} {message}")
-    for problem in problems:
-        print(f"{problem.severity.upper():7} {problem}")
-    errors = sum(p.severity == "error" for p in problems) + len(blank)
-    print(f"{len(folders)} folder(s) checked: {errors} error(s), "
-          f"{len(problems) + len(blank) - errors} warning(s).")
-    return 1 if problems or blank else 0
+    for message in warnings:
+        print(f"{'WARNING':7} {message}")
+    print(f"{len(folders)} folder(s) checked: {len(errors)} error(s), "
+          f"{len(warnings)} warning(s).")
+    if errors or (warnings and args.strict):
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+# A problem of one image file, as collect_training_data words it; check_folders reports each
+# of those already, with the file first.
+_IMAGE_PROBLEM = re.compile(r"^concept \d+ (instance|class) image ")
+
+
+def _pretraining_problems(config: DreamBoothConfig) -> tuple[list[str], list[str]]:
+    """(errors, warnings) that ``train`` would find before loading a model, other than the
+    per-file image problems: settings (validation, LoRA), prompts, captions and tokens, class
+    image counts. Class images still to generate are a warning here, as ``train`` makes them."""
+    from .data import DataError
+
+    errors = [str(p) for p in validate(config)
+              if not p.where.endswith(("instance_data_dir", "class_data_dir"))]
+    try:
+        warnings = collect_training_data(config, require_class_images=False).warnings
+    except DataError as exc:
+        errors += exc.problems
+        warnings = exc.warnings
+    keep = [m for m in errors if not _IMAGE_PROBLEM.match(m)]
+    return keep, [m for m in warnings if not _IMAGE_PROBLEM.match(m)]
 
 
 def _prompts(args: argparse.Namespace) -> int:
     config = resolve_concepts(config_from_args(args))
+    if not config.concepts_list:
+        raise ConfigError([Problem("concepts_list", "no concept: add one to concepts_list (or "
+                                   "name a concepts_path file) with its instance folder and "
+                                   "prompts; the README shows an example")])
     data = collect_training_data(config, require_class_images=False)
     for index, concept in enumerate(config.concepts_list):
         print(f"Concept {index + 1} ({concept.instance_data_dir})")
@@ -215,13 +284,16 @@ def _prompts(args: argparse.Namespace) -> int:
             print(f"  class     {example.image.name:32} {example.prompt}")
     for warning in data.warnings:
         print(f"WARNING {warning}")
-    return 0
+    return EXIT_OK
 
 
 def _params(args: argparse.Namespace) -> int:
-    save_params(DreamBoothConfig(), args.out)
-    print(f"Wrote the default parameters to {args.out}")
-    return 0
+    if args.out.exists() and not args.overwrite:
+        raise UserError(f"{args.out} already exists: choose another name, or pass --overwrite "
+                        "to replace it with the defaults")
+    save_params(params_template(), args.out)
+    print(f"Wrote the default parameters, with one concept to fill in, to {args.out}")
+    return EXIT_OK
 
 
 def _env(args: argparse.Namespace) -> int:
@@ -242,8 +314,9 @@ def _env(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, steps=args.steps, save_every=args.save_every, resume=args.resume)
-    return 0
+    result = run_demo(args.out, steps=args.steps, save_every=args.save_every,
+                      resume=args.resume)
+    return EXIT_STOPPED if result.stopped_early else EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

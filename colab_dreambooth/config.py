@@ -209,8 +209,9 @@ class DreamBoothConfig:
         1, "Gradient accumulation steps", "Batches summed per optimizer step: a larger "
         "effective batch at no VRAM cost, slower per step.", "Advanced", minimum=1, maximum=1024)
     use_cpu: bool = setting(
-        False, "Use CPU Only (SLOW)", "Train on the CPU (needs about 48 GB RAM for SD 1.x). "
-        "Cannot use 8-bit Adam.", "Advanced")
+        False, "Use CPU Only (SLOW)", "Train on the CPU: very slow for SD, for "
+        "trying things out. SD 1.5 with AdamW needs about 17 GB of RAM (`colab-dreambooth env "
+        "--config PARAMS` estimates your settings). Cannot use 8-bit Adam.", "Advanced")
     use_8bit_adam: Optional[bool] = setting(
         None, "Use 8bit Adam", "bitsandbytes 8-bit optimizer state (AdamW8bit, or Lion8bit "
         "with Lion): saves about 5 GB of VRAM on SD 1.5 with AdamW, slightly less exact; CUDA "

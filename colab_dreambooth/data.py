@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+from .errors import UserError
 from .images import ImageProblem, check_images, crop_and_resize, hflip, load_image, to_tensor
 from .prompts import PromptError, build_prompts, read_caption
 from .text_encoding import shuffle_tags
@@ -24,11 +25,12 @@ if TYPE_CHECKING:
     from .config import DreamBoothConfig
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The training data cannot be used; ``problems`` lists every reason (file and fix)."""
 
-    def __init__(self, problems: list[str]):
+    def __init__(self, problems: list[str], warnings: list[str] | None = None):
         self.problems = problems
+        self.warnings = list(warnings or [])  # found alongside, for a report of everything
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{len(problems)} problem(s) with the training data:\n{lines}")
 
@@ -86,7 +88,7 @@ def collect_training_data(config: "DreamBoothConfig", *,
             data.classes[index] = _class_examples(config, index, problems, data.warnings,
                                                   require_class_images)
     if problems:
-        raise DataError(problems)
+        raise DataError(problems, data.warnings)
     return data
 
 

@@ -43,7 +43,6 @@ import re
 import shutil
 import struct
 import sys
-import tempfile
 import time
 import zlib
 from contextlib import contextmanager
@@ -54,6 +53,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .errors import UserError
+from .files import temp_file_beside
 from .models import ModelLoadError, resolve_model_folder, save_folder_atomic
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-class DehydrateError(RuntimeError):
+class DehydrateError(UserError, RuntimeError):
     """Dehydrating or rehydrating failed; the message names the file and what to do."""
 
 
@@ -208,7 +209,7 @@ def dehydrate(model_dir: str | os.PathLike, base: str | os.PathLike, out_file: s
                                    "subfolders": used},
             "files": [], "weights": []}
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+        fd, tmp_name = temp_file_beside(out)
         os.close(fd)
         tmp = Path(tmp_name)
         try:

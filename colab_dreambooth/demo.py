@@ -11,10 +11,14 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 
 from .config import Concept, DreamBoothConfig
+
+if TYPE_CHECKING:
+    from .train import TrainResult
 
 BACKGROUNDS = {"green": (60, 150, 70), "blue": (50, 90, 170), "grey": (128, 128, 128),
                "white": (240, 240, 240), "pink": (220, 140, 170), "brown": (120, 80, 50)}
@@ -93,11 +97,12 @@ def _draw_toy(draw: ImageDraw.ImageDraw, rng: random.Random, size: int, shape: s
 
 
 def run_demo(out: str | Path = "demo-output", *, steps: int = 150, save_every: int = 0,
-             resume: bool = False) -> Path:
+             resume: bool = False) -> "TrainResult":
     """Make the data, train the tiny model, sample it, and print what was made where.
 
     ``save_every`` writes a checkpoint every that many steps; ``resume`` continues the run
-    already in ``out`` from its newest checkpoint (stop the demo with Ctrl-C to try it)."""
+    already in ``out`` from its newest checkpoint (stop the demo with Ctrl-C to try it).
+    Returns the training result (``stopped_early`` when it was stopped)."""
     import time
 
     from .params import save_params
@@ -124,17 +129,41 @@ def run_demo(out: str | Path = "demo-output", *, steps: int = 150, save_every: i
     grid = root / "samples" / "grid.png"
     image_grid(images, labels, columns=2).save(grid)
 
+    command = command_name()
     print("\nDemo finished in {:.0f} s.".format(time.time() - started))
     print(f"  instance images (with .txt captions): {instance_dir}")
     print(f"  class images:                         {class_dir}")
     print(f"  parameters JSON:                      {params}")
     print(f"  trained model (diffusers folder):     {result.model_dir}")
     print(f"  samples ({len(samples)} PNGs and a grid):    {grid}")
-    print(f"  steps {result.steps}, loss {result.losses[0]:.3f} -> "
-          f"{sum(result.losses[-10:]) / len(result.losses[-10:]):.3f} (mean of the last 10)")
+    if result.losses:
+        tail = result.losses[-10:]
+        print(f"  steps {result.steps}, loss {result.losses[0]:.3f} -> "
+              f"{sum(tail) / len(tail):.3f} (mean of the last {len(tail)})")
     if result.stopped_early:
-        print(f"  stopped at step {result.steps}: continue with  colab-dreambooth demo --out "
+        print(f"  stopped at step {result.steps}: continue with  {command} demo --out "
               f"{out} --steps {steps}{f' --save-every {save_every}' if save_every else ''} "
               "--resume")
-    print("Train on this data again with:  colab-dreambooth train --config " + str(params))
-    return result.model_dir
+    print(f"Train on this data again with:  {command} train --config {params}")
+    return result
+
+
+def command_name() -> str:
+    """How to call the command line from the user's shell: ``colab-dreambooth`` when that is
+    on PATH and is this installation, else the script's path (a virtualenv that is not
+    activated: ``.venv/bin/colab-dreambooth``), else ``python -m colab_dreambooth``."""
+    import os
+    import shutil
+    import sys
+
+    script = Path(sys.executable).parent / ("colab-dreambooth.exe" if os.name == "nt"
+                                            else "colab-dreambooth")
+    found = shutil.which("colab-dreambooth")
+    if found and script.exists() and Path(found).resolve() == script.resolve():
+        return "colab-dreambooth"
+    if script.exists():
+        try:
+            return str(script.relative_to(Path.cwd()))
+        except ValueError:
+            return str(script)
+    return f"{sys.executable} -m colab_dreambooth"

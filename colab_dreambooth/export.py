@@ -19,7 +19,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from . import checkpoint_keys as ck
 from .convert import (CONFIG_METADATA_KEYS, RELEASE_EVERY, CheckpointError, SafetensorsFile,
                       TensorFile, TensorSpec, TorchFile, write_safetensors)
+from .files import temp_file_beside
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def export_checkpoint(model_dir: str | Path, out_file: str | Path, *, fp16: bool
     metadata = export_metadata(model_dir, configs, version=version, prediction_type=prediction,
                                ema=ema, dtype="fp16" if fp16 else "fp32")
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_file.name}.", suffix=".tmp", dir=out_file.parent)
+    fd, tmp_name = temp_file_beside(out_file)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

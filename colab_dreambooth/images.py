@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .errors import UserError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 # PIL format names each extension may hold. MPO is PIL's name for the multi-picture
@@ -50,7 +52,7 @@ class ImageProblem:
         return f"{self.path}: {self.message}"
 
 
-class ImageDataError(ValueError):
+class ImageDataError(UserError, ValueError):
     """Raised with every problem found, so the user can fix them all in one go."""
 
     def __init__(self, problems: Iterable[ImageProblem]) -> None:
@@ -233,7 +235,8 @@ def _decode_and_check(path: Path, resolution: int, min_fraction: float) -> list[
     elif short < needed:
         problems.append(ImageProblem(
             path, f"is {w}x{h} pixels but the resolution is {resolution}: its shorter side is below "
-                  f"{needed:g} px, so it would be blurry when upscaled; use a larger image or remove it"))
+                  f"{needed:g} px, so it would be blurry when upscaled; use a larger image, remove it, or "
+                  "train at a lower resolution (the resolution field, --resolution)"))
     return problems
 
 

@@ -29,7 +29,6 @@ import importlib.util
 import json
 import os
 import re
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 
 from .config import safe_name
+from .files import file_mode, temp_file_beside
 from .validation import ConfigError, Problem
 
 if TYPE_CHECKING:
@@ -249,10 +249,11 @@ def save_lora(path: str | os.PathLike, state: dict[str, torch.Tensor],
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     os.close(fd)
     try:
         save_file(state, tmp, metadata=metadata)
+        os.chmod(tmp, file_mode())  # save_file makes the file anew: its own (private) mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

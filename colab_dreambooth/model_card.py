@@ -27,12 +27,14 @@ from typing import Any
 from PIL import Image
 
 from .config import TINY_MODEL, Concept, DreamBoothConfig
+from .errors import UserError
 from .params import read_params, write_text_atomic
 from .validation import looks_like_local_path
 
 LICENSE = "creativeml-openrail-m"
 TAGS = ("stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "dreambooth",
         "diffusers")
+LORA_TAGS = ("lora", "template:sd-lora")
 GRID_NAME = "samples.png"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
@@ -43,7 +45,7 @@ _COMMON_WORDS = frozenset("""a an the of in on at with and or by for to from pho
     my our your his her their this that""".split())
 
 
-class ModelCardError(ValueError):
+class ModelCardError(UserError, ValueError):
     """The model folder lacks what the card is built from; the message says what to do."""
 
 
@@ -58,11 +60,18 @@ def write_model_card(model_dir: str | Path, out_path: str | Path | None = None, 
     snippet. Raises :class:`ModelCardError` when ``params.json`` is missing.
     """
     model_dir = Path(model_dir)
+    if not (model_dir / "params.json").is_file():
+        # The run's working folder <models root>/dreambooth/<name>: its model/ or its lora/.
+        for sub in ("model", "lora"):
+            if (model_dir / sub / "params.json").is_file():
+                model_dir = model_dir / sub
+                break
     out_path = Path(out_path) if out_path is not None else model_dir / "README.md"
     params_file = model_dir / "params.json"
     if not params_file.is_file():
-        raise ModelCardError(f"{params_file} not found: give the model folder that training "
-                             "wrote (<models root>/dreambooth/<model name>/model)")
+        raise ModelCardError(f"{params_file} not found: give the folder that training wrote "
+                             "(<models root>/dreambooth/<model name>/model, or .../lora for a "
+                             "LoRA run)")
     config = read_params(params_file).config
     info_file = model_dir / "training_info.json"
     info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
@@ -81,19 +90,21 @@ def card_text(config: DreamBoothConfig, info: dict[str, Any] | None = None, *,
     info = info or {}
     base = str(info.get("base_model") or config.base_model)
     hub_base = base if _is_hub_id(base) else None
+    lora = bool(info.get("lora", config.use_lora))
     concepts = config.concepts_list
     front = ["---", f"license: {LICENSE}"]
     if hub_base:
         front.append(f"base_model: {hub_base}")
     if concepts:
         front.append(f"instance_prompt: {_yaml_str(card_prompt(concepts[0]))}")
-    front += ["tags:"] + [f"- {tag}" for tag in TAGS]
+    front += ["tags:"] + [f"- {tag}" for tag in TAGS + (LORA_TAGS if lora else ())]
     front += ["library_name: diffusers", "pipeline_tag: text-to-image", "inference: true", "---"]
 
     title = repo_id.split("/")[-1] if repo_id else config.model_name
+    what = ("LoRA adapters (DreamBooth-LoRA) for" if lora else "A DreamBooth fine-tune of")
     lines = front + ["", f"# {title}", "",
-                     f"A DreamBooth fine-tune of {_base_link(base)}, trained with "
-                     "colab-dreambooth (the AUTOMATIC1111 Dreambooth extension's settings).", ""]
+                     f"{what} {_base_link(base)}, trained with colab-dreambooth (the "
+                     "AUTOMATIC1111 Dreambooth extension's settings).", ""]
     triggers = [trigger_word(c) for c in concepts]
     if any(triggers):
         words = ", ".join(f"`{w}`" for w in dict.fromkeys(t for t in triggers if t))
@@ -114,14 +125,38 @@ def card_text(config: DreamBoothConfig, info: dict[str, Any] | None = None, *,
     lines += ["## Training settings", "", "| Setting | Value |", "|---|---|"]
     lines += [f"| {name} | {_cell(value)} |" for name, value in training_settings(config, info)]
     prompt = card_prompt(concepts[0]) if concepts else "a photo"
-    lines += ["", "## Use it", "", "```python", "import torch",
-              "from diffusers import StableDiffusionPipeline", "",
-              f"pipe = StableDiffusionPipeline.from_pretrained({json.dumps(repo_id or '.')}, "
-              "torch_dtype=torch.float16).to(\"cuda\")",
-              f"image = pipe({json.dumps(prompt)}, num_inference_steps=30, "
-              "guidance_scale=7.5).images[0]",
-              "image.save(\"sample.png\")", "```", ""]
+    lines += ["", "## Use it", ""]
+    if lora:
+        lines += _lora_usage(config, info, base, hub_base, repo_id, prompt)
+    else:
+        lines += ["```python", "import torch", "from diffusers import StableDiffusionPipeline",
+                  "",
+                  f"pipe = StableDiffusionPipeline.from_pretrained({json.dumps(repo_id or '.')}, "
+                  "torch_dtype=torch.float16).to(\"cuda\")",
+                  f"image = pipe({json.dumps(prompt)}, num_inference_steps=30, "
+                  "guidance_scale=7.5).images[0]",
+                  "image.save(\"sample.png\")", "```", ""]
     return _scrub("\n".join(lines), config)
+
+
+def _lora_usage(config: DreamBoothConfig, info: dict[str, Any], base: str,
+                hub_base: str | None, repo_id: str | None, prompt: str) -> list[str]:
+    """Loading snippets of a LoRA: diffusers' ``load_lora_weights`` on the base, the WebUI."""
+    from .lora import lora_file_path
+
+    file = str(info.get("lora_file") or lora_file_path(config).name)
+    base_id = hub_base or ("<the base model: " + _display_model(base) + ">")
+    where = json.dumps(repo_id or ".")
+    return ["```python", "import torch", "from diffusers import StableDiffusionPipeline", "",
+            f"pipe = StableDiffusionPipeline.from_pretrained({json.dumps(base_id)}, "
+            "torch_dtype=torch.float16).to(\"cuda\")",
+            *([] if repo_id else ['# "." is the folder that holds the LoRA file']),
+            f"pipe.load_lora_weights({where}, weight_name={json.dumps(file)})",
+            f"image = pipe({json.dumps(prompt)}, num_inference_steps=30, "
+            "guidance_scale=7.5).images[0]",
+            "image.save(\"sample.png\")", "```", "",
+            f"In the AUTOMATIC1111 WebUI or ComfyUI: put `{file}` in `models/Lora` and add "
+            f"`<lora:{Path(file).stem}:1>` to the prompt, on the same base model.", ""]
 
 
 def training_settings(config: DreamBoothConfig, info: dict[str, Any]) -> list[tuple[str, str]]:
@@ -134,11 +169,22 @@ def training_settings(config: DreamBoothConfig, info: dict[str, Any]) -> list[tu
     else:
         step_text = str(steps)
     epochs = info.get("epochs") if info.get("epochs") is not None else config.num_train_epochs
+    lora = bool(info.get("lora", config.use_lora))
     rows = [("Base model", _display_model(str(info.get("base_model") or config.base_model))),
-            ("Training steps", step_text), ("Epochs", str(epochs or "-")),
-            ("Learning rate (UNet)", f"{config.learning_rate:g}")]
+            ("Training steps", step_text), ("Epochs", str(epochs or "-"))]
+    if lora:
+        from .lora import effective_alpha
+
+        rows.append(("LoRA rank / alpha (UNet)", f"{config.lora_unet_rank} / "
+                     f"{effective_alpha(config.lora_alpha, config.lora_unet_rank):g}"))
+        if config.train_text_encoder:
+            rows.append(("LoRA rank / alpha (text encoder)", f"{config.lora_txt_rank} / "
+                         f"{effective_alpha(config.lora_alpha, config.lora_txt_rank):g}"))
+    unet_lr, text_lr = ((config.lora_learning_rate, config.lora_txt_learning_rate) if lora
+                        else (config.learning_rate, config.text_encoder_learning_rate))
+    rows.append(("Learning rate (UNet)", f"{unet_lr:g}"))
     if config.train_text_encoder:
-        rows.append(("Learning rate (text encoder)", f"{config.text_encoder_learning_rate:g}"))
+        rows.append(("Learning rate (text encoder)", f"{text_lr:g}"))
     warmup = f", {config.lr_warmup_steps} warm-up steps" if config.lr_warmup_steps else ""
     rows.append(("LR scheduler", config.lr_scheduler + warmup
                  + (" (scaled by batch size)" if config.scale_lr else "")))

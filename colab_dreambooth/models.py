@@ -14,20 +14,23 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from .config import TINY_MODEL
+from .console import quiet_known_warnings
+from .errors import UserError
+from .files import give_ordinary_permissions, temp_folder_beside
 
 log = logging.getLogger(__name__)
+quiet_known_warnings()  # e.g. transformers' "requires torchvision" on every model load
 
 TINY_VERSION = "1"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """The base model could not be loaded; the message says why and what to do."""
 
 
@@ -86,9 +89,17 @@ def resolve_model_folder(name: str) -> Path:
         if not path.is_file():
             raise ModelLoadError(f"model file {path} not found")
         return _convert_single_file(path)
-    if path.exists() or name.startswith((".", "/", "~")) or "\\" in name:
+    if path.exists():
         raise ModelLoadError(f"{name} is neither a diffusers folder nor a .safetensors/.ckpt "
                              "file")
+    from .validation import looks_like_local_path
+
+    if looks_like_local_path(name):
+        # "models/dreambooth/x/modle", "./base", "~/sd": a local path that is not there, not
+        # a Hub id (and never a network error about an id nobody meant).
+        raise ModelLoadError(f"the model folder {name} does not exist ({path.absolute()}): "
+                             "check the path, or give a Hub id (owner/name), a "
+                             ".safetensors/.ckpt file or 'tiny'")
     return _download(name)
 
 
@@ -106,8 +117,9 @@ def _download(repo_id: str) -> Path:
         raise ModelLoadError(
             f"could not download '{repo_id}' from the Hugging Face Hub ({type(exc).__name__}: "
             f"{exc}). Check the id and your network; a gated model needs a login "
-            "(HF_TOKEN). Or point the base model at a local diffusers folder or "
-            ".safetensors file, or use 'tiny' to try the package offline.") from exc
+            f"(HF_TOKEN). No local folder {repo_id} exists in {Path.cwd()} either. Or point "
+            "the base model at a local diffusers folder or .safetensors file, or use 'tiny' "
+            "to try the package offline.") from exc
 
 
 def _convert_single_file(path: Path) -> Path:
@@ -141,9 +153,10 @@ def save_folder_atomic(write, target: Path) -> Path:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temp_folder_beside(target)
     try:
         write(tmp)
+        give_ordinary_permissions(tmp)
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         if target.exists():
             os.replace(target, old)

@@ -10,6 +10,8 @@ from typing import Iterable
 
 import torch
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -47,7 +49,7 @@ EIGHT_BIT = {"AdamW": "AdamW8bit", "Lion": "Lion8bit"}
 PRODIGY_MIN_LR = 0.1
 
 
-class OptimizerUnavailable(ImportError):
+class OptimizerUnavailable(UserError, ImportError):
     """The chosen optimizer's package is not installed; the message says what to install."""
 
 

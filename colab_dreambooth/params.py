@@ -13,13 +13,13 @@ import difflib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from .config import Concept, DreamBoothConfig
 from .fields import FieldSpec, coerce, field_specs
+from .files import temp_file_beside
 from .validation import ConfigError, Problem
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,16 @@ def params_to_dict(config: DreamBoothConfig) -> dict[str, Any]:
     return data
 
 
+def params_template() -> DreamBoothConfig:
+    """Every field at its default plus one example concept to edit (``params FILE``): a
+    newcomer sees every concept key and the shape of a working entry. Its folder
+    ``my-photos`` is relative, so it means the folder beside the parameters file."""
+    return DreamBoothConfig(concepts_list=[Concept(
+        instance_prompt="photo of zwx dog", class_prompt="photo of a dog",
+        instance_data_dir="my-photos", instance_token="zwx", class_token="dog",
+        num_class_images=50)])
+
+
 def save_params(config: DreamBoothConfig, path: str | os.PathLike) -> Path:
     """Write ``config`` as JSON to ``path`` atomically (a crash never leaves half a file)."""
     path = Path(path)
@@ -95,7 +105,7 @@ def save_params(config: DreamBoothConfig, path: str | os.PathLike) -> Path:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -111,7 +121,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 def load_params(path: str | os.PathLike) -> DreamBoothConfig:
     """Read a parameters JSON (ours or the extension's ``db_config.json``).
 
-    Keys that are missing take the defaults. Raises :class:`ConfigError` listing every unknown
+    Keys that are missing take the defaults. Relative instance/class folders and
+    ``concepts_path`` are taken relative to the file's own folder (not the current one). Raises :class:`ConfigError` listing every unknown
     key and wrong type at once; logs the extension keys it ignored.
     """
     loaded = read_params(path)
@@ -164,7 +175,8 @@ def resolve_concepts(config: DreamBoothConfig) -> DreamBoothConfig:
 
 def params_from_dict(data: dict[str, Any], *, source: str = "parameters",
                      base_dir: Path | None = None) -> LoadedParams:
-    """Build a config from a parameters mapping; see :func:`load_params`."""
+    """Build a config from a parameters mapping; see :func:`load_params`. With ``base_dir``
+    (the file's folder), relative data folders and ``concepts_path`` are taken relative to it."""
     problems: list[Problem] = []
     ignored: list[str] = []
     notes: list[str] = []
@@ -182,7 +194,7 @@ def params_from_dict(data: dict[str, Any], *, source: str = "parameters",
             if not isinstance(value, list):
                 problems.append(Problem("concepts_list", "expected a list of concept objects"))
                 continue
-            values[key] = _concepts_from_list(value, problems, notes, base_dir=None)
+            values[key] = _concepts_from_list(value, problems, notes, base_dir=base_dir)
         elif key in _SPECIAL_KEYS:
             continue  # handled below, once every plain key is known
         elif key in RUN_FIELDS:
@@ -203,7 +215,7 @@ def params_from_dict(data: dict[str, Any], *, source: str = "parameters",
         elif any(isinstance(top_level_concept.get(k), str) and top_level_concept[k].strip()
                  for k in ("instance_prompt", "instance_data_dir")):
             values["concepts_list"] = _concepts_from_list([top_level_concept], problems, notes,
-                                                          base_dir=None)
+                                                          base_dir=base_dir)
             notes.append(f"{source}: read the top-level concept keys of an early extension file "
                          "as concept 1")
         else:  # blank concept fields of an early file: nothing to train from them
@@ -214,8 +226,23 @@ def params_from_dict(data: dict[str, Any], *, source: str = "parameters",
     if ignored:
         notes.append(f"{source}: ignored {len(ignored)} extension key(s) this package does not "
                      f"use: {', '.join(sorted(ignored))}")
+    if base_dir is not None:
+        _resolve_relative_inputs(values, base_dir)
     config = DreamBoothConfig(**values)
     return LoadedParams(config, sorted(ignored), notes)
+
+
+def _resolve_relative_inputs(values: dict[str, Any], base_dir: Path) -> None:
+    """Relative input paths of a parameters file are relative to the file's own folder, so a
+    file beside its photos works from any current folder. The base model only when such a
+    path exists there: ``owner/name`` is also how a Hub id looks."""
+    path = values.get("concepts_path", "")
+    if isinstance(path, str) and path.strip() and not _is_absolute(path):
+        values["concepts_path"] = str(base_dir / path)
+    model = values.get("pretrained_model_name_or_path", "")
+    if isinstance(model, str) and model.strip() and not _is_absolute(model) \
+            and (base_dir / model).exists():
+        values["pretrained_model_name_or_path"] = str(base_dir / model)
 
 
 _SPECIAL_KEYS = {"not_cache_latents", "optimizer", "stop_text_encoder", "max_train_steps",

@@ -12,6 +12,8 @@ import os
 import re
 from pathlib import Path
 
+from .errors import UserError
+
 EXISTING_PROMPT_CONTENTS: tuple[str, ...] = (
     "Description",
     "Instance Token + Description",
@@ -33,7 +35,7 @@ _NUMBERS_ONLY = re.compile(r"[\d\s_.\-()]*")
 _PathLike = str | os.PathLike[str]
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt or caption that cannot give valid training prompts; names concept and file."""
 
     def __init__(

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 
 from .config import DreamBoothConfig, safe_name
 from .fields import setting
+from .lora import lora_file_path
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +89,43 @@ def release_folder(config: DreamBoothConfig) -> Path:
 
 
 def trained_model(config: DreamBoothConfig) -> Path:
-    """The diffusers folder training saved; a clear error when there is none yet."""
+    """The folder training saved: the diffusers folder, or for a LoRA run the folder of its
+    LoRA file (with its params and training info); a clear error when there is none yet."""
     from .models import ModelLoadError
 
+    if config.use_lora:
+        file = lora_file_path(config)
+        if not file.is_file():
+            raise ModelLoadError(f"no trained LoRA at {file}: train first (notebook 03), or "
+                                 "set Models root and Model name to those of the run")
+        return file.parent
     folder = config.model_dir / "model"
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(f"no trained model in {folder}: train first (notebook 03), or set "
                              "Models root and Model name to those of the run")
     return folder
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    import os
+    import shutil
+
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _name_lora_in_card(card: Path, trained_name: str, released_name: str) -> None:
+    """The card's snippets name the released copy of the LoRA file, not the run's."""
+    if trained_name != released_name:
+        text = card.read_text(encoding="utf-8").replace(trained_name, released_name)
+        from .params import write_text_atomic
+
+        write_text_atomic(card, text)
 
 
 def check_release(settings: ReleaseSettings) -> list[str]:
@@ -132,7 +162,9 @@ def make_release(config: DreamBoothConfig, settings: ReleaseSettings, *,
 
     problems = check_release(settings)
     if problems:
-        raise ValueError("; ".join(problems))
+        from .validation import ConfigError, Problem
+
+        raise ConfigError([Problem("release", problem) for problem in problems])
     model = trained_model(config)
     folder = release_folder(config)
     folder.mkdir(parents=True, exist_ok=True)
@@ -140,18 +172,31 @@ def make_release(config: DreamBoothConfig, settings: ReleaseSettings, *,
     target = parse_destination(settings.destination)
     say = on_status or (lambda line: None)
 
-    say(f"Exporting {name}.safetensors ({'fp16' if settings.fp16 else 'fp32'})...")
-    report = export_checkpoint(model, folder / f"{name}.safetensors", fp16=settings.fp16,
-                               ema=settings.ema, overwrite=True, progress=progress)
-    result = ReleaseResult(folder, report.path)
-    result.lines.append(f"Exported {report.path} ({human_size(report.size)}, {report.dtype}): "
-                        "load it in the WebUI/ComfyUI.")
+    if config.use_lora:
+        # The LoRA file is already what the WebUI, ComfyUI and diffusers load: copy it.
+        say(f"Copying the LoRA as {name}.safetensors...")
+        export = folder / f"{name}.safetensors"
+        _copy_atomic(lora_file_path(config), export)
+        result = ReleaseResult(folder, export)
+        result.lines.append(f"LoRA {export} ({human_size(export.stat().st_size)}): put it in "
+                            "the WebUI's models/Lora, or load_lora_weights in diffusers.")
+    else:
+        say(f"Exporting {name}.safetensors ({'fp16' if settings.fp16 else 'fp32'})...")
+        report = export_checkpoint(model, folder / f"{name}.safetensors", fp16=settings.fp16,
+                                   ema=settings.ema, overwrite=True, progress=progress)
+        result = ReleaseResult(folder, report.path)
+        result.lines.append(f"Exported {report.path} ({human_size(report.size)}, "
+                            f"{report.dtype}): load it in the WebUI/ComfyUI.")
     if settings.model_card:
         say("Writing the model card...")
         repo_id = target.repo_id if isinstance(target, HubRepo) else None
         result.card = write_model_card(model, folder / "README.md", grid=grid, repo_id=repo_id)
+        if config.use_lora:
+            _name_lora_in_card(result.card, lora_file_path(config).name, export.name)
         result.lines.append(f"Model card: {result.card}")
-    if settings.dehydrate:
+    if settings.dehydrate and config.use_lora:
+        result.lines.append("Dehydrate skipped: a LoRA file already holds only the change.")
+    elif settings.dehydrate:
         say("Dehydrating (a pass over every weight)...")
         dehydrated = dehydrate(model, config.base_model, folder / f"{name}.dehydrated.safetensors",
                                rank=settings.dehydrate_rank, overwrite=True, progress=progress)
@@ -164,7 +209,7 @@ def make_release(config: DreamBoothConfig, settings: ReleaseSettings, *,
     shown_grid = folder / "samples.png" if result.card is not None and grid is not None else None
     items = [p for p in (result.export, result.card, shown_grid, result.dehydrated)
              if p is not None]
-    if settings.send_diffusers:
+    if settings.send_diffusers and not config.use_lora:
         hub = isinstance(target, HubRepo)
         items += [p for p in sorted(model.iterdir()) if not p.name.startswith(".")
                   and p.name != "README.md" and not (hub and p.name in PRIVATE_FILES)]
@@ -183,13 +228,12 @@ def sample_model(config: DreamBoothConfig, prompt: str = "", *, pipe=None,
     """Sample the trained model: each concept's sample settings, or ``prompt`` (when not
     blank) with the first concept's number, seed, CFG scale and steps. Returns the
     :class:`~colab_dreambooth.sample.SampleResult` (shown inline as its grid)."""
-    from .sample import SampleJob, load_pipeline, run_samples, sample_concepts
+    from .sample import SampleJob, load_trained_pipeline, run_samples, sample_concepts
 
-    model = trained_model(config)
     if pipe is None:
-        pipe = load_pipeline(model, "cpu" if config.use_cpu else None)
+        pipe = load_trained_pipeline(config)
     if not prompt.strip():
-        return sample_concepts(config, model, pipe=pipe, progress=progress)
+        return sample_concepts(config, pipe=pipe, progress=progress)
     concept = config.concepts_list[0] if config.concepts_list else None
     n = concept.n_save_sample if concept else 1
     seed = concept.sample_seed if concept and concept.sample_seed >= 0 else \

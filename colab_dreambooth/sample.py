@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import random
 import re
@@ -56,6 +57,44 @@ def load_pipeline(model_dir: str | Path, device: str | None = None):
     return pipe.to(device)
 
 
+def load_trained_pipeline(config: "DreamBoothConfig", device: str | None = None):
+    """The pipeline of what ``config``'s run trained: its ``model/`` folder, or, for a LoRA
+    run, the base model with the run's LoRA file applied."""
+    from .lora import lora_file_path, load_lora_pipeline
+    from .models import ModelLoadError
+
+    device = device or ("cpu" if config.use_cpu else None)
+    if config.use_lora:
+        file = lora_file_path(config)
+        if not file.is_file():
+            raise ModelLoadError(f"no trained LoRA at {file}: train first (notebook 03), or set "
+                                 "Models root and Model name to those of the run")
+        return load_lora_pipeline(config.base_model, file, device=device)
+    model = config.model_dir / "model"
+    if not (model / "model_index.json").is_file():
+        raise ModelLoadError(f"no trained model in {model}: train first (notebook 03), or set "
+                             "Models root and Model name to those of the run")
+    return load_pipeline(model, device)
+
+
+def lora_run(folder: str | Path) -> tuple[str, Path] | None:
+    """``(base model, LoRA file)`` when ``folder`` is what a LoRA run wrote: its ``lora/``
+    folder or its working folder ``<models root>/dreambooth/<name>`` (which has no
+    ``model/``); None otherwise."""
+    folder = Path(folder).expanduser()
+    for candidate in (folder, folder / "lora"):
+        info_file = candidate / "training_info.json"
+        if not info_file.is_file():
+            continue
+        try:
+            info = json.loads(info_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if info.get("lora") and info.get("lora_file") and info.get("base_model"):
+            return str(info["base_model"]), candidate / info["lora_file"]
+    return None
+
+
 def resolve_model(model: str | Path) -> Path:
     """The diffusers folder to sample from; see :func:`load_pipeline` for what is accepted."""
     from .models import ModelLoadError, resolve_model_folder
@@ -64,9 +103,14 @@ def resolve_model(model: str | Path) -> Path:
     if path.is_dir() and not (path / "model_index.json").is_file():
         if (path / "model" / "model_index.json").is_file():
             return path / "model"  # the working folder <models root>/dreambooth/<name>
+        if lora_run(path):
+            raise ModelLoadError(f"{path} holds a LoRA run, not a model folder: sample it with "
+                                 "its base model and LoRA file (`sample BASE --lora FILE`, or "
+                                 "`sample` on the run's folder)")
         raise ModelLoadError(f"{path} is not a diffusers model folder (it has no "
                              "model_index.json): give the folder training wrote, "
-                             "<models root>/dreambooth/<model name>/model")
+                             "<models root>/dreambooth/<model name>/model (a LoRA run: "
+                             "the base model with --lora <name>/lora/<name>.safetensors)")
     if not path.exists() and str(model).replace("\\", "/").count("/") > 1:
         # A Hub id is owner/name: anything deeper is a local path that is not there.
         raise ModelLoadError(f"model folder {path} not found")
@@ -211,17 +255,15 @@ def sample_concepts(config: "DreamBoothConfig", model: str | Path | None = None,
     jobs = [job for index in range(len(config.concepts_list))
             for job in concept_sample_jobs(config, index)]
     if not jobs:
-        raise ValueError("no sample to generate: every concept's Number of Samples to Generate "
-                         "is 0")
+        from .validation import ConfigError, Problem
+
+        raise ConfigError([Problem("n_save_sample", "no sample to generate: every concept's "
+                                   "Number of Samples to Generate is 0")])
     if pipe is None:
         if model is None:
-            model = config.model_dir / "model"
-            if not model.is_dir():
-                from .models import ModelLoadError
-
-                raise ModelLoadError(f"no trained model in {model}: train first, or pass the "
-                                     "model folder to sample")
-        pipe = load_pipeline(model, device or ("cpu" if config.use_cpu else None))
+            pipe = load_trained_pipeline(config, device)
+        else:
+            pipe = load_pipeline(model, device or ("cpu" if config.use_cpu else None))
     return run_samples(pipe, jobs, out_dir or config.model_dir / "samples", columns=columns,
                        progress=progress, clip_skip=config.clip_skip,
                        max_token_length=config.max_token_length)
@@ -383,7 +425,12 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
                     "PNGs plus one grid labelled with the prompts.")
     p.add_argument("model_dir", metavar="MODEL_DIR",
                    help="the trained diffusers folder (or the model's working folder, 'tiny', "
-                        "a .safetensors/.ckpt file, a Hub id)")
+                        "a .safetensors/.ckpt file, a Hub id); for a LoRA: its base model, or "
+                        "the LoRA run's folder (base and LoRA file are then read from it)")
+    p.add_argument("--lora", type=Path, default=None, metavar="FILE",
+                   help="a LoRA .safetensors (ours, kohya's, the WebUI's) applied on MODEL_DIR")
+    p.add_argument("--lora-scale", type=float, default=1.0,
+                   help="the LoRA's strength, the WebUI's <lora:name:scale> (default 1.0)")
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt to sample (repeat for several)")
     p.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
@@ -402,6 +449,7 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
 
 
 def _run_cli(args: argparse.Namespace) -> int:
+    from .lora import load_lora_pipeline
     from .models import ModelLoadError
 
     if args.n < 1 or args.steps < 1:
@@ -412,15 +460,23 @@ def _run_cli(args: argparse.Namespace) -> int:
             print("error: --height and --width must be multiples of 8, at least 64",
                   file=sys.stderr)
             return 2
+    base, lora = args.model_dir, args.lora
+    if lora is None and not (Path(base).expanduser() / "model" / "model_index.json").is_file():
+        found = lora_run(base)  # a LoRA run's folder: its base model and its file
+        if found:
+            base, lora = found
+            print(f"A LoRA run: sampling {lora} on its base model {base}")
+    if lora is not None and not Path(lora).expanduser().is_file():
+        raise ModelLoadError(f"LoRA file {lora} not found: a LoRA run writes "
+                             "<models root>/dreambooth/<model name>/lora/<model name>.safetensors")
     seed = args.seed if args.seed >= 0 else random.randrange(2**31)
     jobs = [SampleJob(prompt, seed + i, args.negative_prompt, args.guidance_scale, args.steps,
                       args.height, args.width)
             for prompt in args.prompt for i in range(args.n)]
-    try:
-        pipe = load_pipeline(args.model_dir)
-    except ModelLoadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if lora is not None:
+        pipe = load_lora_pipeline(base, Path(lora).expanduser(), scale=args.lora_scale)
+    else:
+        pipe = load_pipeline(base)
     result = run_samples(pipe, jobs, args.out, columns=args.columns,
                          progress=not args.no_progress)
     for path, job in zip(result.paths, result.jobs):

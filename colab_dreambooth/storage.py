@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .errors import UserError
 from .hub_token import TOKEN_ENV_VARS, find_token
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 HUB_PREFIX = "hf://"
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A copy or upload that did not succeed (its message never holds the token)."""
 
 

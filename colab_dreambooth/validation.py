@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
+from .errors import UserError
 from .fields import coerce, field_specs
 from .prompts import contains_token
 
@@ -30,7 +31,7 @@ class Problem:
         return f"{self.where}: {self.message}"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """The configuration cannot be used; ``problems`` lists every reason."""
 
     def __init__(self, problems: Iterable[Problem]):
@@ -201,10 +202,14 @@ def _field_problems(obj, cls, prefix: str) -> Iterable[Problem]:
 
 
 def looks_like_local_path(name: str) -> bool:
-    """True for a file-system path, False for a Hub id like ``org/model`` or ``tiny``."""
+    """True for a file-system path, False for a Hub id like ``org/model`` or ``tiny``.
+
+    ``models/sd15`` has a Hub id's shape, but when a folder ``models`` is here it is a local
+    path (mistyped or not yet made): saying so beats a network error about a repo."""
     return (name.startswith((".", "/", "~")) or "\\" in name or re.match(r"^[A-Za-z]:", name)
             is not None or name.count("/") > 1 or Path(name).suffix in (".ckpt", ".safetensors")
-            or Path(name).expanduser().exists())
+            or Path(name).expanduser().exists()
+            or (name.count("/") == 1 and Path(name.split("/")[0]).expanduser().is_dir()))
 
 
 def _hub_repo_problems(hub: str) -> list[Problem]:
@@ -245,6 +250,7 @@ def _base_model_problems(config) -> list[Problem]:
         return [Problem(field, "blank: name a Hub id, a diffusers folder, a .safetensors/.ckpt "
                         "file or 'tiny'")]
     if name != TINY_MODEL and looks_like_local_path(name) and not Path(name).expanduser().exists():
-        return [Problem(field, f"{name} does not exist on this machine: point it at a diffusers "
+        return [Problem(field, f"{name} does not exist on this machine "
+                        f"({Path(name).expanduser().absolute()}): point it at a diffusers "
                         "folder or a .safetensors/.ckpt file, or give a Hub id")]
     return []

@@ -16,7 +16,7 @@ from PIL import Image
 from colab_dreambooth import cli
 from colab_dreambooth.config import DreamBoothConfig
 from colab_dreambooth.demo import demo_config, make_demo_data
-from colab_dreambooth.params import load_params, params_to_dict, save_params
+from colab_dreambooth.params import CONCEPT_FIELDS, load_params, params_to_dict, save_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,7 +136,9 @@ def test_check_data_with_config_checks_the_concept_folders(demo, capsys):
     assert code == 1
     assert re.search(rf"^ERROR +{re.escape(str(broken))}: is empty", out, re.M), out
     assert re.search(rf"^WARNING +{re.escape(str(mislabelled))}: contains PNG data", out, re.M)
-    assert "2 folder(s) checked: 1 error(s), 1 warning(s)." in out
+    # ... and, as train would, that the class folder now lacks one of its 12 images
+    assert re.search(r"^WARNING +concept 1: the class folder .* holds 11 usable images", out, re.M)
+    assert "2 folder(s) checked: 1 error(s), 2 warning(s)." in out
 
 
 def test_check_data_with_config_uses_its_resolution(demo, capsys):
@@ -233,14 +235,31 @@ def test_prompts_with_a_bad_caption_exits_1(demo, capsys):
 
 
 # ----------------------------------------------------------------------------- params
-def test_params_writes_the_defaults(tmp_path, capsys):
+def test_params_writes_the_defaults_and_an_example_concept(tmp_path, capsys):
     out_file = tmp_path / "sub" / "out.json"
     code, out, _ = run(capsys, "params", out_file)
     assert code == 0
     assert str(out_file) in out
-    assert load_params(out_file) == DreamBoothConfig()
+    loaded = load_params(out_file)
+    assert loaded.copy(concepts_list=[]) == DreamBoothConfig()
     data = json.loads(out_file.read_text(encoding="utf-8"))
     assert data["learning_rate"] == 2e-6 and data["max_train_steps"] is None
+    (concept,) = data["concepts_list"]
+    assert concept["instance_data_dir"] == "my-photos" and concept["instance_token"] == "zwx"
+    assert set(concept) == set(CONCEPT_FIELDS)  # every concept key, to edit
+    # relative folders mean the folder beside the file, whatever the current folder
+    assert loaded.concepts_list[0].instance_data_dir == str(tmp_path / "sub" / "my-photos")
+
+
+def test_params_never_overwrites_without_asking(tmp_path, capsys):
+    out_file = tmp_path / "mine.json"
+    out_file.write_text('{"learning_rate": 1e-6}', encoding="utf-8")
+    code, out, err = run(capsys, "params", out_file)
+    assert code == 1
+    assert err.startswith("error: ") and "already exists" in err and "--overwrite" in err
+    assert out_file.read_text(encoding="utf-8") == '{"learning_rate": 1e-6}'
+    code, _, _ = run(capsys, "params", out_file, "--overwrite")
+    assert code == 0 and load_params(out_file).learning_rate == 2e-6
 
 
 # ----------------------------------------------------------------------------- train
@@ -347,3 +366,34 @@ def test_invalid_override_is_reported_before_any_model_loads(demo, capsys, no_mo
     assert "2 problem(s) with the configuration" in err
     assert "lr_scheduler: 'nope' is not one of" in err
     assert "learning_rate" in err
+
+
+def test_readme_concept_example_loads_and_resolves_beside_the_file(tmp_path, monkeypatch):
+    """The README's JSON example is a valid parameters file; its relative folder is the one
+    beside the file, whatever the current folder."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```json\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "run").mkdir()
+    path = tmp_path / "run" / "params.json"
+    path.write_text(block, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    config = load_params(path)
+    (concept,) = config.concepts_list
+    assert concept.instance_data_dir == str(tmp_path / "run" / "my-photos")
+    assert concept.num_class_images == 50 and config.max_train_steps == 800
+
+
+def test_demo_suggests_a_command_that_works_in_a_fresh_shell(monkeypatch):
+    """Without the virtualenv activated, ``colab-dreambooth`` is not on PATH: the demo's hint
+    names the script's path instead (or the bare name once it is on PATH)."""
+    from colab_dreambooth.demo import command_name
+
+    script = Path(sys.executable).parent / "colab-dreambooth"
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    named = command_name()
+    if script.exists():
+        assert Path(named).resolve() == script.resolve()
+        monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")
+        assert command_name() == "colab-dreambooth"
+    else:  # not installed with its script: the module form always works
+        assert named.endswith("-m colab_dreambooth")

@@ -242,14 +242,20 @@ def test_keys_follow_kohya_layout(run, tiny_parts):
 
 
 def test_adapters_trained_in_both_parts(run):
-    ups = {k: v for k, v in run.state.items() if k.endswith("lora_up.weight")}
-    still = {k.split(".")[0] for k, v in ups.items() if not v.any()}
+    lr = run.config.lora_learning_rate  # the text encoder's is the same here
+    moved = {k.split(".")[0]: v.abs().max().item() for k, v in run.state.items()
+             if k.endswith("lora_up.weight")}
     # lora_up starts at zero: every up weight moved, in the UNet and the text encoder, except
     # the mid block's self-attention q/k: at 64 px its map is 1x1, and a softmax over one
-    # token has no gradient.
+    # token has no gradient in exact arithmetic. Kernels that compute the softmax's backward
+    # another way leave a rounding residue, which Adam (dividing by its root mean square)
+    # turns into steps of about lr * |g| / eps: 2e-6 to 3.6e-6 seen (on an AVX-512 CPU and an
+    # AMD EPYC), 0 on others. The trained adapters moved by 0.55 lr and more (Adam's steps are
+    # about lr each), so lr / 100 tells them apart with a wide margin either side.
+    still = {name for name, size in moved.items() if size < lr / 100}
     assert still == {"lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q",
-                     "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_k"}
-    assert any(k.startswith("lora_te_") and v.any() for k, v in ups.items())
+                     "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_k"}, moved
+    assert any(name.startswith("lora_te_") for name in moved if name not in still)
 
 
 def test_diffusers_load_reproduces_the_trained_model(run, base_outputs):
@@ -445,3 +451,85 @@ def test_lora_with_ema_is_refused_before_any_model_loads(tiny_config, monkeypatc
         train(config, progress=False)
     with pytest.raises(ConfigError):
         check_lora(config)
+
+
+# ----------------------------------------------------------------------------- after training
+def test_model_card_of_a_lora_run(run):
+    from diffusers import StableDiffusionPipeline
+
+    from colab_dreambooth.model_card import write_model_card
+
+    working_folder = run.config.model_dir  # <models root>/dreambooth/<name>: finds lora/
+    card_path = write_model_card(working_folder)
+    assert card_path == run.result.lora_file.parent / "README.md"
+    card = card_path.read_text(encoding="utf-8")
+    assert "LoRA adapters (DreamBooth-LoRA) for" in card and "DreamBooth fine-tune" not in card
+    assert "- lora" in card
+    assert "| LoRA rank / alpha (UNet) | 4 / 2 |" in card
+    assert "| LoRA rank / alpha (text encoder) | 2 / 2 |" in card
+    assert "| Learning rate (UNet) | 0.01 |" in card
+    assert "| Learning rate (text encoder) | 0.01 |" in card
+    assert "2e-06" not in card and "1e-06" not in card  # the full fine-tune's rates
+    file = run.result.lora_file.name
+    assert f'pipe.load_lora_weights(".", weight_name="{file}")' in card
+    assert f"<lora:{run.result.lora_file.stem}:1>" in card
+    assert "from_pretrained(\".\"" not in card  # the folder holds no diffusers model
+    compile(card.split("```python\n")[1].split("```")[0], "the card's snippet", "exec")
+    # what the snippet does, on the real files: the base model plus the folder and file name
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path(), safety_checker=None)
+    pipe.load_lora_weights(str(card_path.parent), weight_name=file)
+    torch.testing.assert_close(pipe_outputs(pipe)["noise"], run.captured["noise"],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_sample_command_takes_a_lora_on_a_base_model(run, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from colab_dreambooth import cli
+    from colab_dreambooth.sample import generate_samples
+
+    common = ["--prompt", PROMPT, "--seed", "3", "--steps", "2", "--height", "64", "--width",
+              "64", "--no-progress"]
+    assert cli.main(["sample", "tiny", "--lora", str(run.result.lora_file), "--out",
+                     str(tmp_path / "a"), *common]) == 0
+    # the run's own folder is enough: base model and LoRA file are read from it
+    assert cli.main(["sample", str(run.config.model_dir), "--out", str(tmp_path / "b"),
+                     *common]) == 0
+    assert "A LoRA run" in capsys.readouterr().out
+    expected = generate_samples(load_lora_pipeline("tiny", run.result.lora_file), PROMPT, n=1,
+                                seed=3, steps=2, height=64, width=64, progress=False)[0]
+    plain = generate_samples(base_pipeline(), PROMPT, n=1, seed=3, steps=2, height=64,
+                             width=64, progress=False)[0]
+    for folder in ("a", "b"):
+        with Image.open(tmp_path / folder / "sample-001-000.png") as image:
+            assert np.array_equal(np.asarray(image), np.asarray(expected)), folder
+    assert not np.array_equal(np.asarray(expected), np.asarray(plain))  # the LoRA counts
+
+
+def test_sample_errors_of_a_lora_run_name_the_lora(run, tmp_path, capsys):
+    from colab_dreambooth import cli
+
+    code = cli.main(["sample", "tiny", "--lora", str(tmp_path / "missing.safetensors"),
+                     "--prompt", "x", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "LoRA file" in err and "missing.safetensors" in err
+    assert "Traceback" not in err
+    code = cli.main(["sample", str(run.result.lora_file.parent.parent / "model"), "--prompt",
+                     "x", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "not found" in err
+
+
+def test_release_of_a_lora_run(run):
+    from colab_dreambooth.release import ReleaseSettings, make_release, sample_model
+
+    samples = sample_model(run.config, PROMPT, progress=False)  # base + LoRA, no model/ needed
+    result = make_release(run.config, ReleaseSettings(export_name="zwx toy lora",
+                                                      dehydrate=True), grid=samples.grid,
+                          progress=False)
+    assert result.export.name == "zwx toy lora.safetensors"
+    assert result.export.read_bytes() == run.result.lora_file.read_bytes()
+    card = result.card.read_text(encoding="utf-8")
+    assert 'weight_name="zwx toy lora.safetensors"' in card and "![Samples]" in card
+    assert result.dehydrated is None and "Dehydrate skipped" in str(result)

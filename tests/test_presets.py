@@ -245,3 +245,17 @@ def test_gpu_benchmark_runs_tiny_on_the_cpu(capsys, one_thread):
     assert bench.peak_flops("NVIDIA H100 PCIe") == 756e12
     assert bench.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert bench.peak_flops("Some Future GPU") is None
+
+
+def test_cpu_only_help_quotes_the_estimate_env_prints():
+    """The Use CPU Only help and `env` on the CPU name the same memory for SD 1.5."""
+    import re
+
+    from colab_dreambooth.fields import field_specs
+
+    help_text = field_specs(DreamBoothConfig)["use_cpu"].setting.help
+    quoted = float(re.search(r"about (\d+(?:\.\d+)?) GB of RAM", help_text).group(1))
+    config = DreamBoothConfig(use_cpu=True)
+    assert "AdamW" in help_text and config.optimizer == "AdamW" and not config.use_lora
+    estimate = estimate_peak_memory(config, DeviceInfo.cpu(), sizes=SD15)
+    assert abs(estimate.total_gb - quoted) < 1.0, estimate

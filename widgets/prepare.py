@@ -11,7 +11,6 @@ import hashlib
 import html
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -21,6 +20,7 @@ from PIL import Image, ImageOps
 
 from colab_dreambooth.config import DreamBoothConfig
 from colab_dreambooth.data import DataError, collect_training_data
+from colab_dreambooth.files import temp_file_beside
 from colab_dreambooth.images import IMAGE_EXTENSIONS, crop_and_resize, list_image_files, load_image
 from colab_dreambooth.params import resolve_concepts
 from colab_dreambooth.prompts import PromptError, read_caption
@@ -104,7 +104,7 @@ def _free_stem(folder: Path, stem: str, suffixes: list[str]) -> str:
 
 def _write_new(target: Path, content: bytes) -> None:
     """Write ``target`` atomically, failing rather than replacing a file that appeared."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".upload", dir=target.parent)
+    fd, tmp = temp_file_beside(target, suffix=".upload")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(content)

@@ -1,0 +1,73 @@
+"""Temporary files and folders for atomic writes, with the permissions of ordinary files.
+
+``tempfile.mkstemp``/``mkdtemp`` create private entries (0600/0700) so that no other user can
+read a secret in a shared /tmp. Ours are written beside their target and renamed into place:
+they become the user's exports, parameters and model folders, which must get the same
+permissions as any file the user writes (0644/0755 with the usual umask), or other tools,
+users of a shared machine and web servers cannot read them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file."""
+    return 0o666 & ~_umask()
+
+
+def folder_mode() -> int:
+    """The mode ``mkdir`` would give a new folder."""
+    return 0o777 & ~_umask()
+
+
+def temp_file_beside(target: Path, suffix: str = ".tmp") -> tuple[int, str]:
+    """``(fd, name)`` of a new hidden file in ``target``'s folder, with ordinary permissions,
+    to be renamed over ``target`` once written."""
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, file_mode())
+    return fd, name
+
+
+def temp_folder_beside(target: Path) -> Path:
+    """A new hidden folder in ``target``'s parent, with ordinary permissions, to be renamed
+    to ``target`` once filled."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(folder, folder_mode())
+    return folder
+
+
+def give_ordinary_permissions(folder: Path) -> None:
+    """Set the usual modes on everything under ``folder`` before it is renamed into place:
+    safetensors (0.8) writes every file 0600, whoever saves with it (diffusers included)."""
+    files, folders = file_mode(), folder_mode()
+    os.chmod(folder, folders)
+    for root, dirs, names in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), folders)
+        for name in names:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, files)
+
+
+__all__ = ["file_mode", "folder_mode", "give_ordinary_permissions", "temp_file_beside",
+           "temp_folder_beside"]
