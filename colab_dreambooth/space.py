@@ -261,7 +261,7 @@ def _group(writes: list[Write], free: Callable[[Path], int], kaggle_working: Pat
     for write in writes:
         path = _existing(write.folder)
         capped = _under(write.folder.expanduser().absolute(), kaggle_working)
-        drive = on_google_drive(path)
+        drive = on_google_drive(write.folder)  # the mount point itself may not exist yet
         key = (("kaggle", str(kaggle_working)) if capped else ("drive",) if drive
                else os.stat(path).st_dev)
         if key not in disks:

@@ -119,3 +119,11 @@ def test_train_refuses_before_class_images_or_models(tiny_config, monkeypatch):
     monkeypatch.setattr(space, "free_space", lambda folder: 1000)
     with pytest.raises(DiskSpaceError, match="will not fit"):
         train_module.train(tiny_config, progress=False)
+
+
+def test_drive_is_told_apart_even_before_the_folder_exists(tmp_path, drive):
+    unmade = tmp_path / "elsewhere" / "drive" / "MyDrive" / "ckpt"  # nothing of it exists
+    config = sd15(tmp_path, checkpoint_dir=str(unmade))
+    plan = plan_space(config, total_steps=800, sizes=SD15, free=free_stub)
+    assert [(d.drive, [w.what for w in d.writes]) for d in plan.disks] == [
+        (True, ["checkpoints"]), (False, ["model"])]
