@@ -133,3 +133,24 @@ def test_torch_adamw_is_fused_on_a_gpu():
     cpu = make_optimizer([{"params": weights, "lr": 1e-3}], use_8bit=False, on_cuda=False,
                          betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
     assert gpu.defaults["fused"] is True and not cpu.defaults["fused"]
+
+
+def test_the_gpus_free_memory_is_the_budget(monkeypatch):
+    """Another notebook (or an earlier run in this kernel) holding GPU memory leaves less for
+    this run; what PyTorch's own cache holds unused still counts as free."""
+    import types
+
+    from colab_dreambooth.runtime import detect_device
+
+    props = types.SimpleNamespace(name="Tesla T4", total_memory=15 * 2**30, major=7, minor=5)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (9 * 2**30, 15 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index: 2 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda index: 2**30)
+    device = detect_device()
+    assert device.free_memory_gb == 10.0 and device.usable_memory_gb == 10.0
+    plan = plan_memory(sd15(), device, packages=WITH_BNB, sizes=SD15)
+    assert plan.budget_gb == 10.0 and "of 10.0 GB usable" in str(plan.estimate)
+    assert plan.fits and plan.config.train_text_encoder is False  # 10.3 GB did not fit 10
