@@ -4,10 +4,13 @@ A checkpoint is a folder ``checkpoint-<step>`` holding everything the run needs 
 it had never stopped: the trained weights in fp32 (safetensors), the optimizer, learning-rate
 schedule and grad-scaler states, the EMA weights, every process's random-number states, and
 ``state.json`` (step, epoch, position in the epoch, seed, losses so far, the run's parameters).
-It is written into a hidden temporary folder and renamed into place, ``state.json`` last, so a
-kill at any moment leaves either the previous checkpoints or the new one, never half of one.
-Loading never unpickles code: tensors come from safetensors, the rest through
-``torch.load(weights_only=True)``.
+It is written into a hidden temporary folder, flushed to the disk (on a Drive mount: handed
+to Drive) and renamed into place, ``state.json`` last, so a kill at any moment leaves either
+the previous checkpoints or the new one, never half of one; older checkpoints are deleted only
+once the new one is complete. Tensors are written and read one at a time
+(:mod:`colab_dreambooth.tensor_stream`), so saving and resuming never hold a whole model or
+optimizer state in host memory. Loading never unpickles code: tensors come from safetensors,
+the rest from JSON or ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -29,8 +32,11 @@ import torch
 from .errors import UserError
 from .files import give_ordinary_permissions
 from .params import params_to_dict
-from .storage import (BackgroundUploader, HubRepo, free_bytes, hf_token, parse_destination,
-                      redact)
+from .hub_token import find_token
+from .storage import (BackgroundUploader, HubRepo, free_bytes, hf_token, on_google_drive,
+                      parse_destination, redact)
+from .tensor_stream import (fsync_file, fsync_folder, load_into, load_optimizer, save_optimizer,
+                            save_tensors)
 
 if TYPE_CHECKING:
     from .config import DreamBoothConfig
@@ -40,7 +46,9 @@ log = logging.getLogger(__name__)
 
 PREFIX = "checkpoint-"
 STATE_FILE = "state.json"
-FORMAT_VERSION = 1
+# 2: the optimizer as optimizer.safetensors + optimizer.json (1: optimizer.pt, still read).
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 # Settings that change what a checkpoint's tensors or batches mean: resuming with another value
 # cannot continue the same run. Everything else (steps, epochs, saving, sampling) may change.
 MUST_MATCH = ("pretrained_model_name_or_path", "src", "use_lora", "lora_unet_rank", "lora_txt_rank", "train_text_encoder",
@@ -125,7 +133,7 @@ def read_state(folder: Path) -> dict | None:
     """``state.json`` of a complete checkpoint, else None (half-written, damaged, foreign)."""
     try:
         state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-        if state.get("format") != FORMAT_VERSION:
+        if state.get("format") not in READABLE_FORMATS:
             return None
         for name, size in state["files"].items():
             if (folder / name).stat().st_size != size:
@@ -164,15 +172,17 @@ def save_checkpoint(root: str | os.PathLike, state: TrainingState, progress: Pro
         _remove_stale(root)
         needed = int(estimate_bytes(state) * 1.05)
         if free_bytes(root) < needed:
-            # Older checkpoints beyond the ones we keep would go anyway: make room first
-            # (with keep=1 that is the only one: a full disk leaves no safer choice).
-            for gone in prune(root, keep=max(0, keep - 1)):
-                log.warning("Deleted %s early to make room for the next checkpoint", gone)
+            # Older checkpoints beyond the ones we keep would go anyway: make room first. The
+            # newest complete one stays until the new one is complete, whatever ``keep`` is.
+            for gone in prune(root, keep=max(1, keep - 1)):
+                log.warning("Deleted %s early to make room for the next checkpoint%s", gone,
+                            DRIVE_BIN_NOTE if on_google_drive(root) else "")
         if free_bytes(root) < needed:
             log.warning("Not enough free space in %s for a checkpoint (%.2f GB needed, %.2f GB "
-                        "free): this one is skipped and training goes on. Free some space or "
-                        "set Checkpoint folder elsewhere.", root, needed / 1e9,
-                        free_bytes(root) / 1e9)
+                        "free): this one is skipped, the previous one is kept, and training "
+                        "goes on. Free some space or set Checkpoint folder elsewhere.%s", root,
+                        needed / 1e9, free_bytes(root) / 1e9,
+                        DRIVE_BIN_NOTE if on_google_drive(root) else "")
             ok = False
         else:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -188,18 +198,16 @@ def save_checkpoint(root: str | os.PathLike, state: TrainingState, progress: Pro
             accelerator.wait_for_everyone()
         return root / checkpoint_name(progress.step)
 
-    from safetensors.torch import save_file
-
     for part, tensors in state.trained_tensors().items():
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()},
-                  tmp / f"{part}.safetensors")
-    torch.save(state.optimizer.state_dict(), tmp / "optimizer.pt")
+        save_tensors(tmp / f"{part}.safetensors", tensors, torch.float32)
+    save_optimizer(state.optimizer, tmp)
     torch.save(state.lr_scheduler.state_dict(), tmp / "scheduler.pt")
     if state.scaler is not None:
         torch.save(state.scaler.state_dict(), tmp / "scaler.pt")
     if state.ema is not None:
-        save_file({str(i): t.detach().contiguous().cpu() for i, t in enumerate(state.ema.shadow)},
-                  tmp / "ema.safetensors")
+        save_tensors(tmp / "ema.safetensors", {str(i): t for i, t in enumerate(state.ema.shadow)})
+    for path in tmp.iterdir():  # the small files and the other processes' random states
+        fsync_file(path)
     files = {p.name: p.stat().st_size for p in tmp.iterdir()}
     record = {"format": FORMAT_VERSION, "progress": asdict(progress), "files": files,
               "ema_updates": state.ema.updates if state.ema is not None else None,
@@ -207,14 +215,27 @@ def save_checkpoint(root: str | os.PathLike, state: TrainingState, progress: Pro
               "params": params_to_dict(config),
               "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "saved_unix": time.time()}
     _write_json_synced(tmp / STATE_FILE, record)
+    fsync_folder(tmp)
     target = root / checkpoint_name(progress.step)
     give_ordinary_permissions(tmp)
     _swap_into_place(tmp, target)
-    prune(root, keep=keep)
-    log.info("Checkpoint at step %d: %s", progress.step, target)
+    fsync_folder(root)
+    # Only now, with the new one complete on the disk, may older ones go.
+    gone = prune(root, keep=keep)
+    if on_google_drive(root):
+        log.info("Checkpoint at step %d is complete and flushed to Google Drive: %s%s",
+                 progress.step, target, DRIVE_BIN_NOTE if gone else "")
+    else:
+        log.info("Checkpoint at step %d is complete and flushed to the disk: %s",
+                 progress.step, target)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return target
+
+
+DRIVE_BIN_NOTE = (" (files deleted on Google Drive go to its bin and still count against "
+                  "the Drive quota until the bin is emptied: drive.google.com > Bin > Empty "
+                  "bin)")
 
 
 def prune(root: Path, keep: int) -> list[Path]:
@@ -317,32 +338,25 @@ def load_checkpoint(folder: Path, state: TrainingState, config: "DreamBoothConfi
                     accelerator=None) -> Progress:
     """Restore ``state`` (in place) and every random state from ``folder``; return where the
     run stood."""
-    from safetensors.torch import load_file
-
     record = check_compatible(folder, config,
                               1 if accelerator is None else accelerator.num_processes)
-    modules = {"unet": state.unet, "text_encoder": state.text_encoder}
+    # Every tensor is read alone and copied into place (on the GPU when training runs there):
+    # host memory holds one tensor at a time, not the model or the optimizer state.
     for part, tensors in state.trained_tensors().items():
-        saved = load_file(folder / f"{part}.safetensors")
-        missing = sorted(set(tensors) - set(saved))
+        missing = load_into(folder / f"{part}.safetensors", tensors)
         if missing:
             raise CheckpointError(f"{folder / (part + '.safetensors')} lacks {len(missing)} "
                                   f"tensors (e.g. {missing[0]}): it belongs to another model")
-        with torch.no_grad():
-            module_state = modules[part].state_dict()
-            for key, value in saved.items():
-                module_state[key].copy_(value)
-    device_map = "cpu"
-    state.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True,
-                                               map_location=device_map))
+    if (folder / "optimizer.pt").is_file():  # format 1
+        state.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True,
+                                                   map_location="cpu"))
+    else:
+        load_optimizer(state.optimizer, folder)
     state.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     if state.scaler is not None and (folder / "scaler.pt").is_file():
         state.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
     if state.ema is not None:
-        shadow = load_file(folder / "ema.safetensors")
-        with torch.no_grad():
-            for i, t in enumerate(state.ema.shadow):
-                t.copy_(shadow[str(i)])
+        load_into(folder / "ema.safetensors", {str(i): t for i, t in enumerate(state.ema.shadow)})
         state.ema.updates = int(record.get("ema_updates") or 0)
     rank = 0 if accelerator is None else accelerator.process_index
     _load_random_states(folder / f"random_states_{rank}.pt")
@@ -485,13 +499,15 @@ def hub_uploader(config: "DreamBoothConfig", accelerator) -> BackgroundUploader 
     repo = hub_target(config)
     if repo is None or not accelerator.is_main_process:
         return None
-    # Read here, on the caller's thread: Colab's secrets cannot be asked from a worker thread.
-    token = hf_token()
-    if not token:
-        log.warning("Checkpoint Hub repo is %s but no Hugging Face token was found (Colab "
-                    "secret HF_TOKEN, the HF_TOKEN variable or `huggingface-cli login`): "
-                    "checkpoints stay local only", repo)
-    return BackgroundUploader(repo, token=token, private=True)
+    # Read here, on the caller's thread (Colab's access prompt belongs to the cell the user
+    # runs), once per run: a failure earlier in the session may have been fixed since.
+    lookup = find_token(ask_again=True)
+    if not lookup.token:
+        log.warning("Checkpoint Hub repo is %s but there is no Hugging Face token, so "
+                    "checkpoints stay local only. %s", repo, lookup.problem)
+    else:
+        log.info("Checkpoints go to %s too (token from %s)", repo, lookup.source)
+    return BackgroundUploader(repo, token=lookup.token, private=True)
 
 
 __all__ = ["Progress", "TrainingState", "CheckpointError", "checkpoint_root", "list_checkpoints",

@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
         "repo) exactly where it stopped; starts from the beginning when there is none"))
     p.add_argument("--no-progress", action="store_true",
                    help="hide the progress bars (the log lines stay)")
+    p.add_argument("--force", action="store_true", help=(
+        "start even when the memory estimate says the GPU is too small or the disk plan says "
+        "the checkpoints will not fit (for experts: the estimates err on the safe side)"))
     _add_config_options(p)
     p.set_defaults(run=_train)
 
@@ -126,6 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="parameters JSON to estimate (default: every "
                    "field at its default)")
     p.add_argument("--presets", action="store_true", help="also print the whole preset table")
+    p.add_argument("--gpu", metavar="NAME", help="plan for this GPU instead of this machine's "
+                   "(e.g. \"Tesla T4\", L4, \"A100 80GB\"): its preset, the choices given "
+                   "the packages installed here, the estimate and what to change")
     p.set_defaults(run=_env)
 
     p = sub.add_parser("demo", help="train the tiny built-in model on a synthetic subject")
@@ -193,7 +199,8 @@ def config_from_args(args: argparse.Namespace) -> DreamBoothConfig:
 def _train(args: argparse.Namespace) -> int:
     from .train import train
 
-    result = train(config_from_args(args), resume=args.resume, progress=not args.no_progress)
+    result = train(config_from_args(args), resume=args.resume, progress=not args.no_progress,
+                   force=args.force)
     state = "stopped early" if result.stopped_early else "finished"
     print(f"Training {state} after {result.steps}/{result.total_steps} steps (seed {result.seed}).")
     if result.checkpoint:
@@ -293,8 +300,11 @@ def _env(args: argparse.Namespace) -> int:
     from .presets import describe_presets
     from .runtime import environment_report
 
+    from .gpus import gpu_by_name
+
     config = resolve_concepts(load_params(args.config)) if args.config else DreamBoothConfig()
-    print(environment_report(config))
+    device = gpu_by_name(args.gpu) if args.gpu else None
+    print(environment_report(config, device, planned=device is not None))
     if args.presets:
         print("\nAll presets (blank fields take the values of the GPU's row):")
         print(describe_presets())

@@ -183,7 +183,26 @@ def _pil_limits() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
+# A file's problems by (path, size, modification time, resolution, min_fraction): forms
+# re-count class images on every keystroke, and decoding hundreds of images each time would
+# freeze them. A changed file has another size or time, so it is checked again.
+_CHECKED: dict[tuple, list[ImageProblem]] = {}
+_CHECKED_MAX = 50_000
+
+
 def _check_file(path: Path, resolution: int, min_fraction: float) -> list[ImageProblem]:
+    stat = path.stat()
+    key = (str(path.absolute()), stat.st_size, stat.st_mtime_ns, resolution, min_fraction)
+    found = _CHECKED.get(key)
+    if found is None:
+        found = _decode_and_check(path, resolution, min_fraction)
+        if len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.clear()
+        _CHECKED[key] = found
+    return list(found)
+
+
+def _decode_and_check(path: Path, resolution: int, min_fraction: float) -> list[ImageProblem]:
     if path.stat().st_size == 0:
         return [ImageProblem(path, "is empty (0 bytes); the upload or copy probably failed, upload it again")]
     try:

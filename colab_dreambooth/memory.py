@@ -27,7 +27,6 @@ backward pass frees activations while it creates gradients.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .packages import INSTALL_HINT, importable
 from .runtime import DeviceInfo
 
 if TYPE_CHECKING:
@@ -105,34 +105,54 @@ class MemoryEstimate:
         return not self.on_gpu or self.total_gb <= self.device_gb
 
     def __str__(self) -> str:
-        where = (f"of {self.device_gb:.1f} GB on the GPU" if self.on_gpu
+        where = (f"of {self.device_gb:.1f} GB usable on the GPU" if self.on_gpu
                  else "(host memory: training runs on the CPU)")
         lines = [f"Estimated peak memory: {self.total_gb:.1f} GB {where}"]
         lines += [f"  {label:52} {gb:6.2f} GB" for label, gb in self.items if gb >= 0.005]
         lines += [f"  note: {n}" for n in self.notes]
         if not self.fits:
-            lines.append("  It will not fit. To lower it: " + "; ".join(self.advice))
+            lines.append("  It will not fit. Estimated peak after each change: "
+                         + "; ".join(self.advice))
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Fix:
+    """One change that lowers the peak, with the estimate once it is made."""
+
+    changes: dict  # field -> new value
+    label: str  # what to do, in the form's words
+    estimate_gb: float
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The fields to change."""
+        return tuple(self.changes)
+
+    def __str__(self) -> str:
+        return f"{self.label}: {self.estimate_gb:.1f} GB"
 
 
 def estimate_peak_memory(config: "DreamBoothConfig", device: DeviceInfo, *,
                          sizes: ModelSizes | None = None, bitsandbytes: bool | None = None,
-                         processes: int | None = None) -> MemoryEstimate:
+                         processes: int | None = None, fixes: bool = True) -> MemoryEstimate:
     """Estimate the peak memory of training ``config`` on ``device``.
 
     Blank (auto) preset fields are first filled as training would fill them. ``sizes`` are the
     model's parameter counts (from :func:`model_sizes` of the base model when None);
     ``bitsandbytes`` says whether 8-bit Adam can really run (detected when None);
     ``processes`` is the number of training processes (the WORLD_SIZE when None): with more
-    than one, DistributedDataParallel keeps a bucket copy of the gradients.
+    than one, DistributedDataParallel keeps a bucket copy of the gradients. The estimate is
+    compared with the GPU's usable (free) memory; with ``fixes`` its ``advice`` lists the
+    changes that lower it, each with the estimate once made (see :func:`memory_fixes`).
     """
     from .presets import apply_preset
 
-    config = apply_preset(config, device)[0]
+    original, config = config, apply_preset(config, device)[0]
     sizes = sizes or model_sizes(config.base_model)
     on_gpu = device.kind == "cuda" and not config.use_cpu
     if bitsandbytes is None:
-        bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
+        bitsandbytes = importable("bitsandbytes")
     if processes is None:
         processes = int(os.environ.get("WORLD_SIZE", "1") or 1)
     precision = config.mixed_precision if on_gpu else "no"
@@ -150,7 +170,7 @@ def estimate_peak_memory(config: "DreamBoothConfig", device: DeviceInfo, *,
     eight_bit = bool(config.use_8bit_adam) and on_gpu and name in ("AdamW", "Lion")
     if eight_bit and not bitsandbytes:
         notes.append("8-bit Adam is on but bitsandbytes is not installed: counted as torch "
-                     f"{name} (pip install 'colab-dreambooth[cuda]')")
+                     f"{name} ({INSTALL_HINT})")
         eight_bit = False
     # Half model: the trained weights, their gradients and torch optimizers' states in 16 bit.
     full_half = bool(config.full_fp16) and half == 2 and not config.use_lora
@@ -206,8 +226,11 @@ def estimate_peak_memory(config: "DreamBoothConfig", device: DeviceInfo, *,
     if sizes.label not in (SD15.label, SD2.label):
         notes.append(f"model sizes counted from {sizes.label}")
 
-    estimate = MemoryEstimate(items, device.memory_gb if on_gpu else 0.0, on_gpu, notes)
-    estimate.advice = _advice(config, eight_bit, bitsandbytes)
+    estimate = MemoryEstimate(items, device.usable_memory_gb if on_gpu else 0.0, on_gpu, notes)
+    if fixes and on_gpu:
+        found = memory_fixes(original, device, sizes=sizes, bitsandbytes=bitsandbytes,
+                             processes=processes)
+        estimate.advice = [str(f) for f in found if f.estimate_gb < estimate.total_gb - 0.05]
     return estimate
 
 
@@ -225,37 +248,66 @@ def warn_if_too_big(config: "DreamBoothConfig", device: DeviceInfo, *,
         log.debug("no memory estimate: %s", exc)
         return None
     if not estimate.fits:
-        log.warning("This configuration needs about %.1f GB of GPU memory but %s has %.1f GB: "
-                    "it will probably run out of memory. To lower it: %s",
-                    estimate.total_gb, device.name, device.memory_gb, "; ".join(estimate.advice))
+        log.warning("This configuration needs about %.1f GB of GPU memory but %s has %.1f GB "
+                    "usable: it will probably run out of memory. Estimated peak after each "
+                    "change: %s", estimate.total_gb, device.name, device.usable_memory_gb,
+                    "; ".join(estimate.advice))
     else:
         log.info("Estimated peak GPU memory %.1f GB of %.1f GB", estimate.total_gb,
-                 device.memory_gb)
+                 device.usable_memory_gb)
     return estimate
 
 
-def _advice(config: "DreamBoothConfig", eight_bit: bool, bitsandbytes: bool) -> list[str]:
-    """The changes that lower the peak, cheapest first, among those not made yet."""
-    advice = []
-    if not config.gradient_checkpointing:
-        advice.append("turn on Gradient checkpointing (~1 GB less per image)")
-    if not config.use_lora and not eight_bit and config.optimizer in ("AdamW", "Lion"):
-        advice.append("turn on Use 8bit Adam (about 5 GB less)" if bitsandbytes else
-                      "install bitsandbytes for 8-bit Adam (pip install "
-                      "'colab-dreambooth[cuda]'; about 5 GB less)")
-    if config.use_ema and not config.ema_on_cpu:
-        advice.append("turn on Keep EMA on CPU (about 3 GB less)")
-    if not config.cache_latents:
-        advice.append("turn on Cache latents")
-    if config.train_batch_size > 1:
-        advice.append("lower the Batch size (use Gradient accumulation steps instead)")
-    if config.train_text_encoder and not config.use_lora:
-        advice.append("turn off Train Text Encoder (about 1-2 GB less)")
-    if not config.use_lora:
-        advice.append("turn on Use LORA (under 6 GB)")
-    if config.resolution > 512:
-        advice.append("lower the Resolution")
-    return advice
+def memory_fixes(config: "DreamBoothConfig", device: DeviceInfo, *,
+                 sizes: ModelSizes | None = None, bitsandbytes: bool | None = None,
+                 processes: int | None = None) -> list[Fix]:
+    """Each single change that would lower ``config``'s peak on ``device``, in the order a user
+    would try them (cheapest in quality first), with the estimate once it is made. Blank
+    fields are filled by the preset first; Use LORA is estimated with the preset's LoRA
+    values."""
+    from .presets import apply_preset
+
+    if bitsandbytes is None:
+        bitsandbytes = importable("bitsandbytes")
+    resolved = apply_preset(config, device)[0]
+
+    def estimate(changed: "DreamBoothConfig", bnb: bool = bitsandbytes) -> float:
+        return estimate_peak_memory(changed, device, sizes=sizes, bitsandbytes=bnb,
+                                    processes=processes, fixes=False).total_gb
+
+    fixes: list[Fix] = []
+
+    def add(changes: dict, label: str, bnb: bool = bitsandbytes) -> None:
+        fixes.append(Fix(changes, label, estimate(resolved.copy(**changes), bnb)))
+
+    full = not resolved.use_lora
+    if not resolved.gradient_checkpointing:
+        add({"gradient_checkpointing": True}, "turn on Gradient checkpointing")
+    eight_bit = bool(resolved.use_8bit_adam) and bitsandbytes
+    if full and resolved.optimizer in ("AdamW", "Lion") and not eight_bit:
+        if bitsandbytes:
+            add({"use_8bit_adam": True}, "turn on Use 8bit Adam")
+        else:
+            add({"use_8bit_adam": True}, f"install bitsandbytes ({INSTALL_HINT}, CUDA only) "
+                "and turn on Use 8bit Adam", bnb=True)
+    if full and resolved.optimizer != "Adafactor":
+        add({"optimizer": "Adafactor"}, "set Optimizer to Adafactor (the least optimizer "
+            "memory; it may need another learning rate)")
+    if resolved.use_ema and not resolved.ema_on_cpu:
+        add({"ema_on_cpu": True}, "turn on Keep EMA on CPU")
+    if not resolved.cache_latents:
+        add({"cache_latents": True}, "turn on Cache latents")
+    if resolved.train_batch_size and resolved.train_batch_size > 1:
+        add({"train_batch_size": 1}, "set Batch size to 1 (raise Gradient accumulation steps "
+            "instead)")
+    if full and resolved.train_text_encoder:
+        add({"train_text_encoder": False}, "turn off Train Text Encoder")
+    if full:
+        fixes.append(Fix({"use_lora": True}, "turn on Use LORA",
+                         estimate(config.copy(use_lora=True))))
+    if resolved.resolution > 512:
+        add({"resolution": 512}, "set Resolution to 512")
+    return fixes
 
 
 def _dtype(half: int) -> str:
@@ -329,5 +381,5 @@ def _numel(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["MemoryEstimate", "ModelSizes", "SD15", "SD2", "count_parameters",
-           "estimate_peak_memory", "model_sizes", "warn_if_too_big"]
+__all__ = ["Fix", "MemoryEstimate", "ModelSizes", "SD15", "SD2", "count_parameters",
+           "estimate_peak_memory", "memory_fixes", "model_sizes", "warn_if_too_big"]

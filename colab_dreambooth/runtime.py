@@ -28,7 +28,9 @@ class DeviceInfo:
     """The accelerator a run will use.
 
     ``memory_gb`` is the first GPU's memory in GiB as PyTorch reports it (a "16 GB" T4 shows
-    about 15); ``capability`` is its CUDA compute capability, (0, 0) on the CPU.
+    about 15); ``capability`` is its CUDA compute capability, (0, 0) on the CPU;
+    ``free_memory_gb`` is what was free when detected (None: not measured, e.g. a GPU planned
+    for with ``env --gpu``).
     """
 
     kind: str  # "cuda" or "cpu"
@@ -37,6 +39,14 @@ class DeviceInfo:
     bf16: bool = False
     count: int = 0
     capability: tuple[int, int] = (0, 0)
+    free_memory_gb: float | None = None
+
+    @property
+    def usable_memory_gb(self) -> float:
+        """The memory a run can have: the free memory when measured, else all of it."""
+        if self.free_memory_gb is None:
+            return self.memory_gb
+        return min(self.memory_gb, self.free_memory_gb)
 
     @classmethod
     def cpu(cls) -> "DeviceInfo":
@@ -65,8 +75,14 @@ def detect_device() -> DeviceInfo:
     capability = (props.major, props.minor)
     # Not torch.cuda.is_bf16_supported(): recent versions answer True on a T4 or V100,
     # where bf16 is only emulated and far slower than fp16.
+    try:  # another notebook or an earlier run in this kernel may hold some of it
+        # What PyTorch's cache holds unused is free for this process's run too.
+        unused = torch.cuda.memory_reserved(0) - torch.cuda.memory_allocated(0)
+        free = (torch.cuda.mem_get_info(0)[0] + unused) / 2**30
+    except Exception:  # a driver without the query
+        free = None
     return DeviceInfo("cuda", props.name, props.total_memory / 2**30, capability >= (8, 0),
-                      torch.cuda.device_count(), capability)
+                      torch.cuda.device_count(), capability, free)
 
 
 @dataclass(frozen=True)
@@ -174,13 +190,13 @@ def package_versions() -> dict[str, str | None]:
 
 
 def environment_report(config=None, device: DeviceInfo | None = None,
-                       runtime: Runtime | None = None) -> str:
+                       runtime: Runtime | None = None, *, planned: bool = False) -> str:
     """Text for ``colab-dreambooth env``: the service and its folders, Drive, the GPU(s), the
-    package versions, the preset's choices for ``config`` (the defaults when None) and the
-    estimate of peak GPU memory."""
+    package versions, the preset's choices for ``config`` (the defaults when None) fitted to
+    the GPU, and the estimate of peak GPU memory with what to change when it will not fit.
+    ``planned``: ``device`` is a GPU the user does not have yet (``env --gpu``)."""
     from .config import DreamBoothConfig
-    from .memory import estimate_peak_memory
-    from .presets import apply_preset, format_choices, preset_for
+    from .fit import plan_memory
 
     config = config if config is not None else DreamBoothConfig()
     device = device or (DeviceInfo.cpu() if config.use_cpu else detect_device())
@@ -191,17 +207,18 @@ def environment_report(config=None, device: DeviceInfo | None = None,
         lines.append(f"Google Drive: {runtime.drive_dir or 'not mounted (mount_drive() mounts it)'}")
     if device.kind == "cuda":
         gpus = f" x{device.count}" if device.count > 1 else ""
-        lines.append(f"GPU:          {device.name}{gpus}, {device.memory_gb:.1f} GB, compute "
+        free = (f" ({device.free_memory_gb:.1f} GB free)"
+                if device.free_memory_gb is not None else "")
+        label = "GPU planned:  " if planned else "GPU:          "
+        lines.append(f"{label}{device.name}{gpus}, {device.memory_gb:.1f} GB{free}, compute "
                      f"capability {device.capability[0]}.{device.capability[1]}, bf16 "
                      f"{'yes' if device.bf16 else 'no'}, flash attention "
-                     f"{'yes' if device.flash_attention else 'no'}")
+                     f"{'yes' if device.flash_attention else 'no'}"
+                     + (" (not this machine's: planning only)" if planned else ""))
     else:
         lines.append("GPU:          none (the CPU: fine for the tiny model, very slow for SD)")
     versions = package_versions()
     lines.append("Packages:     " + ", ".join(
         f"{name} {v or 'not installed'}" for name, v in versions.items()))
-    resolved, choices = apply_preset(config, device)
-    lines += ["", format_choices(choices, preset_for(config, device)), ""]
-    lines.append(str(estimate_peak_memory(resolved, device,
-                                          bitsandbytes=versions["bitsandbytes"] is not None)))
+    lines += ["", str(plan_memory(config, device))]
     return "\n".join(lines)

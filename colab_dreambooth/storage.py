@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
+from .hub_token import TOKEN_ENV_VARS, find_token
 
 log = logging.getLogger(__name__)
 
 HUB_PREFIX = "hf://"
-TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 class StorageError(UserError, RuntimeError):
@@ -64,27 +64,10 @@ def parse_destination(destination: str | os.PathLike | None) -> Path | HubRepo |
 
 
 def hf_token(explicit: str | None = None) -> str | None:
-    """The Hub token: ``explicit``, Colab's ``HF_TOKEN`` secret, the environment, or the
-    token saved by ``huggingface-cli login``; None when there is none."""
-    if explicit and explicit.strip():
-        return explicit.strip()
-    try:  # Colab's secrets panel; asks the user for access the first time
-        from google.colab import userdata  # type: ignore[import-not-found]
-
-        token = userdata.get("HF_TOKEN")
-        if token:
-            return token.strip()
-    except Exception:  # not on Colab, no such secret, or access refused
-        pass
-    for name in TOKEN_ENV_VARS:
-        if os.environ.get(name, "").strip():
-            return os.environ[name].strip()
-    try:
-        from huggingface_hub import get_token
-
-        return get_token()
-    except Exception:
-        return None
+    """The Hub token: ``explicit``, Kaggle's or Colab's ``HF_TOKEN`` secret (read once per
+    session), the environment, or the token saved by ``huggingface-cli login``; None when
+    there is none (:func:`colab_dreambooth.hub_token.find_token` says why)."""
+    return find_token(explicit).token
 
 
 def redact(text: str, *secrets: str | None) -> str:
@@ -101,6 +84,19 @@ def free_bytes(folder: str | os.PathLike) -> int:
     while not path.exists() and path != path.parent:
         path = path.parent
     return shutil.disk_usage(path).free
+
+
+DRIVE_ROOT = Path("/content/drive")
+
+
+def on_google_drive(path: str | os.PathLike) -> bool:
+    """True when ``path`` lies on Colab's Google Drive mount (/content/drive), where deleted
+    files go to the bin (still counting against the quota) and writes upload asynchronously."""
+    try:
+        resolved = Path(path).expanduser().absolute()
+    except (OSError, RuntimeError):
+        return False
+    return resolved == DRIVE_ROOT or DRIVE_ROOT in resolved.parents
 
 
 def folder_size(path: str | os.PathLike) -> int:
@@ -149,10 +145,10 @@ def upload_to_hub(path: str | os.PathLike, repo: HubRepo, *, token: str | None =
     ``retries`` times with growing pauses. Returns the repo's URL."""
     from huggingface_hub import HfApi
 
-    token = hf_token(token)
-    if not token:
-        raise StorageError("no Hugging Face token: add HF_TOKEN to Colab's secrets (key icon), "
-                           "set the HF_TOKEN environment variable, or run `huggingface-cli login`")
+    lookup = find_token(token)
+    if not lookup.token:
+        raise StorageError(lookup.problem)
+    token = lookup.token
     source = Path(path)
     target = path_in_repo if path_in_repo is not None else source.name
     api = HfApi(token=token)
@@ -211,6 +207,8 @@ def publish(path: str | os.PathLike, destination: str | os.PathLike | None, *,
     if not source.exists():
         raise StorageError(f"{source} does not exist: export or train first")
     if isinstance(target, HubRepo):
+        # A user pressing Send again may have just granted the notebook the secret.
+        token = token or find_token(ask_again=True).token
         url = upload_to_hub(source, target, token=token, private=private, retries=retries)
         log.info("Uploaded %s to %s", source.name, url)
         return url
@@ -272,5 +270,5 @@ class BackgroundUploader:
 
 
 __all__ = ["HubRepo", "StorageError", "BackgroundUploader", "parse_destination", "hf_token",
-           "redact", "free_bytes", "folder_size", "copy_to_folder", "upload_to_hub",
+           "redact", "free_bytes", "on_google_drive", "folder_size", "copy_to_folder", "upload_to_hub",
            "delete_from_hub", "publish"]

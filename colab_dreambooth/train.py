@@ -34,15 +34,15 @@ from .config import DreamBoothConfig
 from .data import (DreamBoothDataset, EpochBatchSampler, TrainingData, collate,
                    collect_training_data)
 from .lora import add_lora, check_lora, kohya_state_dict, lora_file_path, lora_metadata, save_lora
-from .memory import warn_if_too_big
+from .fit import enforce, plan_memory
 from .models import Components, load_components, save_folder_atomic
 from .noise import add_noise, make_noise_scheduler, min_snr_weights, sample_noise, velocity
 from .numerics import (allow_fp16_gradient_unscale, apply_numerics, half_model_dtype,
                        warn_fp16_optimizer_state)
 from .optim import EMA, make_lr_scheduler, make_optimizer, plan_steps, set_memory_attention
 from .params import resolve_concepts, save_params, write_text_atomic
-from .presets import apply_preset, format_choices, preset_for
 from .runtime import DeviceInfo, detect_device
+from .space import check_space
 from .text_encoding import (encode_prompts, freeze_final_layer_norm,
                             num_text_layers)
 from .validation import ConfigError, Problem, check_config
@@ -69,7 +69,7 @@ class TrainResult:
 def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
           stop: threading.Event | None = None, progress: bool = True,
           on_step: Callable[[int, float, float], None] | None = None,
-          resume: bool = False) -> TrainResult:
+          resume: bool = False, force: bool = False) -> TrainResult:
     """Train ``config`` and save the result as a diffusers folder under ``config.model_dir``
     (with Use LORA: only the LoRA file, ``<model dir>/lora/<model name>.safetensors``).
 
@@ -81,17 +81,25 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
     if the run had never stopped. ``stop`` (set from another thread or a Stop button) or Ctrl-C
     end the run cleanly after the current step with a checkpoint and the model saved.
     ``on_step(step, loss, lr)`` is called after each optimizer step.
+
+    Blank (auto) fields take the GPU preset's values, lowered until the memory estimate fits
+    (:func:`~colab_dreambooth.fit.plan_memory`); a run whose own fields do not fit raises
+    :class:`~colab_dreambooth.fit.GpuMemoryError` before any model is loaded, and a run whose
+    files will not fit where they go (checkpoints on a 15 GB Drive, say) raises
+    :class:`~colab_dreambooth.space.DiskSpaceError` before anything is written, unless
+    ``force`` (for an expert who knows better than the estimates).
     """
     # Whatever a run changes outside itself (torch's global flags) is put back however it
     # ends, an exception included.
     with contextlib.ExitStack() as cleanup:
         return _train(config, cleanup, device=device, stop=stop, progress=progress,
-                      on_step=on_step, resume=resume)
+                      on_step=on_step, resume=resume, force=force)
 
 
 def _train(config: DreamBoothConfig, cleanup: contextlib.ExitStack, *, device: DeviceInfo | None,
            stop: threading.Event | None, progress: bool,
-           on_step: Callable[[int, float, float], None] | None, resume: bool) -> TrainResult:
+           on_step: Callable[[int, float, float], None] | None, resume: bool,
+           force: bool = False) -> TrainResult:
     """The body of :func:`train`; ``cleanup`` undoes global changes when the run ends."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -104,12 +112,18 @@ def _train(config: DreamBoothConfig, cleanup: contextlib.ExitStack, *, device: D
     if resume_from is not None:
         # A resumed run on another GPU keeps what the interrupted run's preset chose.
         config = keep_checkpoint_choices(config, resume_from)
-    # Blank (auto) memory/speed fields take the GPU preset's values; the user's win.
-    config, choices = apply_preset(config, device)
-    log.info("%s", format_choices(choices, preset_for(config, device)))
-    config = resolve_concepts(config)
+    # Blank (auto) memory/speed fields take the GPU preset's values, lowered until the
+    # estimate fits; the user's win, and a run they make too big is refused here.
+    memory = plan_memory(resolve_concepts(config), device)
+    config = memory.config
+    log.info("%s", memory)
     check_config(config, device)
-    warn_if_too_big(config, device)  # a warning only: the estimate can be wrong
+    enforce(memory, force=force)
+    # Every destination's bytes against its free space (Drive's quota, Kaggle's cap), before
+    # class images or training write anything.
+    bnb = memory.packages.get("bitsandbytes", False)
+    check_space(config, eight_bit=bool(config.use_8bit_adam) and bnb and device.kind == "cuda"
+                and not config.use_cpu, bitsandbytes=bnb, force=force, log=log)
     check_lora(config)
     if any(c.num_class_images for c in config.concepts_list):
         # Instance images are checked before any class image is generated (GPU time).

@@ -26,7 +26,8 @@ class TrainApp:
 
     def __init__(self, config: DreamBoothConfig | None = None, *,
                  params_path: str | os.PathLike, device: DeviceInfo | None = None,
-                 plot_interval: float = 1.0, resume: bool = False) -> None:
+                 plot_interval: float = 1.0, resume: bool = False,
+                 force: bool = False) -> None:
         self.params_path = Path(params_path)
         self.form = ConfigForm(config, device=device, params_path=params_path)
         self.view = TrainingView(plot_interval=plot_interval)
@@ -34,8 +35,14 @@ class TrainApp:
                                  description="Resume from the newest checkpoint",
                                  tooltip="Continue an interrupted run exactly where its last "
                                  "checkpoint left it (Saving tab: Checkpoint folder)")
+        # For experts: the memory and disk estimates err on the safe side.
+        self.force = w.Checkbox(value=force, indent=False,
+                                description="Start even if the estimates say it will not fit",
+                                tooltip="The run is otherwise refused before any model loads "
+                                "when its GPU memory or disk space estimate exceeds what the "
+                                "runtime has; the refusal names what to change")
         self.form.on_train(lambda config: self.train(config, background=True))
-        self.widget = w.VBox([self.form.widget, self.resume, self.view.widget])
+        self.widget = w.VBox([self.form.widget, self.resume, self.force, self.view.widget])
 
     def train(self, config: DreamBoothConfig | None = None, *,
               background: bool = True) -> TrainResult | None:
@@ -56,6 +63,7 @@ class TrainApp:
         self.form.busy = True
         try:
             return self.view.run(config, background=background, resume=self.resume.value,
+                                 force=self.force.value,
                                  on_finish=lambda _view: setattr(self.form, "busy", False))
         except RuntimeError:
             self.form.busy = self.view.running

@@ -78,9 +78,10 @@ class TrainingView:
     def run(self, config: DreamBoothConfig, *, background: bool = True,
             device: DeviceInfo | None = None, on_step: StepCallback | None = None,
             on_finish: Callable[["TrainingView"], None] | None = None,
-            resume: bool = False) -> TrainResult | None:
+            resume: bool = False, force: bool = False) -> TrainResult | None:
         """Train ``config`` and follow it in the view (``resume``: continue from the newest
-        checkpoint, see :func:`colab_dreambooth.train.train`).
+        checkpoint; ``force``: start even when the memory or disk estimate says it will not
+        fit; see :func:`colab_dreambooth.train.train`).
 
         In the background (the default) this returns at once; :meth:`wait` gives the result.
         In the foreground it returns the :class:`TrainResult` and raises whatever training
@@ -92,13 +93,14 @@ class TrainingView:
         self._reset(config, device)
         args = (config, device, on_step, on_finish, resume)
         if background:
-            self.thread = threading.Thread(target=self._work, args=args, kwargs={"echo": False},
+            self.thread = threading.Thread(target=self._work, args=args,
+                                           kwargs={"echo": False, "force": force},
                                            name="dreambooth-training", daemon=True)
             self.thread.start()
             return None
         self._foreground = True
         try:
-            self._work(*args, echo=True)
+            self._work(*args, echo=True, force=force)
         finally:
             self._foreground = False
         if self.error is not None:
@@ -142,7 +144,7 @@ class TrainingView:
 
     def _work(self, config: DreamBoothConfig, device: DeviceInfo | None,
               on_step: StepCallback | None, on_finish: Callable | None, resume: bool, *,
-              echo: bool) -> None:
+              echo: bool, force: bool = False) -> None:
         def step_callback(step: int, loss: float, lr: float) -> None:
             try:
                 self._on_step(step, loss, lr)
@@ -159,7 +161,7 @@ class TrainingView:
             logger.setLevel(logging.INFO)
         try:
             self.result = train(config, device=device, stop=self.stop_event, progress=False,
-                                on_step=step_callback, resume=resume)
+                                on_step=step_callback, resume=resume, force=force)
         except BaseException as exc:  # shown in the view; re-raised by a foreground run
             self.error = exc
         finally:
