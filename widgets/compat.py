@@ -1,0 +1,71 @@
+"""What differs between ipywidgets 7 (Google Colab's, 7.7.1) and 8 (Kaggle's, local Jupyter).
+
+Every widget here goes through these helpers where the two disagree:
+
+- tab and accordion titles: ``set_title(i, text)`` on 7, the ``titles`` tuple on 8 (7 silently
+  ignores a ``titles=`` argument, leaving every page untitled);
+- help on hover: ``description_tooltip`` on 7's labelled widgets (``tooltip`` only on 7's
+  buttons), ``tooltip`` on everything in 8;
+- the upload box's value: ``{name: {"metadata": {...}, "content": bytes}}`` on 7, a tuple of
+  ``{"name", "type", "size", "content", ...}`` dicts on 8.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import ipywidgets as w
+
+IPYWIDGETS_MAJOR = int(w.__version__.split(".")[0])
+
+
+def set_titles(container: w.Widget, titles: Sequence[str]) -> None:
+    """Give a Tab's or an Accordion's pages these titles (one per child)."""
+    titles = tuple(titles)
+    if IPYWIDGETS_MAJOR >= 8:
+        container.titles = titles
+        return
+    # 7 keeps a {index: title} dict: rebuild it so titles of removed pages go too.
+    container._titles = {str(i): t for i, t in enumerate(titles)}
+
+
+def titles_of(container: w.Widget) -> tuple[str, ...]:
+    """The titles a Tab or an Accordion shows now, one per child ('' where none)."""
+    if IPYWIDGETS_MAJOR >= 8:
+        return tuple(t or "" for t in container.titles)
+    return tuple(container.get_title(i) or "" for i in range(len(container.children)))
+
+
+def set_help(widget: w.Widget, text: str) -> w.Widget:
+    """Show ``text`` when the pointer rests on the widget (its label); returns the widget."""
+    for name in ("tooltip", "description_tooltip"):  # 8: tooltip; 7: either, by widget kind
+        if widget.has_trait(name):
+            setattr(widget, name, text)
+            return widget
+    raise TypeError(f"{type(widget).__name__} has no tooltip in ipywidgets {w.__version__}")
+
+
+def help_of(widget: w.Widget) -> str | None:
+    """The hover help set by :func:`set_help`."""
+    for name in ("tooltip", "description_tooltip"):
+        if widget.has_trait(name):
+            return getattr(widget, name)
+    return None
+
+
+def uploaded_files(value: Any) -> list[dict[str, Any]]:
+    """A FileUpload value as ``[{"name": ..., "content": bytes}, ...]`` on either version."""
+    if isinstance(value, dict):  # ipywidgets 7
+        return [{"name": name, "content": bytes(item["content"])} for name, item in value.items()]
+    return [{"name": item["name"], "content": bytes(item["content"])} for item in value or ()]
+
+
+def clear_upload(upload: w.FileUpload) -> None:
+    """Forget the uploaded files (the kernel's copy of their bytes)."""
+    if IPYWIDGETS_MAJOR >= 8:
+        upload.value = ()
+    else:  # 7's value is read-only, rebuilt from these whenever the counter changes
+        upload.metadata, upload.data = [], []
+        upload._counter = 0
+        upload.set_trait("value", {})
+
