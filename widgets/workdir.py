@@ -46,7 +46,7 @@ def prepare_config(work_dir: str | os.PathLike, *, base_model: str, instance_dir
     if folder == default_dir:
         folder.mkdir(parents=True, exist_ok=True)  # only our own folder is created
     if demo_if_empty and folder == default_dir and not list_image_files(folder):
-        make_demo_data(work / "data")
+        make_demo_data(work / "data", size=resolution)  # images below it would be unusable
         demo = demo_config(work, resolution=resolution)
         notes.append(f"No images in {folder}: drew the demo subject there (zwx toy, with captions "
                      "and class images) so this unattended run can go on.")
