@@ -26,7 +26,7 @@ from widgets import (ClassImagesApp, ConfigForm, ReleaseApp, TrainApp,  # noqa: 
                      params_file, prepare_config, release_config, runtime_banner, save_uploads,
                      training_config)
 from widgets.class_images import CLASS_IMAGE_FIELDS  # noqa: E402
-from widgets.compat import IPYWIDGETS_MAJOR, help_of, titles_of  # noqa: E402
+from widgets.compat import IPYWIDGETS_MAJOR, help_of, label_of, titles_of  # noqa: E402
 from widgets.controls import NumberControl, parse_number  # noqa: E402
 from widgets.plot import loss_curve, smooth  # noqa: E402
 
@@ -88,7 +88,7 @@ def test_every_field_has_exactly_one_generated_widget(tiny_config):
     controls = list(form.fields.values()) + list(form.concepts[0].fields.values())
     for control in controls:
         assert inputs.count(id(control.input)) == 1, control.name
-        assert control.input.description == control.spec.setting.label
+        assert label_of(control.input) == control.spec.setting.label
         assert help_of(control.input) == control.spec.setting.help
     # The widget kind follows the type and metadata alone.
     assert isinstance(form.fields["hflip"].input, w.Checkbox)
@@ -548,6 +548,64 @@ def test_train_app_stop_then_resume(tiny_config, tmp_path):
     assert result.losses[:first.steps] == first.losses
 
 
+def interrupt_at(progress: w.IntProgress, value: int) -> list[int]:
+    """Send this process a SIGINT (Colab's stop button) when ``progress`` reaches ``value``;
+    returns the thread idents of every update, to tell which thread the job ran in."""
+    import signal
+    import threading
+
+    threads: list[int] = []
+
+    def on_value(change) -> None:
+        threads.append(threading.get_ident())
+        if change["new"] == value:
+            signal.raise_signal(signal.SIGINT)
+
+    progress.observe(on_value, names="value")
+    return threads
+
+
+def test_on_colab_train_runs_in_the_cell_and_an_interrupt_is_the_stop(tiny_config, tmp_path,
+                                                                     monkeypatch):
+    """Colab redraws only what the kernel's own thread changes: the Train button trains there,
+    the view follows each step, and Colab's stop (SIGINT) ends the run like Stop, with the
+    model, a checkpoint and the hint to resume."""
+    import threading
+
+    import widgets.app
+
+    monkeypatch.setattr(widgets.app, "jobs_in_foreground", lambda: True)
+    config = without_class_images(tiny_config).copy(max_train_steps=50, train_text_encoder=False)
+    app = TrainApp(config, params_path=tmp_path / "params.json", device=CPU)
+    threads = interrupt_at(app.view.progress, 2)
+    app.form.train_button.click()  # returns when the run has ended: it ran right here
+    assert app.view.thread is None and set(threads) == {threading.get_ident()}
+    result = app.view.result
+    assert result is not None and result.stopped_early and result.steps == 2
+    assert result.checkpoint is not None and (result.model_dir / "model_index.json").is_file()
+    assert "RESUME = True" in app.view.status.value and "Stopped at step 2" in app.view.status.value
+    assert not app.form.busy and not app.form.train_button.disabled
+
+
+def test_on_colab_class_images_run_in_the_cell_and_an_interrupt_keeps_them(
+        tiny_config, tmp_path, monkeypatch, one_thread):
+    import threading
+
+    import widgets.class_images
+
+    monkeypatch.setattr(widgets.class_images, "jobs_in_foreground", lambda: True)
+    concept = dataclasses.replace(tiny_config.concepts_list[0], class_prompt="a photo of a toy",
+                                  class_data_dir="", num_class_images=3, class_infer_steps=2)
+    config = tiny_config.copy(concepts_list=[concept], sample_batch_size=1)
+    app = ClassImagesApp(config, params_path=tmp_path / "params.json", device=CPU)
+    threads = interrupt_at(app.progress, 1)
+    app.generate_button.click()
+    assert app.thread is None and set(threads) == {threading.get_ident()}
+    assert app.error is None and "Stopped" in app.status.value
+    assert len(list(config.class_dir(0).glob("*.png"))) == 1  # the one made is kept, whole
+    assert "1</b> of 3" in app.counts.value
+
+
 def test_core_package_never_imports_ipywidgets():
     core = Path(__file__).resolve().parent.parent / "colab_dreambooth"
     offenders = [p.name for p in core.rglob("*.py") if "ipywidgets" in p.read_text("utf-8")]
@@ -558,7 +616,7 @@ def test_core_package_never_imports_ipywidgets():
 def test_a_partial_form_shows_only_its_fields_and_keeps_the_others(tiny_config):
     form = form_for(tiny_config, only=CLASS_IMAGE_FIELDS, show_train=False)
     assert form.tab_names == ["Model", "Parameters", "Advanced", "Concepts"]
-    shown_labels = {x.description for x in walk(form.widget) if getattr(x, "description", "")}
+    shown_labels = {label_of(x) for x in walk(form.widget) if getattr(x, "description", "")}
     assert {"Base model", "Resolution", "Class batch size", "Class prompt",
             "Total Number of Class/Reg Images", "Classification Steps"} <= shown_labels
     assert not {"Learning rate", "Instance prompt", "Sample Image Prompt", "Model name",

@@ -12,6 +12,8 @@ Every widget here goes through these helpers where the two disagree:
 
 from __future__ import annotations
 
+import html
+import re
 from typing import Any, Sequence
 
 import ipywidgets as w
@@ -37,12 +39,32 @@ def titles_of(container: w.Widget) -> tuple[str, ...]:
 
 
 def set_help(widget: w.Widget, text: str) -> w.Widget:
-    """Show ``text`` when the pointer rests on the widget (its label); returns the widget."""
+    """Show ``text`` when the pointer rests on the widget's label; returns the widget.
+
+    Call it after setting the description. 8's text, number, dropdown and checkbox views show
+    ``tooltip`` only on widgets without a description, so there the label itself carries the
+    help, as an HTML description with a ``title`` (:func:`label_of` reads the plain label).
+    """
     for name in ("tooltip", "description_tooltip"):  # 8: tooltip; 7: either, by widget kind
         if widget.has_trait(name):
             setattr(widget, name, text)
-            return widget
-    raise TypeError(f"{type(widget).__name__} has no tooltip in ipywidgets {w.__version__}")
+            break
+    else:
+        raise TypeError(f"{type(widget).__name__} has no tooltip in ipywidgets {w.__version__}")
+    if IPYWIDGETS_MAJOR >= 8 and widget.has_trait("description_allow_html") \
+            and widget.description and not isinstance(widget, w.Button):
+        label = html.escape(label_of(widget))
+        widget.description = f'<span title="{html.escape(text, quote=True)}">{label}</span>'
+        widget.description_allow_html = True
+    return widget
+
+
+def label_of(widget: w.Widget) -> str:
+    """A widget's description as the user reads it (without :func:`set_help`'s markup)."""
+    text = widget.description
+    if getattr(widget, "description_allow_html", False):
+        text = html.unescape(re.sub(r"<[^>]*>", "", text))
+    return text
 
 
 def help_of(widget: w.Widget) -> str | None:
