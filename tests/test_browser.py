@@ -313,7 +313,7 @@ def assert_help_on_hover(driver, label: str, help_starts: str) -> None:
         ".widget-inline-hbox .widget-label')].find(e => e.textContent.trim() === arguments[0]"
         " && e.offsetParent !== null);"
         "if (!l) return null; const row = l.closest('.widget-inline-hbox');"
-        "return l.title || row.title || (row.querySelector('[title]') || {}).title || '';",
+        "return l.title || (l.querySelector('[title]') || {}).title || row.title || '';",
         label)
     assert title is not None, f"no visible label {label!r}"
     assert title.startswith(help_starts), f"{label!r} shows help {title!r}"
