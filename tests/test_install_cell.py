@@ -83,7 +83,6 @@ def run_cell(monkeypatch, source: str, *, gpu: bool, pip: FakePip,
     monkeypatch.setattr(subprocess, "run", fake_pip)
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi"
                         if gpu and name == "nvidia-smi" else None)
-    monkeypatch.setattr("importlib.metadata.version", lambda name: "9.9")
     code = notebook_cells.install_cell().replace('PACKAGE_SOURCE = "colab-dreambooth"',
                                                  f"PACKAGE_SOURCE = {source!r}")
     scope: dict = {}

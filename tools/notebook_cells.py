@@ -47,14 +47,22 @@ def pip_requirement(source: str, extras: str = "notebook") -> str:
     return f"{{name}}[{{extras}}]{{rest}}"
 
 
+def installed_version(name: str) -> str | None:
+    """The version Python imports (the first on its path), None when not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def install_colab_dreambooth(source: str) -> None:
     """pip-install ``source`` keeping every KEEP_VERSIONS package at the runtime's version;
     bitsandbytes too on a CUDA runtime (the T4 preset's 8-bit Adam). Raises saying what to do."""
     if source.startswith("/content/drive/") and not os.path.isdir("/content/drive/MyDrive"):
         from google.colab import drive
         drive.mount("/content/drive")
-    pins = sorted({{f"{{d.metadata['Name']}}=={{d.version}}" for d in importlib.metadata.distributions()
-                   if re.sub(r"[-_.]+", "-", (d.metadata["Name"] or "").lower()) in KEEP_VERSIONS}})
+    pins = [f"{{name}}=={{version}}" for name in sorted(KEEP_VERSIONS)
+            if (version := installed_version(name))]
     packages = [pip_requirement(source)]
     if shutil.which("nvidia-smi") and importlib.util.find_spec("bitsandbytes") is None:
         packages.append("bitsandbytes")
@@ -75,10 +83,10 @@ def install_colab_dreambooth(source: str) -> None:
     if importlib.util.find_spec("colab_dreambooth") is None:
         raise RuntimeError("pip installed colab-dreambooth but Python cannot import it: restart "
                            "the runtime (Runtime > Restart session) and run this cell again.")
-    print("Installed:", importlib.metadata.version("colab-dreambooth"))
+    print("Installed colab-dreambooth", installed_version("colab-dreambooth"))
 
 
-if importlib.util.find_spec("colab_dreambooth") is None or importlib.util.find_spec("widgets") is None:
+if not all(importlib.util.find_spec(name) for name in ("colab_dreambooth", "widgets")):
     install_colab_dreambooth(PACKAGE_SOURCE)'''
 
 
