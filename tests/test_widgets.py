@@ -444,6 +444,29 @@ def test_prepare_config_for_notebook_01(tmp_path):
     assert len(list(Path(demo.concepts_list[0].instance_data_dir).glob("*.png"))) == 6
 
 
+def test_unattended_demo_subject_is_drawn_at_the_default_resolution(tmp_path):
+    """Notebook 01's default (512) used to get a 128 px subject that 02 then found unusable."""
+    demo, _ = prepare_config(tmp_path / "w", base_model="tiny", instance_prompt="x",
+                             class_prompt="", resolution=512, demo_if_empty=True)
+    images = sorted(Path(demo.concepts_list[0].instance_data_dir).glob("*.png"))
+    assert demo.resolution == 512 and {Image.open(p).size for p in images} == {(512, 512)}
+    report = data_report(demo)
+    assert not report.errors, report.errors
+
+
+def test_work_folders_on_an_unmounted_drive_are_refused(tmp_path, monkeypatch):
+    from colab_dreambooth import runtime
+
+    monkeypatch.setattr(runtime, "DRIVE_MOUNT", tmp_path / "content" / "drive")
+    monkeypatch.setattr(runtime, "on_colab", lambda: False)
+    work = tmp_path / "content" / "drive" / "MyDrive" / "dreambooth"
+    with pytest.raises(runtime.DriveNotMounted, match="only available on Colab"):
+        prepare_config(work, base_model="tiny", instance_prompt="x", class_prompt="")
+    with pytest.raises(runtime.DriveNotMounted):
+        training_config(work, base_model="tiny")
+    assert not (tmp_path / "content").exists()
+
+
 def test_training_config_for_notebook_03(tmp_path, tiny_config):
     config, notes = training_config(tmp_path, base_model="tiny", steps=None)
     assert config.pretrained_model_name_or_path == "tiny" and "run 01" in notes[0]

@@ -168,14 +168,13 @@ class ClassImagesApp:
         self.generate_button.disabled = True
         self.stop_button.disabled = False
         self.status.value = "Loading the base model..." if self.progress.max else ""
-        if not background:
-            self.stop_button.disabled = True  # no click reaches a busy kernel
-            self.status.value = html.escape(INTERRUPT_HINT) + "; the images made are kept."
         if background:
             self.thread = threading.Thread(target=self._work, args=(config, False),
                                            name="class-images", daemon=True)
             self.thread.start()
             return None
+        self.stop_button.disabled = True  # no click reaches a busy kernel: interrupting stops
+        self.status.value = html.escape(INTERRUPT_HINT) + "; the images made are kept."
         self._work(config, True)
         if self.error is not None:
             raise self.error
