@@ -229,8 +229,9 @@ def _unmounted_drive_problems(config) -> list[Problem]:
            "colab_dreambooth.runtime.mount_drive())" if runtime.on_colab()
            else "Google Drive is only available on Colab: use a folder of this machine")
     fields = [(name, getattr(config, name)) for name in ("models_root", "checkpoint_dir")]
-    for number, concept in enumerate(config.concepts_list, start=1):
-        fields += [(f"concept {number} {name}", getattr(concept, name))
+    concepts = config.concepts_list if isinstance(config.concepts_list, list) else []
+    for number, concept in enumerate(concepts, start=1):  # a wrong type is reported elsewhere
+        fields += [(f"concept {number} {name}", getattr(concept, name, ""))
                    for name in ("instance_data_dir", "class_data_dir")]
     return [Problem(where, f"{value} is on Google Drive, which is not mounted: {how}")
             for where, value in fields
