@@ -242,14 +242,17 @@ def test_keys_follow_kohya_layout(run, tiny_parts):
 
 
 def test_adapters_trained_in_both_parts(run):
-    ups = {k: v for k, v in run.state.items() if k.endswith("lora_up.weight")}
-    still = {k.split(".")[0] for k, v in ups.items() if not v.any()}
+    ups = {k.split(".")[0]: v.abs().max().item() for k, v in run.state.items()
+           if k.endswith("lora_up.weight")}
     # lora_up starts at zero: every up weight moved, in the UNet and the text encoder, except
     # the mid block's self-attention q/k: at 64 px its map is 1x1, and a softmax over one
-    # token has no gradient.
-    assert still == {"lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q",
-                     "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_k"}
-    assert any(k.startswith("lora_te_") and v.any() for k, v in ups.items())
+    # token has no gradient. Exactly none in exact arithmetic; some attention kernels leave
+    # round-off there, which Adam's normalised step turns into a move far smaller than the
+    # others' (not zero on every CPU and torch).
+    still = {"lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q",
+             "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_k"}
+    assert max(ups[k] for k in still) < 0.01 * min(v for k, v in ups.items() if k not in still)
+    assert any(k.startswith("lora_te_") and v > 0 for k, v in ups.items())
 
 
 def test_diffusers_load_reproduces_the_trained_model(run, base_outputs):
