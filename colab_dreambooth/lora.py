@@ -281,12 +281,26 @@ def load_lora_pipeline(base_model: str, lora_file: str | os.PathLike, *,
     from .sample import load_pipeline
 
     pipe = load_pipeline(resolve_model_folder(base_model), device=device)
-    pipe.load_lora_weights(str(lora_file), adapter_name="lora")
+    pipe.load_lora_weights(state_for_diffusers(read_lora(lora_file)[0], pipe.text_encoder),
+                           adapter_name="lora")
     if scale != 1.0:
         pipe.set_adapters(["lora"], adapter_weights=[scale])
     return pipe
 
 
+def state_for_diffusers(state: dict[str, torch.Tensor], text_encoder) -> dict[str, torch.Tensor]:
+    """The kohya state as the installed diffusers reads it. Before 0.40 (Colab has 0.39) its
+    loader looks for the text encoder's layers under ``text_model.``, which transformers 5's
+    CLIPTextModel no longer has: there the names lose that part, as the modules did."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    if Version(version("diffusers")) >= Version("0.40") or hasattr(text_encoder, "text_model"):
+        return state
+    return {k.replace("lora_te_text_model_", "lora_te_", 1): v for k, v in state.items()}
+
+
 __all__ = ["UNET_TARGET_MODULES", "TEXT_ENCODER_TARGET_MODULES", "lora_problems", "check_lora",
            "effective_alpha", "lora_file_path", "add_lora", "kohya_state_dict", "lora_metadata",
-           "save_lora", "read_lora", "load_lora_pipeline"]
+           "save_lora", "read_lora", "state_for_diffusers", "load_lora_pipeline"]

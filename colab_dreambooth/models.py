@@ -77,6 +77,18 @@ def load_components(name: str) -> Components:
                       str(folder))
 
 
+def dtype_argument(dtype: Any) -> dict[str, Any]:
+    """The keyword that sets a diffusers ``from_pretrained``'s dtype on the installed diffusers:
+    ``dtype`` from 0.40, ``torch_dtype`` before (0.39, Colab's, ignores ``dtype`` and loads
+    fp32: twice the memory of fp16, too much for a T4 with Stable Diffusion)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    new = Version(version("diffusers")) >= Version("0.40")
+    return {"dtype" if new else "torch_dtype": dtype}
+
+
 def resolve_model_folder(name: str) -> Path:
     """A local diffusers folder for ``name``, building, converting or downloading as needed."""
     name = name.strip()

@@ -20,6 +20,7 @@ from typing import Any
 from .config import Concept, DreamBoothConfig
 from .fields import FieldSpec, coerce, field_specs
 from .files import temp_file_beside
+from .runtime import mount_drive_if_needed
 from .validation import ConfigError, Problem
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ def save_params(config: DreamBoothConfig, path: str | os.PathLike) -> Path:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    mount_drive_if_needed(path)  # never a folder under an unmounted /content/drive
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = temp_file_beside(path)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -107,16 +108,21 @@ class Runtime:
 
 def detect_platform(env: Mapping[str, str] | None = None, root: Path = Path("/")) -> str:
     """"colab", "kaggle", "gradient" or "local", from the services' environment variables
-    (and, for Kaggle, its /kaggle/working folder). ``env`` and ``root`` exist for tests."""
+    (and, for Kaggle, its /kaggle/working and /kaggle/input folders). ``env`` and ``root`` exist
+    for tests.
+
+    Kaggle and Gradient are asked first: Kaggle's image is built on Colab's, so there
+    ``COLAB_RELEASE_TAG`` is set and ``google.colab`` imports too.
+    """
     env = os.environ if env is None else env
-    if any(env.get(v) is not None for v in COLAB_VARIABLES) or (env is os.environ
-                                                              and _colab_importable()):
-        return "colab"
     if any(env.get(v) for v in KAGGLE_VARIABLES) or (
             (root / "kaggle" / "working").is_dir() and (root / "kaggle" / "input").is_dir()):
         return "kaggle"
     if any(env.get(v) for v in GRADIENT_VARIABLES):
         return "gradient"
+    if any(env.get(v) is not None for v in COLAB_VARIABLES) or (env is os.environ
+                                                              and _colab_importable()):
+        return "colab"
     return "local"
 
 
@@ -152,26 +158,87 @@ def platform_name() -> str:
     return PLATFORM_NAMES[detect_platform()]
 
 
+class DriveNotMounted(RuntimeError):
+    """A path lies on Google Drive (/content/drive) while Drive is not mounted."""
+
+
+def drive_mounted() -> bool:
+    """True when Google Drive is mounted (its MyDrive folder is there)."""
+    return (DRIVE_MOUNT / "MyDrive").is_dir()
+
+
+def on_drive(path: str | os.PathLike) -> bool:
+    """True for a path under /content/drive."""
+    return Path(path).expanduser().is_relative_to(DRIVE_MOUNT)
+
+
 def mount_drive() -> Path | None:
     """Mount Google Drive on Colab (asking the user to sign in the first time) and return its
-    MyDrive folder; None anywhere else, where there is nothing to mount."""
+    MyDrive folder; None anywhere else, where there is nothing to mount.
+
+    Raises :class:`DriveNotMounted` when the mount fails or is refused. Call it from the
+    kernel's main thread (a notebook cell): Colab's sign-in prompt needs it.
+    """
     if not on_colab():
         return None
-    if not (DRIVE_MOUNT / "MyDrive").is_dir():
+    if not drive_mounted():
         from google.colab import drive  # type: ignore[import-not-found]
 
-        drive.mount(str(DRIVE_MOUNT))
+        try:
+            drive.mount(str(DRIVE_MOUNT))
+        except Exception as exc:  # refused, timed out, or the mount point is not empty
+            raise DriveNotMounted(
+                f"Google Drive could not be mounted ({exc}). Allow access when asked, or use a "
+                "folder of this runtime instead (lost when the runtime ends)") from exc
     return DRIVE_MOUNT / "MyDrive"
 
 
-def mount_drive_if_needed(*paths: str | os.PathLike) -> bool:
-    """Mount Google Drive when on Colab and one of ``paths`` lies under /content/drive.
+def mount_drive_if_needed(*paths: str | os.PathLike | None) -> bool:
+    """Make sure Drive is mounted when one of ``paths`` lies under /content/drive.
 
-    Mounting asks the user to sign in, so it happens only when a path needs it. Returns True
-    when Drive is (now) mounted.
+    On Colab, from the main thread, Drive is mounted (asking the user to sign in); anywhere
+    else such a path is refused with :class:`DriveNotMounted`, because folders created under an
+    unmounted /content/drive land on the runtime's own disk (lost at the next disconnect) and
+    make a later mount fail. Returns True when a path needed Drive (now mounted).
     """
-    wanted = any(str(p).startswith(str(DRIVE_MOUNT)) for p in paths if p)
-    return bool(wanted and mount_drive() is not None)
+    wanted = [str(p) for p in paths if p and on_drive(str(p))]
+    if not wanted:
+        return False
+    if drive_mounted():
+        return True
+    if on_colab() and threading.current_thread() is threading.main_thread():
+        mount_drive()
+        return True
+    where = ("Google Drive is only available on Colab" if not on_colab() else
+             "mount it first: run the notebook's first cells, or mount_drive()")
+    raise DriveNotMounted(f"{wanted[0]} is on Google Drive, which is not mounted: {where}")
+
+
+WORK_FOLDER = "dreambooth"  # the notebooks' folder inside the runtime's persistent place
+
+
+def default_work_dir(runtime: Runtime | None = None) -> Path:
+    """Where the notebooks keep their work when WORK_DIR is blank: the runtime's persistent
+    place, which the next notebook (on Colab: another runtime) finds again.
+
+    Colab: Google Drive (/content/drive/MyDrive/dreambooth; each notebook opened from its badge
+    gets a fresh runtime, so /content would be gone); Kaggle: /kaggle/working/dreambooth (kept
+    as the notebook's output); Gradient: /notebooks/dreambooth; elsewhere ./dreambooth.
+    """
+    runtime = runtime or detect_runtime()
+    if runtime.platform == "colab":
+        return DRIVE_MOUNT / "MyDrive" / WORK_FOLDER
+    return runtime.work_dir / WORK_FOLDER
+
+
+def resolve_work_dir(work_dir: str | os.PathLike | None) -> Path:
+    """The notebooks' WORK_DIR: blank means :func:`default_work_dir`; a Drive path (and the
+    blank default on Colab) mounts Drive first, or is refused (see :func:`mount_drive_if_needed`).
+    Nothing is created here."""
+    text = str(work_dir or "").strip()
+    path = Path(text).expanduser() if text else default_work_dir()
+    mount_drive_if_needed(path)
+    return path
 
 
 def package_versions() -> dict[str, str | None]:

@@ -38,8 +38,10 @@ if TYPE_CHECKING:
 _FILEWORDS = "[filewords]"
 
 
-def load_pipeline(model_dir: str | Path, device: str | None = None):
-    """A ``StableDiffusionPipeline`` from a model, on the GPU when there is one.
+def load_pipeline(model_dir: str | Path, device: str | None = None,
+                  dtype: torch.dtype | None = None):
+    """A ``StableDiffusionPipeline`` from a model, on the GPU when there is one (in fp16
+    there, fp32 on the CPU, unless ``dtype`` says otherwise).
 
     ``model_dir`` is a diffusers folder, a model's working folder holding ``model/`` (what
     :func:`~colab_dreambooth.train.train` writes), ``tiny``, a single ``.safetensors``/``.ckpt``
@@ -47,10 +49,12 @@ def load_pipeline(model_dir: str | Path, device: str | None = None):
     """
     from diffusers import StableDiffusionPipeline
 
+    from .models import dtype_argument
+
     folder = resolve_model(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype=dtype,
+    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), **dtype_argument(dtype),
                                                    safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

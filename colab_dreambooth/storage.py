@@ -23,6 +23,7 @@ from typing import Callable
 
 from .errors import UserError
 from .hub_token import TOKEN_ENV_VARS, find_token
+from .runtime import mount_drive_if_needed
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ def copy_to_folder(path: str | os.PathLike, folder: str | os.PathLike) -> Path:
     """Copy a file or folder into ``folder`` atomically: it appears there whole or not at all
     (a previous copy of the same name is replaced only once the new one is complete)."""
     source, folder = Path(path), Path(folder).expanduser()
+    mount_drive_if_needed(folder)  # never a folder under an unmounted /content/drive
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / source.name
     if target.resolve() == source.resolve():

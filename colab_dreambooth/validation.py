@@ -224,20 +224,23 @@ def _hub_repo_problems(hub: str) -> list[Problem]:
 
 
 def _unmounted_drive_problems(config) -> list[Problem]:
-    """Output folders on Google Drive while Drive is not mounted: writing there would fill the
+    """Folders on Google Drive while Drive is not mounted: writing there would fill the
     runtime's own disk (lost at the next disconnect) and block mounting Drive later."""
     from . import runtime
 
-    if not runtime.on_colab() or (runtime.DRIVE_MOUNT / "MyDrive").is_dir():
+    if runtime.drive_mounted():
         return []
-    out = []
-    for name in ("models_root", "checkpoint_dir"):
-        value = _text(getattr(config, name))
-        if value and Path(value).expanduser().is_relative_to(runtime.DRIVE_MOUNT):
-            out.append(Problem(name, f"{value} is on Google Drive, which is not mounted: mount "
-                               "it first (notebooks do it; in code: from google.colab import "
-                               "drive; drive.mount('/content/drive'))"))
-    return out
+    how = ("mount it first (the notebooks' first cells do; in code: "
+           "colab_dreambooth.runtime.mount_drive())" if runtime.on_colab()
+           else "Google Drive is only available on Colab: use a folder of this machine")
+    fields = [(name, getattr(config, name)) for name in ("models_root", "checkpoint_dir")]
+    concepts = config.concepts_list if isinstance(config.concepts_list, list) else []
+    for number, concept in enumerate(concepts, start=1):  # a wrong type is reported elsewhere
+        fields += [(f"concept {number} {name}", getattr(concept, name, ""))
+                   for name in ("instance_data_dir", "class_data_dir")]
+    return [Problem(where, f"{value} is on Google Drive, which is not mounted: {how}")
+            for where, value in fields
+            if _text(value) and runtime.on_drive(_text(value))]
 
 
 def _base_model_problems(config) -> list[Problem]:

@@ -1,13 +1,19 @@
-"""The notebooks' forms in a real browser: Voila serves a notebook (on 127.0.0.1 only) to headless
+"""The notebooks' forms in a real browser: a notebook served on 127.0.0.1 only to headless
 Chromium, driven by Selenium through Debian's ``chromium`` and ``chromium-driver``.
+
+Under ipywidgets 8 (the newest libraries, as on Kaggle) Voila serves it. Under ipywidgets 7 (the
+Colab replica, ``make test-colab``) the classic notebook with widgetsnbextension 3.x serves it
+and runs all its cells, as Colab's frontend renders 7.x widgets: tab titles, labels and help on
+hover are checked there, where a form without ``set_title`` shows untitled tabs.
 
 Notebook 03 is clicked: a tab, a checkbox and a number box, then Save Params; the parameters JSON
 the kernel writes proves the click reached the kernel's configuration. Every notebook's form is
-photographed: into ``docs/screenshots/<notebook>.png`` (for the README) when UPDATE_SCREENSHOTS=1,
-into the test's temporary folder otherwise.
+photographed: into ``docs/screenshots/<notebook>.png`` (ipywidgets 8) or
+``docs/screenshots/ipywidgets7/<notebook>.png`` (ipywidgets 7) when UPDATE_SCREENSHOTS=1, into
+the test's temporary folder otherwise.
 
-Without chromium, chromedriver, selenium or voila the tests are skipped, except in CI (the CI
-environment variable set), where they fail: ``.ci/run`` installs the Debian packages.
+Without chromium, chromedriver, selenium or the server the tests are skipped, except in CI (the
+CI environment variable set), where they fail: ``.ci/run`` installs the Debian packages.
 """
 
 from __future__ import annotations
@@ -29,17 +35,22 @@ from typing import Callable, Iterator
 import pytest
 
 from colab_dreambooth.params import load_params, save_params
+from widgets.compat import IPYWIDGETS_MAJOR
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"
 SCREENSHOTS = REPO / "docs" / "screenshots"
 CHROMIUM = ("chromium", "/usr/bin/chromium")
 CHROMEDRIVER = ("chromedriver", "/usr/bin/chromedriver")
-SERVER_START = 90  # seconds for Voila to answer
+SERVER_START = 90  # seconds for the server to answer
 PAGE_READY = 180  # seconds for the notebook to run and its widgets to render
 KERNEL_REPLY = 60  # seconds for a click's effect to reach a file
 SCREENSHOT_WIDTH = 1000  # pixels; the README shows them at most this wide
 SCREENSHOT_HEIGHT = 1400
+# ipywidgets 7 pages: the classic notebook (Colab's widget generation); 8: Voila.
+CLASSIC = IPYWIDGETS_MAJOR < 8
+SERVER = "notebook" if CLASSIC else "voila"
+TAB = ".p-TabBar-tab, .lm-TabBar-tab"  # phosphor (7) or lumino (8) tab bars
 
 
 def _in_ci() -> bool:
@@ -62,7 +73,7 @@ def _browser_tools() -> tuple[str, str]:
         missing.append("chromium (apt-get install chromium)")
     if driver is None:
         missing.append("chromedriver (apt-get install chromium-driver)")
-    for module in ("selenium", "voila"):
+    for module in ("selenium", SERVER):
         try:
             __import__(module)
         except ImportError:
@@ -126,8 +137,9 @@ def _keep_params(work) -> Iterator[None]:
 def shots(tmp_path) -> Path:
     """Where screenshots go: the README's folder when UPDATE_SCREENSHOTS=1, else tmp."""
     if os.environ.get("UPDATE_SCREENSHOTS") == "1":
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        return SCREENSHOTS
+        folder = SCREENSHOTS / "ipywidgets7" if CLASSIC else SCREENSHOTS
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
     return tmp_path
 
 
@@ -155,34 +167,41 @@ def _parameterized_copy(name: str, values: dict, folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def voila(notebook: Path, folder: Path) -> Iterator[str]:
-    """Serve ``notebook`` with Voila on 127.0.0.1 and a free port; yield its URL. The server
-    and its kernel are always killed (their own process group) on the way out."""
+def serve(notebook: Path, folder: Path) -> Iterator[str]:
+    """Serve ``notebook`` on 127.0.0.1 and a free port (Voila, or the classic notebook under
+    ipywidgets 7); yield its URL. The server and its kernel are always killed (their own
+    process group) on the way out."""
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
         OMP_NUM_THREADS="1", JUPYTER_RUNTIME_DIR=str(folder / "runtime"),
         JUPYTER_CONFIG_DIR=str(folder / "config"), JUPYTER_DATA_DIR=str(folder / "data"),
         IPYTHONDIR=str(folder / "ipython"), JUPYTER_PLATFORM_DIRS="1")
-    log = open(folder / "voila.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "voila", str(notebook), "--no-browser", f"--port={port}",
-         "--Voila.ip=127.0.0.1", "--show_tracebacks=True",
-         "--VoilaConfiguration.http_keep_alive_timeout=5"],
-        cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
+    log = open(folder / "server.log", "wb")
+    if CLASSIC:
+        command = ["-m", "notebook", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+                   "--NotebookApp.token=", "--NotebookApp.password=", "--allow-root",
+                   f"--notebook-dir={notebook.parent}"]
+        url = f"http://127.0.0.1:{port}/notebooks/{notebook.name}"
+    else:
+        command = ["-m", "voila", str(notebook), "--no-browser", f"--port={port}",
+                   "--Voila.ip=127.0.0.1", "--show_tracebacks=True",
+                   "--VoilaConfiguration.http_keep_alive_timeout=5"]
+        url = f"http://127.0.0.1:{port}/"
+    server = subprocess.Popen([sys.executable, *command], cwd=folder, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + SERVER_START
         while True:
             if server.poll() is not None:
-                raise AssertionError(f"Voila exited with {server.returncode}:\n"
-                                     + (folder / "voila.log").read_text(errors="replace"))
+                raise AssertionError(f"{SERVER} exited with {server.returncode}:\n"
+                                     + (folder / "server.log").read_text(errors="replace"))
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=2):
                     break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"Voila did not listen within {SERVER_START} s")
+                    raise AssertionError(f"{SERVER} did not listen within {SERVER_START} s")
                 time.sleep(0.5)
         yield url
     finally:
@@ -191,7 +210,7 @@ def voila(notebook: Path, folder: Path) -> Iterator[str]:
 
 
 def _kill_group(process: subprocess.Popen) -> None:
-    """SIGTERM Voila's process group (Voila shuts its kernels down), then SIGKILL whatever is
+    """SIGTERM the server's process group (it shuts its kernels down), then SIGKILL whatever is
     left of it and of its kernels (jupyter_client starts each in a session of its own)."""
     kernels = _descendants(process.pid)
     with contextlib.suppress(ProcessLookupError):
@@ -246,6 +265,11 @@ def open_notebook(driver, url: str, ready_text: str, folder: Path) -> None:
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver.get(url)
+    if CLASSIC:  # the classic notebook shows the notebook: run all its cells, as a user does
+        WebDriverWait(driver, SERVER_START, poll_frequency=0.5).until(lambda d: d.execute_script(
+            "return !!(window.Jupyter && Jupyter.notebook && Jupyter.notebook.kernel"
+            " && Jupyter.notebook.kernel.is_connected())"))
+        driver.execute_script("Jupyter.notebook.execute_all_cells()")
     try:
         WebDriverWait(driver, PAGE_READY, poll_frequency=0.5).until(
             lambda d: d.execute_script(
@@ -253,9 +277,9 @@ def open_notebook(driver, url: str, ready_text: str, folder: Path) -> None:
                 "e => e.textContent.includes(arguments[0]))", ready_text))
     except TimeoutException:
         driver.save_screenshot(str(folder / "timeout.png"))
-        log = (folder / "voila.log").read_text(errors="replace")[-3000:]
-        raise AssertionError(f"no widget showing {ready_text!r} within {PAGE_READY} s; Voila "
-                             f"log:\n{log}") from None
+        log = (folder / "server.log").read_text(errors="replace")[-3000:]
+        raise AssertionError(f"no widget showing {ready_text!r} within {PAGE_READY} s; "
+                             f"{SERVER} log:\n{log}") from None
     time.sleep(1.0)  # let the last outputs of the same cell render
 
 
@@ -280,6 +304,21 @@ def field_input(driver, label: str):
     raise AssertionError(f"no visible field labelled {label!r}")
 
 
+def assert_help_on_hover(driver, label: str, help_starts: str) -> None:
+    """The field labelled ``label`` shows help starting with ``help_starts`` on hover (the
+    browser's tooltip: a ``title`` on its label, as 7's description_tooltip and 8's tooltip
+    set it, or on its row)."""
+    title = driver.execute_script(
+        "const l = [...document.querySelectorAll('.widget-inline-hbox label, "
+        ".widget-inline-hbox .widget-label')].find(e => e.textContent.trim() === arguments[0]"
+        " && e.offsetParent !== null);"
+        "if (!l) return null; const row = l.closest('.widget-inline-hbox');"
+        "return l.title || (l.querySelector('[title]') || {}).title || row.title || '';",
+        label)
+    assert title is not None, f"no visible label {label!r}"
+    assert title.startswith(help_starts), f"{label!r} shows help {title!r}"
+
+
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = KERNEL_REPLY) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -293,6 +332,17 @@ def form_screenshot(driver, marker: str, path: Path) -> Path:
     at most SCREENSHOT_WIDTH x SCREENSHOT_HEIGHT pixels, 256 colours."""
     from PIL import Image
 
+    if CLASSIC:  # the notebook scrolls inside #site: photograph the element itself
+        driver.set_window_size(1100, 4000)
+        time.sleep(1.0)
+        element = driver.execute_script(
+            "const e = [...document.querySelectorAll('.jupyter-widgets.widget-vbox')].find("
+            "  e => e.textContent.includes(arguments[0])); if (e) e.scrollIntoView(); return e;",
+            marker)
+        assert element is not None, f"no widget holding {marker!r}"
+        png = element.screenshot_as_png
+        driver.set_window_size(1100, 1400)
+        return _small_png(Image.open(io.BytesIO(png)).convert("RGB"), path)
     # Voila's page scrolls inside the window and draws only what is in it: make the window
     # taller than the form, and let Lumino lay the tabs and accordions out again.
     driver.set_window_size(1100, 4000)
@@ -310,6 +360,13 @@ def form_screenshot(driver, marker: str, path: Path) -> Path:
         "format": "png", "clip": {**{k: float(v) for k, v in rect.items()}, "scale": 1}})
     driver.set_window_size(1100, 1400)
     image = Image.open(io.BytesIO(base64.b64decode(shot["data"]))).convert("RGB")
+    return _small_png(image, path)
+
+
+def _small_png(image, path: Path) -> Path:
+    """``image`` at most SCREENSHOT_WIDTH x SCREENSHOT_HEIGHT, in 256 colours, saved."""
+    from PIL import Image
+
     if image.width > SCREENSHOT_WIDTH:
         image = image.resize((SCREENSHOT_WIDTH, round(image.height * SCREENSHOT_WIDTH
                                                       / image.width)), Image.LANCZOS)
@@ -326,15 +383,16 @@ def test_train_form_renders_and_a_click_changes_the_kernels_config(browser, work
     params = work / "params.json"
     before = load_params(params)
     assert before.hflip is True and before.max_train_steps != 7
-    with voila(page, tmp_path) as url:
+    with serve(page, tmp_path) as url:
         open_notebook(browser, url, "Training Steps", tmp_path)
         text = browser.find_element("tag name", "body").text
-        tabs = [t.text.strip() for t in browser.find_elements("css selector", ".lm-TabBar-tab")]
+        tabs = [t.text.strip() for t in browser.find_elements("css selector", TAB)]
         assert tabs[:6] == ["Model", "Parameters", "Advanced", "Concepts", "Saving", "Sampling"]
         assert "Base model" in text and "Save Params" in text and "Train" in text
         assert "No problems found: ready to train" in text
 
-        click_text(browser, ".lm-TabBar-tab", "Parameters")
+        click_text(browser, TAB, "Parameters")
+        assert_help_on_hover(browser, "Training Steps", "Total optimizer steps")
         form_screenshot(browser, "Params file", shots / "03_train.png")
         steps = field_input(browser, "Training Steps")  # visible only in its tab
         flip = field_input(browser, "Apply Horizontal Flip")
@@ -342,7 +400,7 @@ def test_train_form_renders_and_a_click_changes_the_kernels_config(browser, work
         flip.click()
         steps.clear()
         steps.send_keys("7")
-        click_text(browser, ".lm-TabBar-tab", "Concepts")
+        click_text(browser, TAB, "Concepts")
         assert field_input(browser, "Instance prompt").get_attribute("value") == "[filewords]"
         click_text(browser, "button", "Save Params")
         wait_for(lambda: load_params(params).hflip is False, "the saved params to show the "
@@ -373,12 +431,17 @@ def test_notebook_form_renders(browser, work, shots, tmp_path, name, values, mar
         values = {**values, "INSTANCE_DIR": str(work / "data" / "instance")}
     page = _parameterized_copy(name, {"BASE_MODEL": "tiny", "WORK_DIR": str(work), **values},
                                tmp_path)
-    with voila(page, tmp_path) as url:
+    with serve(page, tmp_path) as url:
         open_notebook(browser, url, marker, tmp_path)
         text = browser.find_element("tag name", "body").text  # what is visible
+        titles = [t.text.strip() for t in browser.find_elements("css selector", TAB)]
+        assert all(titles) and (titles or name.startswith("04")), f"untitled tabs: {titles}"
         if name.startswith("01"):
-            click_text(browser, ".lm-TabBar-tab", "Concepts")
+            assert titles[:2] == ["Model", "Concepts"]
+            click_text(browser, TAB, "Concepts")
             text += browser.find_element("tag name", "body").text
+            assert "Concept 1: [filewords]" in text  # the accordion's page title
+            assert_help_on_hover(browser, "Instance prompt", "The prompt that calls")
         for label in labels:
             assert label in text, label
         form_screenshot(browser, marker, shots / name.replace(".ipynb", ".png"))

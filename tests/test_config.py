@@ -1305,9 +1305,14 @@ def test_output_folders_on_unmounted_google_drive(tmp_path, monkeypatch):
     assert len(problems) == 1 and "not mounted" in problems[0].message
     (drive / "MyDrive").mkdir(parents=True)  # mounted now
     assert not [p for p in validate(config, DeviceInfo.cpu()) if p.where == "checkpoint_dir"]
-    monkeypatch.setattr(runtime, "on_colab", lambda: False)  # elsewhere it is just a path
+    monkeypatch.setattr(runtime, "on_colab", lambda: False)  # elsewhere: refused, saying why
     (drive / "MyDrive").rmdir()
-    assert not [p for p in validate(config, DeviceInfo.cpu()) if p.where == "checkpoint_dir"]
+    problems = [p for p in validate(config, DeviceInfo.cpu()) if p.where == "checkpoint_dir"]
+    assert len(problems) == 1 and "only available on Colab" in problems[0].message
+    # Concept folders too (class images are written there).
+    config = DreamBoothConfig(concepts_list=[Concept(class_data_dir=str(drive / "MyDrive" / "c"))])
+    wheres = [p.where for p in validate(config, DeviceInfo.cpu()) if "Drive" in p.message]
+    assert wheres == ["concept 1 class_data_dir"]
 
 
 def test_checkpoint_hub_repo_must_be_hf_url():

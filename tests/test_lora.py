@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from colab_dreambooth import lora
 from colab_dreambooth import train as train_module
 from colab_dreambooth.config import DreamBoothConfig
 from colab_dreambooth.demo import demo_config
@@ -261,7 +262,10 @@ def test_adapters_trained_in_both_parts(run):
 def test_diffusers_load_reproduces_the_trained_model(run, base_outputs):
     before = base_outputs
     base = base_pipeline()
-    base.load_lora_weights(str(run.result.lora_file))
+    # The file as diffusers reads it (0.39 + transformers 5, Colab's, needs its text-encoder
+    # names without "text_model_"; newer diffusers read the file unchanged).
+    state = lora.state_for_diffusers(lora.read_lora(run.result.lora_file)[0], base.text_encoder)
+    base.load_lora_weights(state)
     loaded = pipe_outputs(base)
     trained = run.captured
     for name in ("states", "noise"):

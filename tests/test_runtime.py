@@ -23,6 +23,10 @@ from colab_dreambooth.runtime import (DeviceInfo, Runtime, detect_device, detect
     ({"PAPERSPACE_NOTEBOOK_REPO_ID": "abc123"}, "gradient"),
     ({"PAPERSPACE_CLUSTER_ID": "cl1"}, "gradient"),
     ({"KAGGLE_KERNEL_RUN_TYPE": ""}, "local"),  # set but empty: not Kaggle
+    # Kaggle's image is built on Colab's: both sets of variables are there.
+    ({"COLAB_RELEASE_TAG": "release-colab_20251120", "KAGGLE_KERNEL_RUN_TYPE": "Interactive",
+      "KAGGLE_URL_BASE": "https://www.kaggle.com"}, "kaggle"),
+    ({"COLAB_GPU": "1", "PAPERSPACE_NOTEBOOK_ID": "n1"}, "gradient"),
 ])
 def test_platform_from_environment_variables(tmp_path, env, platform):
     assert detect_platform(env, root=tmp_path) == platform
@@ -52,6 +56,68 @@ def test_kaggle_is_also_known_by_its_folders(tmp_path):
     assert detect_platform({}, root=tmp_path) == "kaggle"
 
 
+def test_kaggle_with_colab_variables_and_google_colab_importable(tmp_path, monkeypatch):
+    """On Kaggle google.colab imports and COLAB_RELEASE_TAG is set: still Kaggle, by its
+    variables or by its folders."""
+    monkeypatch.setattr(runtime, "_colab_importable", lambda: True)
+    for name in runtime.KAGGLE_VARIABLES + runtime.GRADIENT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab_20251120")
+    assert detect_platform(root=tmp_path) == "colab"
+    (tmp_path / "kaggle" / "working").mkdir(parents=True)
+    (tmp_path / "kaggle" / "input").mkdir()
+    assert detect_platform(root=tmp_path) == "kaggle"
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    assert detect_runtime(root=tmp_path).work_dir == tmp_path / "kaggle" / "working"
+
+
+def test_blank_work_dir_is_the_runtimes_persistent_place(tmp_path, monkeypatch):
+    from colab_dreambooth.runtime import default_work_dir, resolve_work_dir
+
+    colab = detect_runtime({"COLAB_GPU": "1"}, root=tmp_path)
+    assert default_work_dir(colab) == runtime.DRIVE_MOUNT / "MyDrive" / "dreambooth"
+    kaggle = detect_runtime({"KAGGLE_URL_BASE": "x", "COLAB_GPU": "1"}, root=tmp_path)
+    assert default_work_dir(kaggle) == tmp_path / "kaggle" / "working" / "dreambooth"
+    gradient = detect_runtime({"PAPERSPACE_NOTEBOOK_ID": "n"}, root=tmp_path)
+    assert default_work_dir(gradient) == tmp_path / "notebooks" / "dreambooth"
+    local = detect_runtime({}, root=tmp_path, cwd=tmp_path / "here")
+    assert default_work_dir(local) == tmp_path / "here" / "dreambooth"
+
+    # Here (a local machine): blank is ./dreambooth, created by nobody yet.
+    for name in runtime.COLAB_VARIABLES + runtime.KAGGLE_VARIABLES + runtime.GRADIENT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(runtime, "_colab_importable", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_work_dir("  ") == tmp_path / "dreambooth"
+    assert not (tmp_path / "dreambooth").exists()
+    assert resolve_work_dir(str(tmp_path / "w")) == tmp_path / "w"
+
+
+def test_blank_work_dir_on_colab_mounts_drive_or_says_why_not(tmp_path, monkeypatch):
+    from colab_dreambooth.runtime import DriveNotMounted, resolve_work_dir
+
+    drive = tmp_path / "drive"
+    monkeypatch.setattr(runtime, "DRIVE_MOUNT", drive)
+    for name in runtime.KAGGLE_VARIABLES + runtime.GRADIENT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "test")
+    answers = []
+
+    def mount(path):
+        if answers.pop(0) == "refuse":
+            raise ValueError("mount failed")
+        (drive / "MyDrive").mkdir(parents=True)
+
+    fake_drive = types.SimpleNamespace(mount=mount)
+    monkeypatch.setitem(sys.modules, "google.colab", types.SimpleNamespace(drive=fake_drive))
+    answers.append("refuse")
+    with pytest.raises(DriveNotMounted, match="Allow access"):
+        resolve_work_dir("")
+    assert not drive.exists()  # nothing was created under the mount point
+    answers.append("allow")
+    assert resolve_work_dir("") == drive / "MyDrive" / "dreambooth"
+
+
 def test_drive_is_mounted_only_on_colab(monkeypatch, tmp_path):
     mounted = []
     fake_drive = types.SimpleNamespace(mount=lambda path: mounted.append(path))
@@ -63,12 +129,21 @@ def test_drive_is_mounted_only_on_colab(monkeypatch, tmp_path):
     monkeypatch.setattr(runtime, "_colab_importable", lambda: False)
 
     assert mount_drive() is None  # not Colab: nothing to mount
-    assert mount_drive_if_needed(str(tmp_path / "drive" / "MyDrive" / "x")) is False
-    assert mounted == []
+    with pytest.raises(runtime.DriveNotMounted, match="only available on Colab"):
+        mount_drive_if_needed(str(tmp_path / "drive" / "MyDrive" / "x"))
+    assert mounted == [] and not (tmp_path / "drive").exists()
 
     monkeypatch.setenv("COLAB_RELEASE_TAG", "test")
     assert mount_drive_if_needed("/content/data") is False  # no path needs Drive
     assert mounted == []
+    # Not from a background thread (Colab's sign-in needs the cell): refused, nothing made.
+    import threading
+    refused = []
+    thread = threading.Thread(target=lambda: refused.append(_raises(
+        lambda: mount_drive_if_needed(str(tmp_path / "drive" / "MyDrive" / "x")))))
+    thread.start()
+    thread.join()
+    assert refused == [True] and mounted == []
     assert mount_drive_if_needed(str(tmp_path / "drive" / "MyDrive" / "x")) is True
     assert mounted == [str(tmp_path / "drive")]
     (tmp_path / "drive" / "MyDrive").mkdir(parents=True)
@@ -106,3 +181,11 @@ def test_environment_report_names_everything(tmp_path):
     assert "Tesla T4 x2, 14.7 GB, compute capability 7.5, bf16 no" in text
     assert "torch " in text and "bitsandbytes" in text and "xformers" in text
     assert "Preset: T4" in text and "Estimated peak memory" in text
+
+
+def _raises(action) -> bool:
+    try:
+        action()
+    except runtime.DriveNotMounted:
+        return True
+    return False

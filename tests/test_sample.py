@@ -43,6 +43,14 @@ def array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+def test_pipeline_loads_in_the_dtype_asked_on_this_diffusers():
+    """diffusers 0.39 (Colab's) reads torch_dtype and ignores dtype; 0.40+ reads dtype."""
+    import torch
+
+    half = load_pipeline(tiny_model_path(), device="cpu", dtype=torch.float16)
+    assert {half.unet.dtype, half.vae.dtype, half.text_encoder.dtype} == {torch.float16}
+
+
 def test_same_seed_gives_the_same_pixels(pipe):
     a = generate_samples(pipe, "a photo of zwx toy", n=2, seed=3, steps=2, height=64, width=64,
                          progress=False)

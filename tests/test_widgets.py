@@ -26,6 +26,7 @@ from widgets import (ClassImagesApp, ConfigForm, ReleaseApp, TrainApp,  # noqa: 
                      params_file, prepare_config, release_config, runtime_banner, save_uploads,
                      training_config)
 from widgets.class_images import CLASS_IMAGE_FIELDS  # noqa: E402
+from widgets.compat import IPYWIDGETS_MAJOR, help_of, label_of, titles_of  # noqa: E402
 from widgets.controls import NumberControl, parse_number  # noqa: E402
 from widgets.plot import loss_curve, smooth  # noqa: E402
 
@@ -62,6 +63,23 @@ def walk(widget: w.Widget):
 
 
 # ----------------------------------------------------------------------------- generation
+def test_every_page_has_a_title_and_every_input_its_help(tiny_config, tmp_path):
+    """Under ipywidgets 7 (Colab) and 8 alike: read from the state the browser receives."""
+    app = TrainApp(tiny_config, params_path=tmp_path / "params.json", device=CPU)
+    app.form.add_concept()
+    containers = [x for x in walk(app.widget) if isinstance(x, (w.Tab, w.Accordion))]
+    assert len(containers) == 2  # the tabs and the concepts
+    for container in containers:
+        titles = titles_of(container)
+        assert len(titles) == len(container.children) and all(titles), titles
+    state = app.form.tabs.get_state()
+    assert ("titles" if IPYWIDGETS_MAJOR >= 8 else "_titles") in state
+    inputs = [x for x in walk(app.widget) if isinstance(x, (w.Text, w.Checkbox, w.Dropdown))
+              and x.description]
+    assert len(inputs) > 60
+    assert all(help_of(x) for x in inputs), [x.description for x in inputs if not help_of(x)]
+
+
 def test_every_field_has_exactly_one_generated_widget(tiny_config):
     form = form_for(tiny_config)
     assert set(form.fields) == set(RUN_SPECS) - {"concepts_list"}
@@ -70,8 +88,8 @@ def test_every_field_has_exactly_one_generated_widget(tiny_config):
     controls = list(form.fields.values()) + list(form.concepts[0].fields.values())
     for control in controls:
         assert inputs.count(id(control.input)) == 1, control.name
-        assert control.input.description == control.spec.setting.label
-        assert control.input.tooltip == control.spec.setting.help
+        assert label_of(control.input) == control.spec.setting.label
+        assert help_of(control.input) == control.spec.setting.help
     # The widget kind follows the type and metadata alone.
     assert isinstance(form.fields["hflip"].input, w.Checkbox)
     assert isinstance(form.fields["use_8bit_adam"].input, w.Dropdown)
@@ -99,7 +117,7 @@ def test_every_field_has_exactly_one_generated_widget(tiny_config):
 
 def test_tabs_follow_the_extension_and_class_image_fields_sit_with_concepts(tiny_config):
     form = form_for(tiny_config)
-    assert [t.split(" \u26a0")[0] for t in form.tabs.titles] == [
+    assert [t.split(" \u26a0")[0] for t in titles_of(form.tabs)] == [
         "Model", "Parameters", "Advanced", "Concepts", "Saving", "Sampling"]
     concepts_tab = form.tabs.children[form.tab_names.index("Concepts")]
     inside = {id(x) for x in walk(concepts_tab)}
@@ -181,12 +199,12 @@ def test_class_prompt_holding_the_instance_token_shows_next_to_it(tiny_config):
     assert len(messages) == 1 and "holds the instance token 'zwx'" in messages[0]
     assert form.train_button.disabled
     assert form.concepts[0].fields["class_prompt"].message.layout.display is None  # visible
-    assert "Concepts \u26a0 1" in form.tabs.titles
+    assert "Concepts \u26a0 1" in titles_of(form.tabs)
     assert "Concept 1 \u00b7 Class prompt" in form.summary.value
     assert all(not c.shown for n, c in form.concepts[0].fields.items() if n != "class_prompt")
     type_into(form, "class_prompt", "photo of a toy", concept=0)
     assert shown(form, "class_prompt", concept=0) == [] and not form.train_button.disabled
-    assert "Concepts" in form.tabs.titles
+    assert "Concepts" in titles_of(form.tabs)
 
 
 def test_missing_folder_shows_next_to_it(tiny_config, tmp_path):
@@ -248,7 +266,7 @@ def test_add_and_remove_concepts(tiny_config, demo_root):
     form.add_concept(second)
     assert len(form.concepts) == 2 and len(form.concepts_box.children) == 2
     assert form.config.concepts_list == tiny_config.concepts_list + [second]
-    assert form.concepts_box.titles[1] == "Concept 2: photo of qwe toy"
+    assert titles_of(form.concepts_box)[1] == "Concept 2: photo of qwe toy"
     assert form.concepts_box.selected_index == 1
     assert not form.train_button.disabled
     type_into(form, "class_prompt", "qwe toy", concept=1)
@@ -259,7 +277,7 @@ def test_add_and_remove_concepts(tiny_config, demo_root):
     assert len(form.concepts) == 1
     assert form.config.concepts_list[0].instance_prompt == "photo of qwe toy"
     assert any("instance token" in m for m in shown(form, "class_prompt", concept=0))
-    assert form.concepts_box.titles[0].startswith("Concept 1: photo of qwe toy")
+    assert titles_of(form.concepts_box)[0].startswith("Concept 1: photo of qwe toy")
     form.add_concept_button.click()
     assert len(form.config.concepts_list) == 2
     assert form.config.concepts_list[1] == dataclasses.replace(Concept())
@@ -324,7 +342,7 @@ def test_extension_file_loads_into_the_form(tmp_path, demo_root):
 
 def test_hidden_tabs_keep_their_values(tiny_config):
     form = form_for(tiny_config, tabs=["Model", "Concepts"], show_train=False)
-    assert form.tabs.titles == ("Model", "Concepts")
+    assert titles_of(form.tabs) == ("Model", "Concepts")
     assert form.train_button not in list(walk(form.widget))
     assert form.config == tiny_config
 
@@ -360,11 +378,22 @@ def test_upload_box_saves_and_clears(tmp_path, demo_root):
     png = (demo_root / "data" / "instance" / "star_00.png").read_bytes()
     seen = []
     box = UploadBox(tmp_path / "up", on_saved=seen.append)
-    box.upload.value = ({"name": "star.png", "type": "image/png", "size": len(png),
-                         "content": memoryview(png), "last_modified": datetime.now(timezone.utc)},)
+    browser_upload(box.upload, "star.png", png)
     assert (tmp_path / "up" / "star.png").read_bytes() == png
-    assert box.upload.value == () and "saved 1 file" in box.status.value
+    assert not box.upload.value and "saved 1 file" in box.status.value
     assert len(seen) == 1 and seen[0].saved == [tmp_path / "up" / "star.png"]
+
+
+def browser_upload(upload: w.FileUpload, name: str, content: bytes) -> None:
+    """Set the upload box's state as the browser does after a file is picked, per version."""
+    if IPYWIDGETS_MAJOR >= 8:
+        upload.value = ({"name": name, "type": "image/png", "size": len(content),
+                         "content": memoryview(content),
+                         "last_modified": datetime.now(timezone.utc)},)
+    else:  # 7 receives metadata and data lists, then a counter that assembles the value
+        upload.set_state({"metadata": [{"name": name, "type": "image/png",
+                                        "size": len(content), "lastModified": 0}],
+                          "data": [memoryview(content)], "_counter": upload._counter + 1})
 
 
 def test_caption_grid_and_crop_preview(demo_root, tmp_path):
@@ -413,6 +442,29 @@ def test_prepare_config_for_notebook_01(tmp_path):
                                  class_prompt="", resolution=64, demo_if_empty=True)
     assert "demo subject" in notes[0] and demo.resolution == 64
     assert len(list(Path(demo.concepts_list[0].instance_data_dir).glob("*.png"))) == 6
+
+
+def test_unattended_demo_subject_is_drawn_at_the_default_resolution(tmp_path):
+    """Notebook 01's default (512) used to get a 128 px subject that 02 then found unusable."""
+    demo, _ = prepare_config(tmp_path / "w", base_model="tiny", instance_prompt="x",
+                             class_prompt="", resolution=512, demo_if_empty=True)
+    images = sorted(Path(demo.concepts_list[0].instance_data_dir).glob("*.png"))
+    assert demo.resolution == 512 and {Image.open(p).size for p in images} == {(512, 512)}
+    report = data_report(demo)
+    assert not report.errors, report.errors
+
+
+def test_work_folders_on_an_unmounted_drive_are_refused(tmp_path, monkeypatch):
+    from colab_dreambooth import runtime
+
+    monkeypatch.setattr(runtime, "DRIVE_MOUNT", tmp_path / "content" / "drive")
+    monkeypatch.setattr(runtime, "on_colab", lambda: False)
+    work = tmp_path / "content" / "drive" / "MyDrive" / "dreambooth"
+    with pytest.raises(runtime.DriveNotMounted, match="only available on Colab"):
+        prepare_config(work, base_model="tiny", instance_prompt="x", class_prompt="")
+    with pytest.raises(runtime.DriveNotMounted):
+        training_config(work, base_model="tiny")
+    assert not (tmp_path / "content").exists()
 
 
 def test_training_config_for_notebook_03(tmp_path, tiny_config):
@@ -519,6 +571,64 @@ def test_train_app_stop_then_resume(tiny_config, tmp_path):
     assert result.losses[:first.steps] == first.losses
 
 
+def interrupt_at(progress: w.IntProgress, value: int) -> list[int]:
+    """Send this process a SIGINT (Colab's stop button) when ``progress`` reaches ``value``;
+    returns the thread idents of every update, to tell which thread the job ran in."""
+    import signal
+    import threading
+
+    threads: list[int] = []
+
+    def on_value(change) -> None:
+        threads.append(threading.get_ident())
+        if change["new"] == value:
+            signal.raise_signal(signal.SIGINT)
+
+    progress.observe(on_value, names="value")
+    return threads
+
+
+def test_on_colab_train_runs_in_the_cell_and_an_interrupt_is_the_stop(tiny_config, tmp_path,
+                                                                     monkeypatch):
+    """Colab redraws only what the kernel's own thread changes: the Train button trains there,
+    the view follows each step, and Colab's stop (SIGINT) ends the run like Stop, with the
+    model, a checkpoint and the hint to resume."""
+    import threading
+
+    import widgets.app
+
+    monkeypatch.setattr(widgets.app, "jobs_in_foreground", lambda: True)
+    config = without_class_images(tiny_config).copy(max_train_steps=50, train_text_encoder=False)
+    app = TrainApp(config, params_path=tmp_path / "params.json", device=CPU)
+    threads = interrupt_at(app.view.progress, 2)
+    app.form.train_button.click()  # returns when the run has ended: it ran right here
+    assert app.view.thread is None and set(threads) == {threading.get_ident()}
+    result = app.view.result
+    assert result is not None and result.stopped_early and result.steps == 2
+    assert result.checkpoint is not None and (result.model_dir / "model_index.json").is_file()
+    assert "RESUME = True" in app.view.status.value and "Stopped at step 2" in app.view.status.value
+    assert not app.form.busy and not app.form.train_button.disabled
+
+
+def test_on_colab_class_images_run_in_the_cell_and_an_interrupt_keeps_them(
+        tiny_config, tmp_path, monkeypatch, one_thread):
+    import threading
+
+    import widgets.class_images
+
+    monkeypatch.setattr(widgets.class_images, "jobs_in_foreground", lambda: True)
+    concept = dataclasses.replace(tiny_config.concepts_list[0], class_prompt="a photo of a toy",
+                                  class_data_dir="", num_class_images=3, class_infer_steps=2)
+    config = tiny_config.copy(concepts_list=[concept], sample_batch_size=1)
+    app = ClassImagesApp(config, params_path=tmp_path / "params.json", device=CPU)
+    threads = interrupt_at(app.progress, 1)
+    app.generate_button.click()
+    assert app.thread is None and set(threads) == {threading.get_ident()}
+    assert app.error is None and "Stopped" in app.status.value
+    assert len(list(config.class_dir(0).glob("*.png"))) == 1  # the one made is kept, whole
+    assert "1</b> of 3" in app.counts.value
+
+
 def test_core_package_never_imports_ipywidgets():
     core = Path(__file__).resolve().parent.parent / "colab_dreambooth"
     offenders = [p.name for p in core.rglob("*.py") if "ipywidgets" in p.read_text("utf-8")]
@@ -529,7 +639,7 @@ def test_core_package_never_imports_ipywidgets():
 def test_a_partial_form_shows_only_its_fields_and_keeps_the_others(tiny_config):
     form = form_for(tiny_config, only=CLASS_IMAGE_FIELDS, show_train=False)
     assert form.tab_names == ["Model", "Parameters", "Advanced", "Concepts"]
-    shown_labels = {x.description for x in walk(form.widget) if getattr(x, "description", "")}
+    shown_labels = {label_of(x) for x in walk(form.widget) if getattr(x, "description", "")}
     assert {"Base model", "Resolution", "Class batch size", "Class prompt",
             "Total Number of Class/Reg Images", "Classification Steps"} <= shown_labels
     assert not {"Learning rate", "Instance prompt", "Sample Image Prompt", "Model name",

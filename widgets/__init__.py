@@ -14,8 +14,8 @@ This package is the only part of the project that imports ipywidgets (install th
 
 from .app import TrainApp
 from .class_images import ClassImagesApp, count_class_images
-from .environment import (mount_drive, mount_drive_if_needed, on_colab, platform_name,
-                          runtime_banner)
+from .environment import (DriveNotMounted, mount_drive, mount_drive_if_needed, on_colab,
+                          platform_name, resolve_work_dir, runtime_banner)
 from .form import ConfigForm
 from .prepare import (DataReport, UploadBox, caption_grid, captioned_grid, colab_upload,
                       crop_preview, data_report, save_uploads, show_images, upload_images)
@@ -25,10 +25,10 @@ from .workdir import (class_images_config, params_file, prepare_config, release_
                       training_config)
 
 __all__ = [
-    "ClassImagesApp", "ConfigForm", "DataReport", "ReleaseApp", "TrainApp", "TrainingView",
+    "ClassImagesApp", "ConfigForm", "DataReport", "DriveNotMounted", "ReleaseApp", "TrainApp", "TrainingView",
     "UploadBox", "caption_grid", "captioned_grid", "class_images_config", "colab_upload",
     "count_class_images", "crop_preview", "data_report", "estimate_total_steps", "mount_drive",
     "mount_drive_if_needed", "on_colab", "params_file", "platform_name", "prepare_config",
-    "release_config", "runtime_banner", "save_uploads", "show_images", "training_config",
+    "release_config", "resolve_work_dir", "runtime_banner", "save_uploads", "show_images", "training_config",
     "upload_images",
 ]

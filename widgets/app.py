@@ -13,7 +13,9 @@ from colab_dreambooth.runtime import DeviceInfo, mount_drive_if_needed
 from colab_dreambooth.train import TrainResult
 from colab_dreambooth.validation import ConfigError
 
+from .compat import set_help
 from .form import ConfigForm
+from .jobs import jobs_in_foreground
 from .training_view import TrainingView, saved_output
 
 
@@ -31,17 +33,17 @@ class TrainApp:
         self.params_path = Path(params_path)
         self.form = ConfigForm(config, device=device, params_path=params_path)
         self.view = TrainingView(plot_interval=plot_interval)
-        self.resume = w.Checkbox(value=resume, indent=False,
-                                 description="Resume from the newest checkpoint",
-                                 tooltip="Continue an interrupted run exactly where its last "
-                                 "checkpoint left it (Saving tab: Checkpoint folder)")
+        self.resume = set_help(
+            w.Checkbox(value=resume, indent=False, description="Resume from the newest checkpoint"),
+            "Continue an interrupted run exactly where its last checkpoint left it (Saving tab: "
+            "Checkpoint folder)")
         # For experts: the memory and disk estimates err on the safe side.
-        self.force = w.Checkbox(value=force, indent=False,
-                                description="Start even if the estimates say it will not fit",
-                                tooltip="The run is otherwise refused before any model loads "
-                                "when its GPU memory or disk space estimate exceeds what the "
-                                "runtime has; the refusal names what to change")
-        self.form.on_train(lambda config: self.train(config, background=True))
+        self.force = set_help(
+            w.Checkbox(value=force, indent=False,
+                       description="Start even if the estimates say it will not fit"),
+            "The run is otherwise refused before any model loads when its GPU memory or disk "
+            "space estimate exceeds what the runtime has; the refusal names what to change")
+        self.form.on_train(self._on_train)
         self.widget = w.VBox([self.form.widget, self.resume, self.force, self.view.widget])
 
     def train(self, config: DreamBoothConfig | None = None, *,
@@ -68,6 +70,17 @@ class TrainApp:
         except RuntimeError:
             self.form.busy = self.view.running
             raise
+
+    def _on_train(self, config: DreamBoothConfig) -> None:
+        """The Train button: in the background, or on Colab in the kernel's thread (see
+        :mod:`widgets.jobs`), where an error is shown in the view rather than raised."""
+        if not jobs_in_foreground():
+            self.train(config, background=True)
+            return
+        try:
+            self.train(config, background=False)
+        except Exception:  # the view shows it; a callback's traceback would only repeat it
+            pass
 
     def describe_result(self) -> str:
         """Where the last run stands: still training, failed, stopped, or finished where."""

@@ -24,7 +24,9 @@ from colab_dreambooth.params import resolve_concepts, save_params
 from colab_dreambooth.runtime import DeviceInfo
 from colab_dreambooth.validation import ConfigError, Problem
 
+from .compat import set_help
 from .form import ConfigForm
+from .jobs import INTERRUPT_HINT, jobs_in_foreground
 from .plot import png_bytes
 from .prepare import captioned_grid
 
@@ -82,9 +84,9 @@ class ClassImagesApp:
         self.counts = w.HTML()
         self.generate_button = w.Button(description="Generate class images", icon="play",
                                         button_style="success", layout=w.Layout(width="220px"))
-        self.stop_button = w.Button(description="Stop", icon="stop", button_style="danger",
-                                    disabled=True, tooltip="Stop after the current batch; the "
-                                    "images made so far are kept")
+        self.stop_button = set_help(
+            w.Button(description="Stop", icon="stop", button_style="danger", disabled=True),
+            "Stop after the current batch; the images made so far are kept")
         self.progress = w.IntProgress(value=0, min=0, max=1, description="Generated",
                                       bar_style="info", style={"description_width": "initial"},
                                       layout=w.Layout(width="520px"))
@@ -171,10 +173,22 @@ class ClassImagesApp:
                                            name="class-images", daemon=True)
             self.thread.start()
             return None
+        self.stop_button.disabled = True  # no click reaches a busy kernel: interrupting stops
+        self.status.value = html.escape(INTERRUPT_HINT) + "; the images made are kept."
         self._work(config, True)
         if self.error is not None:
             raise self.error
         return self.reports
+
+    def _on_generate(self) -> None:
+        """The Generate button: in the background, or on Colab in the kernel's thread (see
+        :mod:`widgets.jobs`); problems and errors show in the panel."""
+        try:
+            self.generate(background=not jobs_in_foreground())
+        except Exception as exc:  # a callback has no cell to fail in
+            if self.error is None:  # a setting's problem: the run never started
+                self.status.value = (f"<span style='color:#c62828'>"
+                                     f"{html.escape(str(exc))}</span>")
 
     def stop(self) -> None:
         """Stop after the current batch; the images written so far are kept."""
@@ -197,6 +211,8 @@ class ClassImagesApp:
         try:
             self.reports = generate_class_images(config, progress=echo, stop=self.stop_event,
                                                  on_image=on_image)
+        except KeyboardInterrupt:  # Colab's stop: like Stop, every image written is whole
+            self.stop_event.set()
         except BaseException as exc:  # shown in the panel; re-raised by a foreground run
             self.error = exc
         finally:

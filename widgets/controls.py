@@ -17,6 +17,8 @@ import ipywidgets as w
 
 from colab_dreambooth.fields import FieldSpec
 
+from .compat import set_help
+
 LABEL_WIDTH = "260px"
 INPUT_WIDTH = "640px"
 # Three-way choice of an Optional[bool]: blank lets the package decide (e.g. on with a GPU).
@@ -32,7 +34,7 @@ class FieldControl:
         self.spec = spec
         self.input = input_widget
         self.input.description = spec.setting.label
-        self.input.tooltip = spec.setting.help
+        set_help(self.input, spec.setting.help)
         self.input.style = {"description_width": LABEL_WIDTH}
         self.input.layout = w.Layout(width=INPUT_WIDTH)
         self.message = w.HTML(layout=w.Layout(display="none", margin=f"0 0 4px {LABEL_WIDTH}"))
@@ -67,7 +69,6 @@ class FieldControl:
         else:
             self.message.value = ""
             self.message.layout.display = "none"
-
 
 
 class CheckboxControl(FieldControl):

@@ -9,11 +9,12 @@ from __future__ import annotations
 import html
 
 from colab_dreambooth.presets import choose_preset
-from colab_dreambooth.runtime import (DRIVE_MOUNT, DeviceInfo, mount_drive, mount_drive_if_needed,
-                                      on_colab, platform_name)
+from colab_dreambooth.runtime import (DRIVE_MOUNT, DeviceInfo, DriveNotMounted, mount_drive,
+                                      mount_drive_if_needed, on_colab, platform_name,
+                                      resolve_work_dir)
 
-__all__ = ["DRIVE_MOUNT", "mount_drive", "mount_drive_if_needed", "on_colab", "platform_name",
-           "runtime_banner"]
+__all__ = ["DRIVE_MOUNT", "DriveNotMounted", "mount_drive", "mount_drive_if_needed", "on_colab",
+           "platform_name", "resolve_work_dir", "runtime_banner"]
 
 
 def runtime_banner(device: DeviceInfo, preset: str | None = None) -> str:

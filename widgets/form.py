@@ -23,6 +23,7 @@ from colab_dreambooth.params import read_params, save_params
 from colab_dreambooth.runtime import DeviceInfo, detect_device
 from colab_dreambooth.validation import ConfigError, Problem, validate
 
+from .compat import set_help, set_titles
 from .controls import INPUT_WIDTH, FieldControl, make_control
 from .environment import runtime_banner
 
@@ -102,11 +103,10 @@ class ConfigForm:
 
         self.header = w.HTML(runtime_banner(self.device, preset))
         # Load / Save Params
-        self.params_path = w.Text(value=str(params_path), description="Params file",
-                                  tooltip="The parameters JSON to load or save (the extension's "
-                                  "db_config.json loads too)",
-                                  style={"description_width": "90px"},
-                                  layout=w.Layout(width="520px"))
+        self.params_path = set_help(
+            w.Text(value=str(params_path), description="Params file",
+                   style={"description_width": "90px"}, layout=w.Layout(width="520px")),
+            "The parameters JSON to load or save (the extension's db_config.json loads too)")
         self.load_button = w.Button(description="Load Params", icon="folder-open")
         self.save_button = w.Button(description="Save Params", icon="save")
         self.params_status = w.HTML()
@@ -125,7 +125,7 @@ class ConfigForm:
 
         self.tab_names = [t for t in TABS if t in set(tabs) and self._tab_has_fields(t)]
         self.tabs = w.Tab(children=[self._tab_content(t) for t in self.tab_names])
-        self.tabs.titles = tuple(self.tab_names)
+        set_titles(self.tabs, self.tab_names)
         bottom = [self.summary] + ([self.train_button] if show_train else [])
         self.widget = w.VBox([
             self.header,
@@ -250,7 +250,7 @@ class ConfigForm:
                 + bool(editor.message.value)
             flag = f" \u26a0 {count}" if count else ""
             titles.append(f"Concept {number}: {prompt}{flag}")
-        self.concepts_box.titles = tuple(titles)
+        set_titles(self.concepts_box, titles)
 
     # ------------------------------------------------------------------------ validation
     def refresh(self) -> list[Problem]:
@@ -315,8 +315,8 @@ class ConfigForm:
                                       for c in e.fields.values() if self.shows(c.name))
             counts["Concepts"] += sum(1 for e in self.concepts if e.message.value)
             counts["Concepts"] += bool(self.concepts_message.value)
-        self.tabs.titles = tuple(f"{t} \u26a0 {counts[t]}" if counts[t] else t
-                                 for t in self.tab_names)
+        set_titles(self.tabs, [f"{t} \u26a0 {counts[t]}" if counts[t] else t
+                               for t in self.tab_names])
 
     def _update_summary(self, problems: list[Problem]) -> None:
         if not problems:

@@ -28,6 +28,8 @@ from colab_dreambooth.runtime import DeviceInfo
 from colab_dreambooth.sample import image_grid
 from colab_dreambooth.validation import ConfigError, validate
 
+from .compat import clear_upload, set_help, uploaded_files
+
 UPLOAD_EXTENSIONS = IMAGE_EXTENSIONS + (".txt",)
 GRID_LIMIT = 24  # images shown per concept: enough to spot a bad one, small enough to send
 CAPTION_CHARS = 60
@@ -129,16 +131,18 @@ class UploadBox:
                  on_saved: Callable[[UploadResult], None] | None = None) -> None:
         self.folder = Path(folder).expanduser()
         self.on_saved = on_saved
-        self.upload = w.FileUpload(accept=",".join(UPLOAD_EXTENSIONS), multiple=True,
-                                   description="Upload images",
-                                   tooltip="Images and same-name .txt captions")
+        self.upload = set_help(
+            w.FileUpload(accept=",".join(UPLOAD_EXTENSIONS), multiple=True,
+                         description="Upload images"),
+            "Images and same-name .txt captions")
         self.status = w.HTML()
         note = w.HTML(f"Uploads go to <code>{html.escape(str(self.folder))}</code>; files already "
                       "there are kept (a taken name gets ' (1)' added).")
         self.widget = w.VBox([note, self.upload, self.status])
-        self.upload.observe(lambda change: self._saved(change["new"]), names="value")
+        self.upload.observe(lambda change: self._saved(uploaded_files(change["new"])),
+                            names="value")
 
-    def _saved(self, files: Iterable[Mapping[str, Any]]) -> None:
+    def _saved(self, files: list[dict[str, Any]]) -> None:
         if not files:
             return
         try:
@@ -146,7 +150,7 @@ class UploadBox:
         except OSError as exc:
             self.status.value = f"<span style='color:#c62828'>{html.escape(str(exc))}</span>"
             return
-        self.upload.value = ()  # the files are on disk: free the kernel's copy
+        clear_upload(self.upload)  # the files are on disk: free the kernel's copy
         text = html.escape(result.summary()).replace("\n", "<br>")
         self.status.value = f"<span style='color:#2e7d32'>{text}</span>"
         if self.on_saved is not None:

@@ -21,6 +21,8 @@ from colab_dreambooth.fields import field_specs
 from colab_dreambooth.release import (ReleaseResult, ReleaseSettings, check_release,
                                       make_release, release_folder, sample_model)
 
+from .compat import set_help
+from .jobs import jobs_in_foreground
 from .controls import FieldControl, make_control
 from .form import read_controls
 from .plot import png_bytes
@@ -57,11 +59,11 @@ class ReleaseApp:
             f"<b>Trained model</b>: <code>{html.escape(str(model))}</code> "
             + ("<span style='color:#2e7d32'>&#10004; found</span>" if found else
                "<span style='color:#c62828'>not found: train it first (notebook 03)</span>"))
-        self.prompt = w.Text(value=sample_prompt, description="Sample prompt",
-                             placeholder="blank = each concept's Sample Image Prompt",
-                             tooltip="Prompt to sample; blank samples every concept with its "
-                             "own sample settings", style={"description_width": "260px"},
-                             layout=w.Layout(width="640px"))
+        self.prompt = set_help(
+            w.Text(value=sample_prompt, description="Sample prompt",
+                   placeholder="blank = each concept's Sample Image Prompt",
+                   style={"description_width": "260px"}, layout=w.Layout(width="640px")),
+            "Prompt to sample; blank samples every concept with its own sample settings")
         self.sample_button = w.Button(description="Generate samples", icon="image")
         self.sample_status = w.HTML()
         self.grid = w.Image(format="png", layout=w.Layout(display="none", max_width="960px"))
@@ -69,8 +71,8 @@ class ReleaseApp:
                                        button_style="success", layout=w.Layout(width="220px"))
         self.message = w.HTML()
         self.status = w.HTML()
-        self.sample_button.on_click(lambda _b: self._in_background(self.sample))
-        self.release_button.on_click(lambda _b: self._in_background(self.release))
+        self.sample_button.on_click(lambda _b: self._run_job(self.sample))
+        self.release_button.on_click(lambda _b: self._run_job(self.release))
         self.widget = w.VBox([
             self.header,
             w.HTML("<h4 style='margin:8px 0 2px'>Samples</h4>"),
@@ -152,7 +154,7 @@ class ReleaseApp:
                              f"{html.escape(str(self.result))}</pre>")
         return self.result
 
-    def _in_background(self, work: Callable[..., Any]) -> None:
+    def _run_job(self, work: Callable[..., Any]) -> None:
         if self.running:
             return
         self.error = None
@@ -160,12 +162,18 @@ class ReleaseApp:
         def run() -> None:
             try:
                 work(progress=False)
+            except KeyboardInterrupt:  # Colab's stop, in the kernel's thread
+                self.status.value = ("<b>Interrupted</b>: files already written are whole; "
+                                     "click again to redo it")
             except BaseException as exc:  # shown in the panel: a thread has no cell to fail
                 self.error = exc
                 self.status.value = (f"<div style='color:#c62828'><b>Failed</b><pre>"
                                      f"{html.escape(str(exc) or type(exc).__name__)}</pre></div>")
                 print(f"Failed: {exc}", file=sys.stderr)
 
+        if jobs_in_foreground():  # see widgets.jobs: Colab shows only this thread's updates
+            run()
+            return
         self.thread = threading.Thread(target=run, name="release", daemon=True)
         self.thread.start()
 

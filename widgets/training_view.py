@@ -29,6 +29,8 @@ from colab_dreambooth.presets import resolve_auto
 from colab_dreambooth.runtime import DeviceInfo
 from colab_dreambooth.train import TrainResult, train
 
+from .compat import set_help
+from .jobs import INTERRUPT_HINT
 from .plot import loss_curve, png_bytes
 
 StepCallback = Callable[[int, float, float], None]
@@ -47,9 +49,9 @@ class TrainingView:
         self.loss_image = w.Image(format="png", layout=w.Layout(width=f"{plot_size[0]}px"))
         self.preview = w.Image(format="png", layout=w.Layout(display="none", max_width="640px"))
         self.preview_caption = w.HTML()
-        self.stop_button = w.Button(description="Stop", icon="stop", button_style="danger",
-                                    disabled=True, tooltip="End the run after the current step "
-                                    "and save the model trained so far")
+        self.stop_button = set_help(
+            w.Button(description="Stop", icon="stop", button_style="danger", disabled=True),
+            "End the run after the current step and save the model trained so far")
         self.stop_button.on_click(lambda _b: self.stop())
         self.status = w.HTML()
         self.log = w.HTML()
@@ -99,6 +101,9 @@ class TrainingView:
             self.thread.start()
             return None
         self._foreground = True
+        self.stop_button.disabled = True  # no click reaches a busy kernel: interrupting stops
+        self.status.value = html.escape(INTERRUPT_HINT) + (
+            "; the current step finishes, then a checkpoint and the model are saved.")
         try:
             self._work(*args, echo=True, force=force)
         finally:
@@ -215,7 +220,12 @@ class TrainingView:
         self.stop_button.disabled = True
         self.stop_button.description = "Stop"
         result, error = self.result, self.error
-        if error is not None:
+        if isinstance(error, KeyboardInterrupt):  # a second interrupt, or one while loading
+            self.progress.bar_style = "danger"
+            message = ("Interrupted at once: nothing more was saved; the last checkpoint (if "
+                       "any) is intact, so training again with Resume on continues from it")
+            self.status.value = f"<b>{html.escape(message)}</b>"
+        elif error is not None:
             self.progress.bar_style = "danger"
             text = str(error) or type(error).__name__
             self.status.value = (f"<div style='color:#c62828'><b>Training failed</b><pre>"
@@ -225,6 +235,9 @@ class TrainingView:
             self.progress.bar_style = "warning"
             message = (f"Stopped at step {result.steps} of {result.total_steps}: the model "
                        f"trained so far is saved in {saved_output(result)}")
+            if result.checkpoint is not None:
+                message += (f". To continue from step {result.steps}: train again with Resume "
+                            f"on (notebook 03: RESUME = True); checkpoint {result.checkpoint}")
             self.status.value = f"<b>{html.escape(message)}</b>"
         else:
             self.progress.bar_style = "success"

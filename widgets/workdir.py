@@ -11,6 +11,7 @@ from colab_dreambooth.config import Concept, DreamBoothConfig
 from colab_dreambooth.demo import demo_config, make_demo_data
 from colab_dreambooth.images import list_image_files
 from colab_dreambooth.params import load_params
+from colab_dreambooth.runtime import mount_drive_if_needed
 
 PARAMS_FILE = "params.json"
 
@@ -32,6 +33,7 @@ def prepare_config(work_dir: str | os.PathLike, *, base_model: str, instance_dir
     there so the notebooks run end to end with no photos. Models go under ``WORK_DIR``.
     """
     work = Path(work_dir).expanduser()
+    mount_drive_if_needed(work, instance_dir)  # never a folder under an unmounted Drive
     work.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     saved = params_file(work)
@@ -46,7 +48,7 @@ def prepare_config(work_dir: str | os.PathLike, *, base_model: str, instance_dir
     if folder == default_dir:
         folder.mkdir(parents=True, exist_ok=True)  # only our own folder is created
     if demo_if_empty and folder == default_dir and not list_image_files(folder):
-        make_demo_data(work / "data")
+        make_demo_data(work / "data", size=resolution)  # images below it would be unusable
         demo = demo_config(work, resolution=resolution)
         notes.append(f"No images in {folder}: drew the demo subject there (zwx toy, with captions "
                      "and class images) so this unattended run can go on.")
@@ -70,6 +72,7 @@ def training_config(work_dir: str | os.PathLike, *, base_model: str, steps: int 
     ``base_model`` is used only when there is no params.json yet (the form then starts blank).
     """
     work = Path(work_dir).expanduser()
+    mount_drive_if_needed(work)  # never a folder under an unmounted Drive
     saved = params_file(work)
     notes: list[str] = []
     if saved.is_file():
