@@ -151,6 +151,8 @@ def _lora_usage(config: DreamBoothConfig, info: dict[str, Any], base: str,
             f"pipe = StableDiffusionPipeline.from_pretrained({json.dumps(base_id)}, "
             "torch_dtype=torch.float16).to(\"cuda\")",
             *([] if repo_id else ['# "." is the folder that holds the LoRA file']),
+            *(["# diffusers 0.40 or newer: older ones with transformers 5 cannot place the "
+               "text-encoder part"] if config.train_text_encoder else []),
             f"pipe.load_lora_weights({where}, weight_name={json.dumps(file)})",
             f"image = pipe({json.dumps(prompt)}, num_inference_steps=30, "
             "guidance_scale=7.5).images[0]",

@@ -578,6 +578,9 @@ def interrupt_at(progress: w.IntProgress, value: int) -> list[int]:
     import threading
 
     threads: list[int] = []
+    # What a kernel has; a process started in the background by a non-interactive shell (as
+    # CI may be) inherits SIGINT ignored instead, and the interrupt would never arrive.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def on_value(change) -> None:
         threads.append(threading.get_ident())
