@@ -51,13 +51,14 @@ class ModelCardError(UserError, ValueError):
 
 def write_model_card(model_dir: str | Path, out_path: str | Path | None = None, *,
                      grid: Image.Image | str | Path | None = None,
-                     repo_id: str | None = None) -> Path:
+                     repo_id: str | None = None, lora_file: str | None = None) -> Path:
     """Write a Hub-ready ``README.md`` for the trained model in ``model_dir``; return its path.
 
     ``out_path`` defaults to ``<model_dir>/README.md`` (the Hub shows the README at the root of
     the uploaded folder). ``grid`` (a PIL image or an image file, e.g. a sample grid) is copied
     next to the card as ``samples.png`` and shown in it. ``repo_id`` is used in the usage
-    snippet. Raises :class:`ModelCardError` when ``params.json`` is missing.
+    snippet, ``lora_file`` (a LoRA run) the file name its snippets load (default: the run's).
+    Raises :class:`ModelCardError` when ``params.json`` is missing.
     """
     model_dir = Path(model_dir)
     if not (model_dir / "params.json").is_file():
@@ -75,6 +76,8 @@ def write_model_card(model_dir: str | Path, out_path: str | Path | None = None, 
     config = read_params(params_file).config
     info_file = model_dir / "training_info.json"
     info = json.loads(info_file.read_text(encoding="utf-8")) if info_file.is_file() else {}
+    if lora_file:
+        info["lora_file"] = lora_file
 
     grid_name = None
     if grid is not None:

@@ -107,15 +107,6 @@ def trained_model(config: DreamBoothConfig) -> Path:
     return folder
 
 
-def _name_lora_in_card(card: Path, trained_name: str, released_name: str) -> None:
-    """The card's snippets name the released copy of the LoRA file, not the run's."""
-    if trained_name != released_name:
-        text = card.read_text(encoding="utf-8").replace(trained_name, released_name)
-        from .params import write_text_atomic
-
-        write_text_atomic(card, text)
-
-
 def check_release(settings: ReleaseSettings) -> list[str]:
     """Problems with ``settings``, before any work (an empty list when there is none)."""
     from .storage import StorageError, parse_destination
@@ -178,9 +169,8 @@ def make_release(config: DreamBoothConfig, settings: ReleaseSettings, *,
     if settings.model_card:
         say("Writing the model card...")
         repo_id = target.repo_id if isinstance(target, HubRepo) else None
-        result.card = write_model_card(model, folder / "README.md", grid=grid, repo_id=repo_id)
-        if config.use_lora:
-            _name_lora_in_card(result.card, lora_file_path(config).name, export.name)
+        result.card = write_model_card(model, folder / "README.md", grid=grid, repo_id=repo_id,
+                                       lora_file=result.export.name if config.use_lora else None)
         result.lines.append(f"Model card: {result.card}")
     if settings.dehydrate and config.use_lora:
         result.lines.append("Dehydrate skipped: a LoRA file already holds only the change.")
