@@ -3,8 +3,10 @@
 What it measures
     The training state of full SD 1.5 fine-tuning with the text encoder (UNet 860M + CLIP 123M
     parameters in fp32, 32-bit AdamW's two moments per weight: 11.0 GiB of tensors, a 11.8 GB
-    checkpoint) written by :func:`colab_dreambooth.checkpoints.save_checkpoint` and read back
-    by :func:`~colab_dreambooth.checkpoints.load_checkpoint`, each in a fresh Python process.
+    checkpoint) written by :func:`colab_dreambooth.training.checkpoints.save_checkpoint` and read
+    back
+    by :func:`~colab_dreambooth.training.checkpoints.load_checkpoint`, each in a fresh Python
+    process.
 
     On a GPU that state lives in GPU memory; what matters for a free Colab (~12.7 GB of host
     RAM) is the host memory saving and resuming add. This CPU-only machine imitates that:
@@ -77,7 +79,7 @@ class PeakSampler:
 
 
 def _config():
-    from colab_dreambooth.config import DreamBoothConfig
+    from colab_dreambooth.config.settings import DreamBoothConfig
 
     return DreamBoothConfig(pretrained_model_name_or_path="sd15-random-weights",
                             train_text_encoder=True, use_8bit_adam=False, use_ema=False,
@@ -85,7 +87,7 @@ def _config():
 
 
 def _models():
-    from colab_dreambooth.convert import _meta_model, load_model_config
+    from colab_dreambooth.models.single_file.convert import _meta_model, load_model_config
 
     configs = load_model_config("sd1")
     return _meta_model("unet", configs["unet"]), _meta_model("text_encoder",
@@ -125,7 +127,7 @@ def _on_mapped_file(modules, path: Path):
 def _state(unet, text, moments=None):
     import torch
 
-    from colab_dreambooth.checkpoints import TrainingState
+    from colab_dreambooth.training.checkpoints import TrainingState
 
     optimizer = torch.optim.AdamW([{"params": list(unet.parameters()), "lr": 2e-6},
                                    {"params": list(text.parameters()), "lr": 1e-6}])
@@ -138,7 +140,7 @@ def _state(unet, text, moments=None):
 def child(case: str, workdir: Path) -> dict:
     import torch
 
-    from colab_dreambooth import checkpoints  # noqa: F401  (the package's imports count)
+    from colab_dreambooth.training import checkpoints  # noqa: F401  (the package's imports count)
 
     result = {"case": case}
     if case == "imports":
@@ -148,8 +150,12 @@ def child(case: str, workdir: Path) -> dict:
         result["anon_gib"] = _status("RssAnon") / GIB
         result["hwm_gib"] = _status("VmHWM") / GIB
         return result
-    from colab_dreambooth.checkpoints import (Progress, latest_checkpoint, load_checkpoint,
-                                              save_checkpoint)
+    from colab_dreambooth.training.checkpoints import (
+        Progress,
+        latest_checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+    )
 
     config = _config()
     unet, text = _models()

@@ -5,7 +5,8 @@ What it measures
     123M, VAE 84M parameters: 4.27 GB in fp32), in the original single-file layout, converted
     into a diffusers folder by
 
-    * ``ours``: :func:`colab_dreambooth.convert.convert_single_file` (from ``.safetensors`` and
+    * ``ours``: :func:`colab_dreambooth.models.single_file.convert.convert_single_file` (from
+    ``.safetensors`` and
       from ``.ckpt``, fp32 and ``--fp16``), and
     * ``diffusers``: ``StableDiffusionPipeline.from_single_file(path, config=<our SD 1.5 config
       folder>, local_files_only=True)``,
@@ -50,8 +51,8 @@ REPO = Path(__file__).resolve().parents[1]
 BUILD = r"""
 import math, sys, torch
 from pathlib import Path
-from colab_dreambooth.convert import (load_model_config, write_config_folder, write_sharded,
-                                      TensorSpec, _meta_model)
+from colab_dreambooth.models.single_file.convert import (load_model_config, write_config_folder, _meta_model)
+from colab_dreambooth.tensor_stream import write_sharded, TensorSpec
 folder = Path(sys.argv[1])
 configs = load_model_config("sd1")
 write_config_folder(configs, folder)
@@ -69,9 +70,9 @@ for part in ("unet", "vae", "text_encoder"):
 CASES = {
     "imports": ("import torch, diffusers, transformers; from diffusers import StableDiffusionPipeline",
                 "pass"),
-    "ours": ("from colab_dreambooth.convert import convert_single_file as c",
+    "ours": ("from colab_dreambooth.models.single_file.convert import convert_single_file as c",
              "c(sys.argv[1], sys.argv[2], progress=False)"),
-    "ours-fp16": ("from colab_dreambooth.convert import convert_single_file as c",
+    "ours-fp16": ("from colab_dreambooth.models.single_file.convert import convert_single_file as c",
                   "c(sys.argv[1], sys.argv[2], fp16=True, progress=False)"),
     # Loading maps the file without reading it; reading every weight once (as moving the
     # model to the GPU does) is what makes it resident.
@@ -83,7 +84,7 @@ CASES = {
                             "p = P.from_single_file(sys.argv[1], config=sys.argv[3], "
                             "local_files_only=True, safety_checker=None); "
                             "p.save_pretrained(sys.argv[2])"),
-    "export": ("from colab_dreambooth.export import export_checkpoint as e",
+    "export": ("from colab_dreambooth.models.single_file.export import export_checkpoint as e",
                "e(sys.argv[3], sys.argv[2], progress=False)"),
 }
 
@@ -135,7 +136,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-c", BUILD, str(folder)], cwd=REPO, check=True)
         print(f"built the random SD 1.5 diffusers folder in {time.perf_counter() - t:.0f} s")
         results["export"] = measure("export", "", str(sft), str(folder))
-        subprocess.run([sys.executable, "-c", "import sys\nfrom colab_dreambooth.export import "
+        subprocess.run([sys.executable, "-c", "import sys\nfrom colab_dreambooth.models.single_file.export import "
                         "export_checkpoint as e; e(sys.argv[1], sys.argv[2], progress=False)",
                         str(folder), str(ckpt)], cwd=REPO, check=True)
         print(f"checkpoint: {sft.stat().st_size / 1e9:.2f} GB .safetensors, "

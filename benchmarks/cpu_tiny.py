@@ -5,7 +5,7 @@ What it measures
     step, text encoder trained or frozen, batch size 1 / 2, torch's default thread count or a
     single thread) it trains the tiny Stable-Diffusion-shaped model on the demo data (6
     instance + 12 class images, prior preservation on, as in ``colab-dreambooth demo``) with
-    :func:`colab_dreambooth.train.train` and reports
+    :func:`colab_dreambooth.training.train.train` and reports
 
     * steps/s and s/step: from the timestamps of the ``on_step`` callback, over the steps after
       ``--warmup`` warm-up steps, so model loading, latent caching, the first (slow) steps and
@@ -89,8 +89,8 @@ def run_one(name: str, data_root: Path, out_root: Path, steps: int, warmup: int,
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
     from colab_dreambooth.demo import demo_config
-    from colab_dreambooth.models import tiny_model_path
-    from colab_dreambooth.train import train
+    from colab_dreambooth.models.tiny import tiny_model_path
+    from colab_dreambooth.training.train import train
 
     tiny_model_path()  # built once into the user cache; not part of the timing
     config = demo_config(data_root, steps=warmup + steps, resolution=changes.pop("resolution"))
@@ -163,10 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(figures), flush=True)
         return 0
 
-    from colab_dreambooth.demo import make_demo_data
-    from colab_dreambooth.models import tiny_model_path
-
     import torch
+
+    from colab_dreambooth.demo import make_demo_data
+    from colab_dreambooth.models.tiny import tiny_model_path
 
     tmp = Path(tempfile.mkdtemp(prefix="cpu-tiny-bench-"))
     make_demo_data(tmp / "data")

@@ -45,7 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-SD1_FALLBACK = {  # diffusers' published SD 1.5 configs, used if model_configs/sd1.json is absent
+# diffusers' published SD 1.5 configs, used if models/single_file/configs/sd1.json is absent
+SD1_FALLBACK = {
     "unet": {"act_fn": "silu", "attention_head_dim": 8,
              "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
              "cross_attention_dim": 768,
@@ -69,7 +70,7 @@ SD1_FALLBACK = {  # diffusers' published SD 1.5 configs, used if model_configs/s
 
 
 def sd1_configs() -> dict:
-    path = REPO / "colab_dreambooth" / "model_configs" / "sd1.json"
+    path = REPO / "colab_dreambooth" / "models" / "single_file" / "configs" / "sd1.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     return SD1_FALLBACK
@@ -83,11 +84,15 @@ def _clean(config: dict) -> dict:
 def build_base(folder: Path) -> None:
     """Save an SD 1.5-shaped pipeline with random (seeded) fp32 weights to ``folder``."""
     import torch
-    from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from colab_dreambooth.models import clip_tokenizer
+    from colab_dreambooth.models.tiny import clip_tokenizer
 
     configs = sd1_configs()
     torch.manual_seed(0)
@@ -168,7 +173,7 @@ def run_one(args: argparse.Namespace) -> dict:
     logging.disable(logging.WARNING)
     import torch
 
-    from colab_dreambooth.dehydrate import dehydrate, rehydrate
+    from colab_dreambooth.models.single_file.dehydrate import dehydrate, rehydrate
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,9 +1,10 @@
 """Training speed and peak memory of full-size SD 1.5 per GPU preset, with random weights.
 
 What it measures
-    For each GPU preset (:mod:`colab_dreambooth.presets`) it builds the SD 1.5 UNet, CLIP text
-    encoder and VAE from the shipped ``colab_dreambooth/model_configs/sd1.json`` with random
-    weights (nothing is downloaded), applies the preset's settings to a DreamBooth
+    For each GPU preset (:mod:`colab_dreambooth.config.presets`) it builds the SD 1.5 UNet, CLIP
+    text
+    encoder and VAE from the shipped ``colab_dreambooth/models/single_file/configs/sd1.json`` with
+    random weights (nothing is downloaded), applies the preset's settings to a DreamBooth
     configuration at 512 px with prior preservation (each step trains on ``batch`` instance rows
     plus as many class rows), and runs real training steps the way ``train()`` does: the same
     Accelerator mixed precision, :func:`set_memory_attention`, gradient checkpointing,
@@ -95,12 +96,13 @@ def build_models(tiny: bool, device):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if tiny:
-        from colab_dreambooth.models import load_components
+        from colab_dreambooth.models.loading import load_components
 
         parts = load_components("tiny")
         return (parts.unet.to(device), parts.text_encoder.to(device), parts.vae.to(device),
                 parts.noise_scheduler)
-    configs = json.loads((REPO / "colab_dreambooth" / "model_configs" / "sd1.json").read_text())
+    configs = json.loads((REPO / "colab_dreambooth" / "models" / "single_file" / "configs"
+                          / "sd1.json").read_text())
     text_config = {k: v for k, v in configs["text_encoder"].items() if k != "architectures"}
     with torch.device(device):  # random init on the GPU: seconds instead of a minute on CPU
         unet = UNet2DConditionModel.from_config(configs["unet"])
@@ -116,10 +118,10 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
 
     import torch
 
-    from colab_dreambooth.config import Concept, DreamBoothConfig
-    from colab_dreambooth.memory import SD15, count_parameters, estimate_peak_memory
-    from colab_dreambooth.presets import PRESETS_BY_NAME, apply_preset
-    from colab_dreambooth.runtime import DeviceInfo, detect_device
+    from colab_dreambooth.config.presets import PRESETS_BY_NAME, apply_preset
+    from colab_dreambooth.config.settings import Concept, DreamBoothConfig
+    from colab_dreambooth.runtime.environment import DeviceInfo, detect_device
+    from colab_dreambooth.training.memory import SD15, count_parameters, estimate_peak_memory
 
     warnings.filterwarnings("ignore")
     device = detect_device() if not args.cpu else DeviceInfo.cpu()
@@ -175,7 +177,7 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
 
 
 def _tiny_folder() -> Path:
-    from colab_dreambooth.models import tiny_model_path
+    from colab_dreambooth.models.tiny import tiny_model_path
 
     return tiny_model_path()
 
@@ -185,9 +187,10 @@ def _train_steps(config, args, on_cuda: bool, rows: int, sizes) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from colab_dreambooth.lora import add_lora
-    from colab_dreambooth.optim import EMA, make_optimizer, set_memory_attention
-    from colab_dreambooth.train import dreambooth_loss
+    from colab_dreambooth.models.attention import set_memory_attention
+    from colab_dreambooth.models.lora import add_lora
+    from colab_dreambooth.training.optim import EMA, make_optimizer
+    from colab_dreambooth.training.train import dreambooth_loss
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision if on_cuda else "no",
                               cpu=not on_cuda)
@@ -270,8 +273,8 @@ def _train_steps(config, args, on_cuda: bool, rows: int, sizes) -> dict:
 
 def _default_presets(args: argparse.Namespace) -> list[str]:
     """Every GPU preset whose memory this GPU holds (the CPU's with --tiny on a CPU)."""
-    from colab_dreambooth.presets import PRESETS, choose_preset
-    from colab_dreambooth.runtime import detect_device
+    from colab_dreambooth.config.presets import PRESETS, choose_preset
+    from colab_dreambooth.runtime.environment import detect_device
 
     device = detect_device()
     if device.kind != "cuda":

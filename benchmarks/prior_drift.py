@@ -122,9 +122,9 @@ def pretrain_base(args, root: Path) -> str:
     """The base model: the tiny model (its VAE made sharp unless ``--vae raw``), pre-trained
     on toy images with their captions (no instance token anywhere) unless
     ``--pretrain-steps 0``."""
-    from colab_dreambooth.config import Concept
+    from colab_dreambooth.config.settings import Concept
     from colab_dreambooth.demo import demo_config, make_demo_data
-    from colab_dreambooth.train import train
+    from colab_dreambooth.training.train import train
 
     if args.base:
         return args.base
@@ -161,7 +161,7 @@ def sharpen_tiny_vae(folder: Path, images_dir: Path, resolution: int) -> str:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from colab_dreambooth.models import load_components
+    from colab_dreambooth.models.loading import load_components
 
     parts = load_components("tiny")
     vae = parts.vae
@@ -180,7 +180,7 @@ def sharpen_tiny_vae(folder: Path, images_dir: Path, resolution: int) -> str:
 
 def fine_tune(args, root: Path, base: str, prior: bool, seed: int):
     from colab_dreambooth.demo import demo_config
-    from colab_dreambooth.train import train
+    from colab_dreambooth.training.train import train
 
     config = demo_config(root, steps=args.steps, resolution=args.resolution).copy(
         pretrained_model_name_or_path=base, model_name=f"{'with' if prior else 'without'}-prior"
@@ -210,7 +210,7 @@ def image_latents(parts, images: list[Path], resolution: int, scaled: bool = Tru
     """VAE latent means of ``images`` (centre-cropped; scaled as for the UNet), as one batch."""
     import torch
 
-    from colab_dreambooth.images import crop_and_resize, load_image, to_tensor
+    from colab_dreambooth.data.images import crop_and_resize, load_image, to_tensor
 
     pixels = torch.stack([to_tensor(crop_and_resize(load_image(p), resolution, True))
                           for p in images])
@@ -223,7 +223,7 @@ def predictions(parts, latents, prompts: list[str], timesteps: list[int], noise_
     """Noise predictions [seed, timestep, image, ...] and the noise itself, for fixed inputs."""
     import torch
 
-    from colab_dreambooth.train import tokenize
+    from colab_dreambooth.training.train import tokenize
 
     parts.unet.eval()
     parts.text_encoder.eval()
@@ -251,7 +251,7 @@ def per_seed_mse(a, b) -> list[float]:
 
 def evaluate(model: str, base_preds, heldout, instance, args) -> dict:
     """The three figures of one model (per noise seed), against the base's predictions."""
-    from colab_dreambooth.models import load_components
+    from colab_dreambooth.models.loading import load_components
 
     parts = load_components(model)
     class_pred, class_noise = predictions(parts, heldout["latents"], heldout["prompts"],
@@ -279,10 +279,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from colab_dreambooth.data import collect_training_data
+    from colab_dreambooth.config.prompts import read_caption
+    from colab_dreambooth.data.dataset import collect_training_data
     from colab_dreambooth.demo import demo_config, make_demo_data
-    from colab_dreambooth.models import load_components
-    from colab_dreambooth.prompts import read_caption
+    from colab_dreambooth.models.loading import load_components
 
     started = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="prior-drift-"))

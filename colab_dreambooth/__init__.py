@@ -5,10 +5,10 @@ The data path, top to bottom: :mod:`.config` (every field) -> :mod:`.params` (JS
 :mod:`.train` (the loop) -> a saved diffusers folder -> :mod:`.sample`.
 """
 
-from .config import Concept, DreamBoothConfig
-from .errors import UserError
-from .params import load_params, save_params
-from .validation import ConfigError, validate
+from colab_dreambooth.config.params import load_params, save_params
+from colab_dreambooth.config.settings import Concept, DreamBoothConfig
+from colab_dreambooth.config.validation import validate
+from colab_dreambooth.errors import ConfigError, UserError
 
 __version__ = "0.1.0"
 __all__ = ["Concept", "DreamBoothConfig", "ConfigError", "UserError", "load_params",

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 
-from .config import Concept, DreamBoothConfig
+from colab_dreambooth.config.settings import Concept, DreamBoothConfig
 
 if TYPE_CHECKING:
-    from .train import TrainResult
+    from colab_dreambooth.training.train import TrainResult
 
 BACKGROUNDS = {"green": (60, 150, 70), "blue": (50, 90, 170), "grey": (128, 128, 128),
                "white": (240, 240, 240), "pink": (220, 140, 170), "brown": (120, 80, 50)}
@@ -105,9 +105,10 @@ def run_demo(out: str | Path = "demo-output", *, steps: int = 150, save_every: i
     Returns the training result (``stopped_early`` when it was stopped)."""
     import time
 
-    from .params import save_params
-    from .sample import generate_samples, image_grid, load_pipeline, save_images
-    from .train import train
+    from colab_dreambooth.config.params import save_params
+    from colab_dreambooth.generation.sample import generate_samples, image_grid, save_images
+    from colab_dreambooth.models.pipelines import load_pipeline
+    from colab_dreambooth.training.train import train
 
     started = time.time()
     root = Path(out).resolve()

@@ -11,9 +11,36 @@ This module imports nothing from the package, so every module can import it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Iterable
+
 
 class UserError(Exception):
     """An error caused by the user's input or situation; its message says what to do."""
 
 
-__all__ = ["UserError"]
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the configuration or the data, and what to do about it."""
+
+    where: str  # a field name, "concept 2 class_prompt", or a file path
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
+
+
+class ConfigError(UserError, ValueError):
+    """The configuration cannot be used; ``problems`` lists every reason."""
+
+    def __init__(self, problems: Iterable[Problem]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) with the configuration:\n{lines}")
+
+
+class ModelLoadError(UserError, RuntimeError):
+    """The base model could not be loaded; the message says why and what to do."""
+
+
+__all__ = ["UserError", "Problem", "ConfigError", "ModelLoadError"]

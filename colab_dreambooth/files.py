@@ -83,5 +83,46 @@ def give_ordinary_permissions(folder: Path) -> None:
                 os.chmod(path, files)
 
 
-__all__ = ["copy_file_atomic", "file_mode", "folder_mode", "give_ordinary_permissions", "temp_file_beside",
-           "temp_folder_beside"]
+def save_folder_atomic(write, target: Path) -> Path:
+    """Call ``write(tmp_folder)``, then move the folder into place at ``target``.
+
+    A crash during ``write`` leaves any earlier ``target`` untouched; the old folder is swapped
+    out only once the new one is complete.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_folder_beside(target)
+    try:
+        write(tmp)
+        give_ordinary_permissions(tmp)
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def list_image_files(folder: str | Path) -> list[Path]:
+    """Return the supported image files directly in `folder`, sorted by name.
+
+    Hidden files (e.g. macOS ``._x.jpg``), captions and sub-folders such as
+    ``.ipynb_checkpoints`` are skipped. Raises FileNotFoundError if it is missing.
+    """
+    return [p for p in visible_files(Path(folder)) if p.suffix.lower() in IMAGE_EXTENSIONS]
+
+
+def visible_files(folder: Path) -> list[Path]:
+    """The files directly in ``folder`` that are not hidden, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+__all__ = ["IMAGE_EXTENSIONS", "list_image_files", "visible_files", "copy_file_atomic",
+           "save_folder_atomic", "file_mode", "folder_mode", "give_ordinary_permissions",
+           "temp_file_beside", "temp_folder_beside"]

@@ -10,13 +10,95 @@ moves it straight to the device of the parameter it belongs to. Nothing is unpic
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .convert import TensorSpec, write_safetensors
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+              torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+              torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written: its name, shape and dtype, known before its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Size of its data in bytes."""
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def write_safetensors(path: Path, specs: Sequence[TensorSpec],
+                      produce: Callable[[TensorSpec], torch.Tensor],
+                      metadata: dict[str, str] | None = None,
+                      written: Callable[[int], None] | None = None) -> None:
+    """Write a ``.safetensors`` file tensor by tensor: ``produce(spec)`` makes each one just
+    before it is written, so only one tensor is in memory at a time (the header is computed
+    from the specs first). ``written(nbytes)`` is called after each tensor."""
+    if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian
+        raise RuntimeError("writing .safetensors needs a little-endian machine")
+    header: dict[str, Any] = {}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {"dtype": _ST_DTYPES[spec.dtype], "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the format allows space padding; 8-byte alignment helps mmap
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for spec in specs:
+            tensor = produce(spec)
+            if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+                raise RuntimeError(f"{spec.name}: made {tuple(tensor.shape)} {tensor.dtype}, "
+                                   f"expected {spec.shape} {spec.dtype}")
+            data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+            f.write(memoryview(data.numpy()))
+            del tensor, data
+            if written:
+                written(spec.nbytes)
+
+
+def write_sharded(folder: Path, stem: str, specs: Sequence[TensorSpec],
+                  produce: Callable[[TensorSpec], torch.Tensor], max_shard_size: int,
+                  written: Callable[[int], None] | None = None) -> list[Path]:
+    """Write weights the way ``save_pretrained`` does: ``<stem>.safetensors``, or shards
+    ``<stem>-00001-of-0000N.safetensors`` plus ``<stem>.safetensors.index.json``."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    if len(shards) == 1:
+        names = [f"{stem}.safetensors"]
+    else:
+        names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        write_safetensors(folder / name, shard, produce, {"format": "pt"}, written)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(s.nbytes for s in specs)},
+                 "weight_map": {s.name: name for name, shard in zip(names, shards) for s in shard}}
+        (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2),
+                                                               encoding="utf-8")
+    return [folder / n for n in names]
+
 
 _TENSOR = "__tensor__"  # marks a tensor's place in the optimizer's JSON
 

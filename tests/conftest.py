@@ -45,8 +45,8 @@ def one_thread():
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Fail the test if anything tries to load a model (checks must come first)."""
-    import colab_dreambooth.models as models
-    import colab_dreambooth.train as train
+    import colab_dreambooth.models.loading as models
+    import colab_dreambooth.training.train as train
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")

@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from colab_dreambooth.params import load_params, save_params
+from colab_dreambooth.config.params import load_params, save_params
 from widgets.compat import IPYWIDGETS_MAJOR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -451,7 +451,7 @@ def test_notebook_form_renders(browser, work, shots, tmp_path, name, values, mar
 
 def _train_once(work: Path) -> None:
     """A 2-step tiny model in ``work``, as notebook 03 leaves it (for notebook 04's page)."""
-    from colab_dreambooth.train import train
+    from colab_dreambooth.training.train import train
 
     config = load_params(work / "params.json")
     if not (config.model_dir / "model" / "model_index.json").is_file():

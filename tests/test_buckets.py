@@ -10,15 +10,21 @@ import pytest
 import torch
 from PIL import Image
 
-from colab_dreambooth.buckets import (BucketBatchSampler, assign_buckets, bucket_report,
-                                      bucket_sizes, fit_to_bucket, nearest_bucket,
-                                      oriented_size)
-from colab_dreambooth.config import Concept
-from colab_dreambooth.data import DreamBoothDataset, Example, TrainingData
-from colab_dreambooth.images import to_tensor
-from colab_dreambooth.runtime import DeviceInfo
-from colab_dreambooth.train import train
-from colab_dreambooth.validation import validate
+from colab_dreambooth.config.settings import Concept
+from colab_dreambooth.config.validation import validate
+from colab_dreambooth.data.buckets import (
+    assign_buckets,
+    bucket_report,
+    bucket_sizes,
+    fit_to_bucket,
+    nearest_bucket,
+    oriented_size,
+)
+from colab_dreambooth.data.dataset import DreamBoothDataset, Example, TrainingData
+from colab_dreambooth.data.images import to_tensor
+from colab_dreambooth.data.samplers import BucketBatchSampler
+from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.training.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -206,8 +212,9 @@ def test_training_with_buckets(tiny_config, shapes, caplog, cache):
 def test_two_processes_train_with_buckets_in_sync(tiny_config, shapes, tmp_path):
     """accelerate hands each process whole one-bucket batches (of different shapes on each
     process at the same step); the gradients still all-reduce and the weights stay equal."""
-    from colab_dreambooth.params import save_params
     from test_multiprocess import launch  # pytest puts tests/ on sys.path
+
+    from colab_dreambooth.config.params import save_params
 
     inst, cls = shapes
     concept = Concept(instance_prompt="a photo of zwx toy", class_prompt="a photo of a toy",
@@ -229,8 +236,8 @@ def test_stop_and_resume_with_buckets_and_shuffled_tags_is_exact(tiny_config, sh
 
     from test_resume import assert_same_weights
 
-    import colab_dreambooth.train as train_module
-    from colab_dreambooth.data import collate
+    import colab_dreambooth.training.train as train_module
+    from colab_dreambooth.data.dataset import collate
 
     inst, cls = shapes
     concept = Concept(instance_prompt="zwx toy, red, shiny, small, studio light",

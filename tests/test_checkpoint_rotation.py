@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
-from colab_dreambooth import checkpoints
-from colab_dreambooth.checkpoints import list_checkpoints
-from colab_dreambooth.train import train
+from colab_dreambooth.training import checkpoints
+from colab_dreambooth.training.checkpoints import list_checkpoints
+from colab_dreambooth.training.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -11,14 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from colab_dreambooth import class_images
-from colab_dreambooth.class_images import generate_class_images, remove_token
-from colab_dreambooth.config import Concept
-from colab_dreambooth.data import DataError, collect_training_data
-from colab_dreambooth.images import check_images
-from colab_dreambooth.models import load_components
-from colab_dreambooth.params import save_params
-
+from colab_dreambooth import cli
+from colab_dreambooth.config.params import save_params
+from colab_dreambooth.config.settings import Concept
+from colab_dreambooth.data.dataset import DataError, collect_training_data
+from colab_dreambooth.data.images import check_images
+from colab_dreambooth.generation import class_images
+from colab_dreambooth.generation.class_images import generate_class_images, remove_token
+from colab_dreambooth.models.loading import load_components
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -261,8 +260,7 @@ def test_remove_token(text, token, expected):
 def test_cli_prints_what_it_wrote_where(config, cached_loader, tmp_path, capsys):
     config.concepts_list[0].num_class_images = 2
     params = save_params(config, tmp_path / "params.json")
-    parser = argparse.ArgumentParser()
-    class_images.add_subcommand(parser.add_subparsers())
+    parser = cli.build_parser()
     args = parser.parse_args(["class-images", "--config", str(params), "--sample-batch-size",
                               "2", "--no-progress"])
 

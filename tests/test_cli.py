@@ -14,9 +14,10 @@ import pytest
 from PIL import Image
 
 from colab_dreambooth import cli
-from colab_dreambooth.config import DreamBoothConfig
+from colab_dreambooth.cli.options import config_from_args
+from colab_dreambooth.config.params import CONCEPT_FIELDS, load_params, params_to_dict, save_params
+from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.demo import demo_config, make_demo_data
-from colab_dreambooth.params import CONCEPT_FIELDS, load_params, params_to_dict, save_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -274,11 +275,11 @@ def test_bad_data_fails_before_any_model_loads(demo, capsys, no_model_loading):
 
 def test_overrides_reach_the_config(demo):
     _, config, params = demo
-    args = cli._parser().parse_args([
+    args = cli.build_parser().parse_args([
         "train", "--config", str(params), "--learning-rate", "1e-4", "--hflip", "false",
         "--max-train-steps", "3", "--save-every-steps", "0", "--lr-scheduler", "cosine",
         "--train-text-encoder", "no", "--resolution", "128", "--model-name", "other"])
-    got = cli.config_from_args(args)
+    got = config_from_args(args)
     assert got.learning_rate == 1e-4
     assert got.hflip is False and config.hflip is True
     assert got.max_train_steps == 3
@@ -294,16 +295,16 @@ def test_overrides_reach_the_config(demo):
 
 def test_no_overrides_gives_the_file(demo):
     _, config, params = demo
-    args = cli._parser().parse_args(["prompts", "--config", str(params)])
-    assert cli.config_from_args(args) == config == load_params(params)
+    args = cli.build_parser().parse_args(["prompts", "--config", str(params)])
+    assert config_from_args(args) == config == load_params(params)
 
 
 @pytest.mark.parametrize("text,value", [("true", True), ("On", True), ("1", True),
                                         ("FALSE", False), ("off", False), ("0", False)])
 def test_boolean_options(demo, text, value):
     _, _, params = demo
-    args = cli._parser().parse_args(["train", "--config", str(params), "--hflip", text])
-    assert cli.config_from_args(args).hflip is value
+    args = cli.build_parser().parse_args(["train", "--config", str(params), "--hflip", text])
+    assert config_from_args(args).hflip is value
 
 
 def test_bad_option_values_are_usage_errors(demo, capsys):
@@ -311,7 +312,7 @@ def test_bad_option_values_are_usage_errors(demo, capsys):
     for option, value in (("--hflip", "maybe"), ("--learning-rate", "fast"),
                           ("--max-train-steps", "3.5")):
         with pytest.raises(SystemExit) as info:
-            cli._parser().parse_args(["train", "--config", str(params), option, value])
+            cli.build_parser().parse_args(["train", "--config", str(params), option, value])
         assert info.value.code == 2
         assert option in capsys.readouterr().err
 
@@ -335,14 +336,15 @@ def test_optional_fields_can_be_blanked(demo):
     """A JSON that sets Training Steps can switch to epochs from the command line."""
     _, config, params = demo
     assert config.max_train_steps == 60 and config.seed == 1234
-    args = cli._parser().parse_args(["train", "--config", str(params), "--max-train-steps",
+    args = cli.build_parser().parse_args(["train", "--config", str(params), "--max-train-steps",
                                      "none", "--seed", "None", "--gradient-checkpointing", "auto",
                                      "--num-train-epochs", "7"])
-    got = cli.config_from_args(args)
+    got = config_from_args(args)
     assert got.max_train_steps is None and got.seed is None
     assert got.gradient_checkpointing is None and got.num_train_epochs == 7
-    args = cli._parser().parse_args(["train", "--config", str(params), "--use-8bit-adam", "yes"])
-    assert cli.config_from_args(args).use_8bit_adam is True
+    args = cli.build_parser().parse_args(["train", "--config", str(params), "--use-8bit-adam",
+                                         "yes"])
+    assert config_from_args(args).use_8bit_adam is True
 
 
 def test_invalid_override_is_reported_before_any_model_loads(demo, capsys, no_model_loading):

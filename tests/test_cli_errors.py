@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from colab_dreambooth import cli
-from colab_dreambooth.checkpoints import latest_checkpoint
-from colab_dreambooth.params import save_params
-from colab_dreambooth.train import train
+from colab_dreambooth.config.params import save_params
+from colab_dreambooth.training.checkpoints import latest_checkpoint
+from colab_dreambooth.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,7 +158,7 @@ def test_garbage_single_file(tmp_path, capsys):
 
 
 def test_export_never_overwrites_without_asking(tmp_path, capsys):
-    from colab_dreambooth.models import tiny_model_path
+    from colab_dreambooth.models.tiny import tiny_model_path
 
     out_file = tmp_path / "mine.safetensors"
     out_file.write_bytes(b"the user's file")

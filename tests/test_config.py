@@ -1,5 +1,5 @@
 """Tests for the configuration model, the parameters JSON (ours and the A1111 extension's files)
-and validation: colab_dreambooth.fields, .config, .params and .validation.
+and validation: colab_dreambooth.config.fields, .config, .params and .validation.
 
 Everything runs on real files in ``tmp_path``; nothing is mocked.
 """
@@ -14,16 +14,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from colab_dreambooth import fields
-from colab_dreambooth.config import (
-    ATTENTION,
-    LR_SCHEDULERS,
-    MIXED_PRECISION,
-    Concept,
-    DreamBoothConfig,
-)
-from colab_dreambooth.fields import GROUPS, coerce, field_specs
-from colab_dreambooth.params import (
+from colab_dreambooth.config import fields
+from colab_dreambooth.config.fields import GROUPS, coerce, field_specs
+from colab_dreambooth.config.params import (
     LoadedParams,
     load_concepts,
     load_params,
@@ -32,9 +25,17 @@ from colab_dreambooth.params import (
     resolve_concepts,
     save_params,
 )
-from colab_dreambooth.prompts import EXISTING_PROMPT_CONTENTS
-from colab_dreambooth.runtime import DeviceInfo
-from colab_dreambooth.validation import ConfigError, Problem, validate
+from colab_dreambooth.config.prompts import EXISTING_PROMPT_CONTENTS
+from colab_dreambooth.config.settings import (
+    ATTENTION,
+    LR_SCHEDULERS,
+    MIXED_PRECISION,
+    Concept,
+    DreamBoothConfig,
+)
+from colab_dreambooth.config.validation import validate
+from colab_dreambooth.errors import ConfigError, Problem
+from colab_dreambooth.runtime.environment import DeviceInfo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIELDS_MD = REPO_ROOT.parent / "shared" / "reference" / "fields.md"
@@ -1294,8 +1295,8 @@ def test_save_embedding_every_counts_steps_or_epochs(use_epochs, field):
 def test_output_folders_on_unmounted_google_drive(tmp_path, monkeypatch):
     """On Colab, checkpoints or models on /content/drive before Drive is mounted would land on
     the runtime's own disk (gone at the next disconnect): reported before training."""
-    from colab_dreambooth import runtime
-    from colab_dreambooth.validation import validate
+    from colab_dreambooth.config.validation import validate
+    from colab_dreambooth.runtime import environment as runtime
 
     drive = tmp_path / "content" / "drive"
     monkeypatch.setattr(runtime, "DRIVE_MOUNT", drive)
@@ -1316,7 +1317,7 @@ def test_output_folders_on_unmounted_google_drive(tmp_path, monkeypatch):
 
 
 def test_checkpoint_hub_repo_must_be_hf_url():
-    from colab_dreambooth.validation import validate
+    from colab_dreambooth.config.validation import validate
 
     def hub_problems(value):
         config = DreamBoothConfig(checkpoint_hub_repo=value)

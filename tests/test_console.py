@@ -69,10 +69,10 @@ def mode(path: Path) -> int:
 
 
 def test_outputs_get_ordinary_permissions(umask, tmp_path):
-    from colab_dreambooth.config import DreamBoothConfig
-    from colab_dreambooth.lora import save_lora
-    from colab_dreambooth.models import save_folder_atomic
-    from colab_dreambooth.params import save_params
+    from colab_dreambooth.config.params import save_params
+    from colab_dreambooth.config.settings import DreamBoothConfig
+    from colab_dreambooth.files import save_folder_atomic
+    from colab_dreambooth.models.lora import save_lora
 
     params = save_params(DreamBoothConfig(), tmp_path / "params.json")
     from safetensors.torch import save_file
@@ -94,8 +94,8 @@ def test_outputs_get_ordinary_permissions(umask, tmp_path):
 
 
 def test_export_gets_ordinary_permissions(umask, tmp_path):
-    from colab_dreambooth.export import export_checkpoint
-    from colab_dreambooth.models import tiny_model_path
+    from colab_dreambooth.models.single_file.export import export_checkpoint
+    from colab_dreambooth.models.tiny import tiny_model_path
 
     report = export_checkpoint(tiny_model_path(), tmp_path / "model.safetensors",
                                progress=False)

@@ -7,7 +7,6 @@ the way real-world files differ: no metadata, .ckpt wrappers, EMA copies, missin
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -19,11 +18,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from colab_dreambooth import checkpoint_keys as ck
-from colab_dreambooth.convert import (CheckpointError, add_subcommand, convert_single_file,
-                                      load_model_config, open_checkpoint)
-from colab_dreambooth.export import export_checkpoint
-from colab_dreambooth.models import ModelLoadError, clip_tokenizer, load_components, tiny_model_path
+from colab_dreambooth import cli
+from colab_dreambooth.errors import ModelLoadError
+from colab_dreambooth.models.loading import load_components
+from colab_dreambooth.models.single_file import ldm_keys as ck
+from colab_dreambooth.models.single_file.convert import (
+    CheckpointError,
+    convert_single_file,
+    load_model_config,
+    open_checkpoint,
+)
+from colab_dreambooth.models.single_file.export import export_checkpoint
+from colab_dreambooth.models.tiny import clip_tokenizer, tiny_model_path
 
 PARTS = ("unet", "vae", "text_encoder")
 
@@ -31,8 +37,12 @@ PARTS = ("unet", "vae", "text_encoder")
 def build_tiny_sd2(folder: Path, v_prediction: bool = True) -> Path:
     """A tiny SD 2.x-shaped pipeline: OpenCLIP-style text encoder (gelu, 3 layers), linear
     attention projections, per-block heads; random seeded weights."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = clip_tokenizer()
@@ -374,8 +384,7 @@ def test_shipped_configs_cover_the_three_models():
 
 # ---------------------------------------------------------------------------------- CLI
 def test_cli_create_model(files, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_subcommand(parser.add_subparsers(dest="command"))
+    parser = cli.build_parser()
     args = parser.parse_args(["create-model", str(files["sd2_bare"]), str(tmp_path / "out"),
                               "--epsilon", "--fp16"])
     assert args.run(args) == 0

@@ -1,4 +1,4 @@
-"""Tests for colab_dreambooth.data: collecting the training data and forming batches.
+"""Tests for colab_dreambooth.data.dataset: collecting the training data and forming batches.
 
 Everything runs on real files written into ``tmp_path`` (the demo's synthetic subject and class
 images, plus broken files made here).
@@ -15,18 +15,18 @@ import pytest
 import torch
 from PIL import Image
 
-from colab_dreambooth.config import Concept
-from colab_dreambooth.data import (
+from colab_dreambooth.config.settings import Concept
+from colab_dreambooth.data.dataset import (
     DataError,
     DreamBoothDataset,
-    EpochBatchSampler,
     Example,
     TrainingData,
     collate,
     collect_training_data,
 )
+from colab_dreambooth.data.images import crop_and_resize, hflip, load_image, to_tensor
+from colab_dreambooth.data.samplers import EpochBatchSampler
 from colab_dreambooth.demo import demo_config, make_demo_data
-from colab_dreambooth.images import crop_and_resize, hflip, load_image, to_tensor
 
 RES = 64  # demo_config's resolution; the demo images are 128 px
 

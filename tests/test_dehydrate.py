@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import filecmp
 import json
 import math
@@ -15,11 +14,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from colab_dreambooth.config import DreamBoothConfig
-from colab_dreambooth.dehydrate import (DehydrateError, _StreamingWriter, add_subcommand,
-                                        base_fingerprint, dehydrate, read_info, rehydrate)
-from colab_dreambooth.models import load_components, tiny_model_path
-from colab_dreambooth.params import save_params
+from colab_dreambooth.config.params import save_params
+from colab_dreambooth.config.settings import DreamBoothConfig
+from colab_dreambooth.models.loading import load_components
+from colab_dreambooth.models.single_file.dehydrate import (
+    DehydrateError,
+    _StreamingWriter,
+    base_fingerprint,
+    dehydrate,
+    read_info,
+    rehydrate,
+)
+from colab_dreambooth.models.tiny import tiny_model_path
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 CHANGED_TOKENS = (5, 400)  # the only token-embedding rows "training" touches
@@ -348,8 +354,9 @@ def test_streaming_writer_moves_the_data_when_the_header_outgrows_its_room(tmp_p
 
 
 def test_cli_dehydrate_and_rehydrate(trained, work, capsys):
-    parser = argparse.ArgumentParser(prog="colab-dreambooth")
-    add_subcommand(parser.add_subparsers(dest="command", required=True))
+    from colab_dreambooth import cli
+
+    parser = cli.build_parser()
 
     # The model's working folder (holding model/) is accepted as well as the folder itself.
     working = work / "cli-models" / "dreambooth" / "toy"
@@ -374,10 +381,9 @@ def test_cli_dehydrate_and_rehydrate(trained, work, capsys):
     assert args.rank == 128
 
 
-def test_cli_registers_through_the_main_parser(lossless, work, monkeypatch, capsys):
+def test_cli_registers_through_the_main_parser(lossless, work, capsys):
     from colab_dreambooth import cli
 
-    monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", ("dehydrate",))
     assert cli.main(["rehydrate", str(lossless.path), "tiny", str(work / "main-out")]) == 0
     assert "byte-identical" in capsys.readouterr().out
     assert cli.main(["rehydrate", str(work / "missing.safetensors"), "tiny",

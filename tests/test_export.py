@@ -7,7 +7,6 @@ must map our names of a full-size SD 1.5 / 2.x model back onto every diffusers w
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -16,13 +15,21 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-from colab_dreambooth import checkpoint_keys as ck
-from colab_dreambooth.convert import _meta_model, convert_single_file, load_model_config
-from colab_dreambooth.export import ExportError, add_subcommand, export_checkpoint
-from colab_dreambooth.models import tiny_model_path
-from colab_dreambooth.params import save_params
 from test_convert import build_tiny_sd2, weights
+
+from colab_dreambooth import cli
+from colab_dreambooth.config.params import save_params
+from colab_dreambooth.models.single_file import ldm_keys as ck
+from colab_dreambooth.models.single_file.convert import (
+    _meta_model,
+    convert_single_file,
+    load_model_config,
+)
+from colab_dreambooth.models.single_file.export import (
+    ExportError,
+    export_checkpoint,
+)
+from colab_dreambooth.models.tiny import tiny_model_path
 
 FAKE_TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz012345"
 
@@ -187,10 +194,12 @@ def test_sd2_export_uses_the_open_clip_layout(sd2_dir, tmp_path):
 def test_full_size_names_match_diffusers_converters(variant):
     """Our names for a full-size model, fed to diffusers' own LDM->diffusers converters,
     land on every diffusers weight of the right shape (no weights needed: meta tensors)."""
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint,
-                                                     convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint,
-                                                     convert_open_clip_checkpoint)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
 
     configs = load_model_config(variant)
     models = {part: _meta_model(part, configs[part]) for part in ("unet", "vae", "text_encoder")}
@@ -247,8 +256,7 @@ def test_bad_requests_are_clear_errors(trained, tmp_path):
 
 
 def test_cli_export(trained, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_subcommand(parser.add_subparsers(dest="command"))
+    parser = cli.build_parser()
     args = parser.parse_args(["export", str(trained), str(tmp_path / "m.ckpt"), "--fp16"])
     assert args.run(args) == 0
     out = capsys.readouterr().out
@@ -259,11 +267,12 @@ def test_cli_export(trained, tmp_path, capsys):
 
 
 def test_export_cli_writes_a_model_card(tmp_path, capsys):
-    from colab_dreambooth.cli import main
-    from colab_dreambooth.params import save_params
-    from colab_dreambooth.config import DreamBoothConfig, Concept
     import shutil
-    from colab_dreambooth.models import tiny_model_path
+
+    from colab_dreambooth.cli import main
+    from colab_dreambooth.config.params import save_params
+    from colab_dreambooth.config.settings import Concept, DreamBoothConfig
+    from colab_dreambooth.models.tiny import tiny_model_path
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_path(), model)

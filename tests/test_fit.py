@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from colab_dreambooth import cli
-from colab_dreambooth.config import Concept, DreamBoothConfig
-from colab_dreambooth.fit import GpuMemoryError, enforce, plan_memory
-from colab_dreambooth.gpus import gpu_by_name
-from colab_dreambooth.memory import SD15
-from colab_dreambooth.optim import make_optimizer
-from colab_dreambooth.params import save_params
-from colab_dreambooth.runtime import DeviceInfo
-from colab_dreambooth.validation import ConfigError
+from colab_dreambooth.config.params import save_params
+from colab_dreambooth.config.settings import Concept, DreamBoothConfig
+from colab_dreambooth.errors import ConfigError
+from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.runtime.gpus import gpu_by_name
+from colab_dreambooth.training.fit import GpuMemoryError, enforce, plan_memory
+from colab_dreambooth.training.memory import SD15
+from colab_dreambooth.training.optim import make_optimizer
 
 T4 = DeviceInfo("cuda", "Tesla T4", 14.7, False, 1, (7, 5), free_memory_gb=14.6)
 RTX_3070 = DeviceInfo("cuda", "NVIDIA GeForce RTX 3070", 7.8, True, 1, (8, 6))
@@ -83,7 +83,7 @@ def test_blank_batch_size_is_lowered_before_the_text_encoder():
 
 
 def test_train_refuses_before_any_model_is_loaded(tiny_config, monkeypatch):
-    from colab_dreambooth import train as train_module
+    from colab_dreambooth.training import train as train_module
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")
@@ -97,7 +97,7 @@ def test_train_refuses_before_any_model_is_loaded(tiny_config, monkeypatch):
 
 
 def test_fallback_warning_quotes_the_estimators_figure(caplog, monkeypatch):
-    from colab_dreambooth import packages
+    from colab_dreambooth.runtime import packages
 
     monkeypatch.setattr(packages, "importable", lambda name: False)
     weights = [torch.nn.Parameter(torch.empty(SD15.unet + SD15.text_encoder, device="meta"))]
@@ -140,7 +140,7 @@ def test_the_gpus_free_memory_is_the_budget(monkeypatch):
     this run; what PyTorch's own cache holds unused still counts as free."""
     import types
 
-    from colab_dreambooth.runtime import detect_device
+    from colab_dreambooth.runtime.environment import detect_device
 
     props = types.SimpleNamespace(name="Tesla T4", total_memory=15 * 2**30, major=7, minor=5)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -10,9 +10,14 @@ import types
 
 import pytest
 
-from colab_dreambooth import hub_token, storage
-from colab_dreambooth.hub_token import (COLAB_NOT_FOUND, COLAB_NOT_GRANTED, COLAB_TIMED_OUT,
-                                        KAGGLE_NOT_ATTACHED, find_token)
+from colab_dreambooth.runtime import hub_token, storage
+from colab_dreambooth.runtime.hub_token import (
+    COLAB_NOT_FOUND,
+    COLAB_NOT_GRANTED,
+    COLAB_TIMED_OUT,
+    KAGGLE_NOT_ATTACHED,
+    find_token,
+)
 
 SECRET = "hf_" + "S3cr3t" * 6
 

@@ -7,8 +7,8 @@ import os
 
 from PIL import Image
 
-from colab_dreambooth import images
-from colab_dreambooth.images import check_images
+from colab_dreambooth.data import images
+from colab_dreambooth.data.images import check_images
 
 
 def test_unchanged_images_are_not_decoded_again(tmp_path, monkeypatch):

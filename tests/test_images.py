@@ -1,4 +1,4 @@
-"""Tests for colab_dreambooth.images, on a corpus of bad and odd images built in tmp_path."""
+"""Tests for colab_dreambooth.data.images, on a corpus of bad and odd images built in tmp_path."""
 
 from __future__ import annotations
 
@@ -10,18 +10,17 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from colab_dreambooth.images import (
-    IMAGE_EXTENSIONS,
+from colab_dreambooth.data.images import (
     ImageDataError,
     ImageProblem,
     check_folders,
     check_images,
     crop_and_resize,
     hflip,
-    list_image_files,
     load_image,
     to_tensor,
 )
+from colab_dreambooth.files import IMAGE_EXTENSIONS, list_image_files
 
 WHITE, RED, GREEN, BLUE = (255, 255, 255), (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

@@ -1,5 +1,5 @@
-"""LoRA training on the real tiny model and the demo's real image files: colab_dreambooth.lora
-and the Use LORA path of colab_dreambooth.train.
+"""LoRA training on the real tiny model and the demo's real image files:
+colab_dreambooth.models.lora and the Use LORA path of colab_dreambooth.training.train.
 
 One LoRA run is trained per module; the tests then check the file it wrote against the model
 as it was at the end of training (captured by a pass-through wrapper around the save).
@@ -19,30 +19,30 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from colab_dreambooth import lora
-from colab_dreambooth import train as train_module
-from colab_dreambooth.config import DreamBoothConfig
+from colab_dreambooth.config.params import load_params, params_from_dict
+from colab_dreambooth.config.presets import apply_preset
+from colab_dreambooth.config.settings import DreamBoothConfig
+from colab_dreambooth.config.validation import check_lora, lora_problems, validate
 from colab_dreambooth.demo import demo_config
-from colab_dreambooth.lora import (
+from colab_dreambooth.errors import ConfigError
+from colab_dreambooth.models import lora
+from colab_dreambooth.models.loading import load_components
+from colab_dreambooth.models.lora import (
     TEXT_ENCODER_TARGET_MODULES,
     UNET_TARGET_MODULES,
     add_lora,
-    check_lora,
     effective_alpha,
     kohya_state_dict,
-    load_lora_pipeline,
     lora_file_path,
     lora_metadata,
-    lora_problems,
     read_lora,
     save_lora,
 )
-from colab_dreambooth.models import load_components, tiny_model_path
-from colab_dreambooth.params import load_params, params_from_dict
-from colab_dreambooth.presets import apply_preset
-from colab_dreambooth.runtime import DeviceInfo
-from colab_dreambooth.train import train
-from colab_dreambooth.validation import ConfigError, validate
+from colab_dreambooth.models.pipelines import load_lora_pipeline
+from colab_dreambooth.models.tiny import tiny_model_path
+from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.training import train as train_module
+from colab_dreambooth.training.train import train
 
 PROMPT = "a photo of zwx toy"
 FAKE_TOKEN = "hf_" + "lorateSTtokenNEVER" + "toBEwrittenXYZ123"  # built at run time: no token-shaped literal
@@ -461,7 +461,7 @@ def test_lora_with_ema_is_refused_before_any_model_loads(tiny_config, monkeypatc
 def test_model_card_of_a_lora_run(run):
     from diffusers import StableDiffusionPipeline
 
-    from colab_dreambooth.model_card import write_model_card
+    from colab_dreambooth.publish.model_card import write_model_card
 
     working_folder = run.config.model_dir  # <models root>/dreambooth/<name>: finds lora/
     card_path = write_model_card(working_folder)
@@ -501,7 +501,7 @@ def test_sample_command_takes_a_lora_on_a_base_model(run, tmp_path, capsys):
     from PIL import Image
 
     from colab_dreambooth import cli
-    from colab_dreambooth.sample import generate_samples
+    from colab_dreambooth.generation.sample import generate_samples
 
     common = ["--prompt", PROMPT, "--seed", "3", "--steps", "2", "--height", "64", "--width",
               "64", "--no-progress"]
@@ -536,7 +536,7 @@ def test_sample_errors_of_a_lora_run_name_the_lora(run, tmp_path, capsys):
 
 
 def test_release_of_a_lora_run(run):
-    from colab_dreambooth.release import ReleaseSettings, make_release, sample_model
+    from colab_dreambooth.publish.release import ReleaseSettings, make_release, sample_model
 
     samples = sample_model(run.config, PROMPT, progress=False)  # base + LoRA, no model/ needed
     result = make_release(run.config, ReleaseSettings(export_name="zwx toy lora",

@@ -10,12 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
-from colab_dreambooth.config import Concept
+from colab_dreambooth.config.params import read_params
+from colab_dreambooth.config.settings import Concept
 from colab_dreambooth.demo import demo_config
-from colab_dreambooth.model_card import (ModelCardError, card_text, card_prompt, trigger_word,
-                                         write_model_card)
-from colab_dreambooth.params import read_params
-from colab_dreambooth.train import train
+from colab_dreambooth.publish.model_card import (
+    ModelCardError,
+    card_prompt,
+    card_text,
+    trigger_word,
+    write_model_card,
+)
+from colab_dreambooth.training.train import train
 
 
 @pytest.fixture(scope="module")
@@ -109,13 +114,10 @@ def test_card_grid_from_a_file_and_a_chosen_path(trained, tmp_path):
 
 
 def test_cli_writes_the_card(trained, tmp_path, capsys):
-    import argparse
-
-    from colab_dreambooth import model_card
+    from colab_dreambooth import cli
 
     result, _ = trained
-    parser = argparse.ArgumentParser()
-    model_card.add_subcommand(parser.add_subparsers())
+    parser = cli.build_parser()
     out = tmp_path / "cli" / "README.md"
     args = parser.parse_args(["model-card", str(result.model_dir), "--out", str(out),
                               "--repo-id", "me/zwx"])

@@ -6,8 +6,9 @@ import shutil
 
 import pytest
 
-from colab_dreambooth.models import (ModelLoadError, clip_tokenizer, load_components,
-                                     resolve_model_folder, tiny_model_path)
+from colab_dreambooth.errors import ModelLoadError
+from colab_dreambooth.models.loading import load_components, resolve_model_folder
+from colab_dreambooth.models.tiny import clip_tokenizer, tiny_model_path
 
 
 def test_tiny_model_has_stable_diffusion_topology():
@@ -26,7 +27,7 @@ def test_tiny_model_has_stable_diffusion_topology():
 def test_tiny_model_is_the_same_every_time(tmp_path):
     from safetensors.torch import load_file
 
-    from colab_dreambooth.models import build_tiny_model
+    from colab_dreambooth.models.tiny import build_tiny_model
 
     build_tiny_model(tmp_path / "again")
     a = load_file(next((tiny_model_path() / "unet").glob("*.safetensors")))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from colab_dreambooth.checkpoints import latest_checkpoint, read_state
+from colab_dreambooth.config.params import save_params
 from colab_dreambooth.demo import demo_config
-from colab_dreambooth.params import save_params
+from colab_dreambooth.training.checkpoints import latest_checkpoint, read_state
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "scripts" / "ddp_train.py"
@@ -66,8 +66,8 @@ def test_two_processes_train_stop_and_resume_exactly(demo_root, tmp_path):
 
 
 def test_resume_with_another_process_count_is_refused(demo_root, tmp_path):
-    from colab_dreambooth.checkpoints import CheckpointError
-    from colab_dreambooth.train import train
+    from colab_dreambooth.training.checkpoints import CheckpointError
+    from colab_dreambooth.training.train import train
 
     config = demo_config(demo_root, steps=2).copy(
         models_root=str(tmp_path), model_name="m", train_batch_size=1, save_preview_every=0,

@@ -5,10 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colab_dreambooth.models import load_components
-from colab_dreambooth.noise import (NOISE_SCHEDULERS, add_noise, make_noise_scheduler,
-                                    min_snr_weights, sample_noise, velocity)
-from colab_dreambooth.train import dreambooth_loss, train
+from colab_dreambooth.models.loading import load_components
+from colab_dreambooth.training.noise import (
+    NOISE_SCHEDULERS,
+    add_noise,
+    make_noise_scheduler,
+    min_snr_weights,
+    sample_noise,
+    velocity,
+)
+from colab_dreambooth.training.train import dreambooth_loss, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

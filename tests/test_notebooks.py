@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import ipykernel  # noqa: F401  (the kernel nbclient starts)
+import nbclient
+import nbformat
 import pytest
 
-import nbformat
-import nbclient
-import ipykernel  # noqa: F401  (the kernel nbclient starts)
-
-from colab_dreambooth.params import load_params  # noqa: E402
+from colab_dreambooth.config.params import load_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = REPO / "notebooks"

@@ -9,11 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from colab_dreambooth.numerics import (allow_fp16_gradient_unscale, apply_numerics,
-                                       half_model_dtype)
-from colab_dreambooth.runtime import DeviceInfo
-from colab_dreambooth.train import train
-from colab_dreambooth.validation import validate
+from colab_dreambooth.config.validation import validate
+from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.training.numerics import (
+    allow_fp16_gradient_unscale,
+    apply_numerics,
+    half_model_dtype,
+)
+from colab_dreambooth.training.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,8 +104,8 @@ def test_fp16_gradients_can_be_unscaled_for_the_half_model():
 
 
 def test_half_model_warns_about_fp16_optimizer_state(caplog):
-    from colab_dreambooth.numerics import warn_fp16_optimizer_state
-    from colab_dreambooth.optim import make_optimizer
+    from colab_dreambooth.training.numerics import warn_fp16_optimizer_state
+    from colab_dreambooth.training.optim import make_optimizer
 
     w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))
 

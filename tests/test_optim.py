@@ -10,13 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from colab_dreambooth.config import OPTIMIZERS
-from colab_dreambooth.optim import (OPTIMIZER_PACKAGES, OptimizerUnavailable, make_optimizer,
-                                    optimizer_class)
-from colab_dreambooth.params import load_params
-from colab_dreambooth.runtime import DeviceInfo
-from colab_dreambooth.train import train
-from colab_dreambooth.validation import ConfigError, validate
+from colab_dreambooth.config.params import load_params
+from colab_dreambooth.config.settings import OPTIMIZERS
+from colab_dreambooth.config.validation import validate
+from colab_dreambooth.errors import ConfigError
+from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.runtime.packages import OPTIMIZER_PACKAGES
+from colab_dreambooth.training.optim import OptimizerUnavailable, make_optimizer, optimizer_class
+from colab_dreambooth.training.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,7 +133,7 @@ def test_optimizers_train_the_tiny_model_differently(tiny_config):
 
 
 def test_text_encoder_weight_decay_reaches_the_loop(tiny_config, monkeypatch):
-    from colab_dreambooth import train as train_module
+    from colab_dreambooth.training import train as train_module
 
     made = []
 
@@ -156,7 +157,7 @@ def test_missing_optimizer_stops_before_training(tiny_config, monkeypatch):
 
 def test_the_extensions_training_option_keys_import(tmp_path):
     """Its saved db_config.json keys for these options load as our fields (none ignored)."""
-    from colab_dreambooth.params import EXTENSION_ONLY_KEYS, read_params
+    from colab_dreambooth.config.params import EXTENSION_ONLY_KEYS, read_params
 
     values = {"optimizer": "Prodigy", "tenc_weight_decay": 0.02, "offset_noise": 0.1,
               "min_snr_gamma": 5, "noise_scheduler": "UniPC", "clip_skip": 2,
@@ -179,8 +180,8 @@ def test_the_extensions_training_option_keys_import(tmp_path):
 
 
 def test_memory_estimate_counts_the_optimizers_state_and_the_half_model():
-    from colab_dreambooth.config import Concept, DreamBoothConfig
-    from colab_dreambooth.memory import SD15, estimate_peak_memory
+    from colab_dreambooth.config.settings import Concept, DreamBoothConfig
+    from colab_dreambooth.training.memory import SD15, estimate_peak_memory
 
     t4 = DeviceInfo("cuda", "Tesla T4", 14.7, False, 1, (7, 5))
     base = DreamBoothConfig(concepts_list=[Concept(instance_prompt="sks dog",

@@ -7,13 +7,25 @@ import logging
 import pytest
 
 from colab_dreambooth import cli
-from colab_dreambooth.config import Concept, DreamBoothConfig
-from colab_dreambooth.memory import (SD15, SD2, estimate_peak_memory, model_sizes,
-                                     warn_if_too_big)
-from colab_dreambooth.params import load_params, save_params
-from colab_dreambooth.presets import (PRESET_FIELDS, PRESETS, PRESETS_BY_NAME, apply_preset,
-                                      choose_preset, format_choices, preset_values)
-from colab_dreambooth.runtime import DeviceInfo
+from colab_dreambooth.config.params import load_params, save_params
+from colab_dreambooth.config.presets import (
+    PRESET_FIELDS,
+    PRESETS,
+    PRESETS_BY_NAME,
+    apply_preset,
+    choose_preset,
+    format_choices,
+    preset_values,
+)
+from colab_dreambooth.config.settings import Concept, DreamBoothConfig
+from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.training.memory import (
+    SD2,
+    SD15,
+    estimate_peak_memory,
+    model_sizes,
+    warn_if_too_big,
+)
 
 T4 = DeviceInfo("cuda", "Tesla T4", 14.7, False, 1, (7, 5))
 A100_40 = DeviceInfo("cuda", "NVIDIA A100-SXM4-40GB", 39.4, True, 1, (8, 0))
@@ -251,7 +263,7 @@ def test_cpu_only_help_quotes_the_estimate_env_prints():
     """The Use CPU Only help and `env` on the CPU name the same memory for SD 1.5."""
     import re
 
-    from colab_dreambooth.fields import field_specs
+    from colab_dreambooth.config.fields import field_specs
 
     help_text = field_specs(DreamBoothConfig)["use_cpu"].setting.help
     quoted = float(re.search(r"about (\d+(?:\.\d+)?) GB of RAM", help_text).group(1))

@@ -1,10 +1,10 @@
-"""Tests for colab_dreambooth.prompts: captions, [filewords] and Existing Prompt Contents."""
+"""Tests for colab_dreambooth.config.prompts: captions, [filewords] and Existing Prompt Contents."""
 
 from __future__ import annotations
 
 import pytest
 
-from colab_dreambooth.prompts import (
+from colab_dreambooth.config.prompts import (
     EXISTING_PROMPT_CONTENTS,
     PromptError,
     build_prompts,

@@ -7,10 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from colab_dreambooth import storage
-from colab_dreambooth.release import (ReleaseSettings, check_release, make_release,
-                                      release_folder, sample_model)
-from colab_dreambooth.train import train
+from colab_dreambooth.publish.release import (
+    ReleaseSettings,
+    check_release,
+    make_release,
+    release_folder,
+    sample_model,
+)
+from colab_dreambooth.runtime import storage
+from colab_dreambooth.training.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,10 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from colab_dreambooth.checkpoints import (CheckpointError, latest_checkpoint, list_checkpoints,
-                                          read_state)
-from colab_dreambooth.params import save_params
-from colab_dreambooth.train import train
+from colab_dreambooth.config.params import save_params
+from colab_dreambooth.training.checkpoints import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    read_state,
+)
+from colab_dreambooth.training.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -282,7 +286,7 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tiny_config, tmp_path):
 
 def test_full_disk_skips_the_checkpoint_and_training_goes_on(tiny_config, tmp_path,
                                                               monkeypatch, caplog):
-    from colab_dreambooth import checkpoints
+    from colab_dreambooth.training import checkpoints
 
     monkeypatch.setattr(checkpoints, "free_bytes", lambda folder: 1000)
     config = resumable(tiny_config, tmp_path, "m", max_train_steps=4, use_ema=False,
@@ -313,7 +317,7 @@ def test_lora_run_resumes_exactly_with_small_checkpoints(tiny_config, tmp_path):
 def test_resume_on_another_gpu_keeps_the_runs_auto_choices(tiny_config, tmp_path):
     """Blank (auto) batch size etc. come from the GPU preset; a resume on a machine whose
     preset differs keeps what the checkpoint's run used instead of refusing."""
-    from colab_dreambooth.checkpoints import keep_checkpoint_choices
+    from colab_dreambooth.training.checkpoints import keep_checkpoint_choices
 
     config = resumable(tiny_config, tmp_path, "m", max_train_steps=2, use_ema=False,
                        gradient_accumulation_steps=1, train_batch_size=2)

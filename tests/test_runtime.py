@@ -8,10 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from colab_dreambooth import runtime
-from colab_dreambooth.runtime import (DeviceInfo, Runtime, detect_device, detect_platform,
-                                      detect_runtime, environment_report, mount_drive,
-                                      mount_drive_if_needed)
+from colab_dreambooth.runtime import environment as runtime
+from colab_dreambooth.runtime.environment import (
+    DeviceInfo,
+    Runtime,
+    detect_device,
+    detect_platform,
+    detect_runtime,
+    mount_drive,
+    mount_drive_if_needed,
+)
+from colab_dreambooth.training.fit import environment_report
 
 
 @pytest.mark.parametrize("env, platform", [
@@ -72,7 +79,7 @@ def test_kaggle_with_colab_variables_and_google_colab_importable(tmp_path, monke
 
 
 def test_blank_work_dir_is_the_runtimes_persistent_place(tmp_path, monkeypatch):
-    from colab_dreambooth.runtime import default_work_dir, resolve_work_dir
+    from colab_dreambooth.runtime.environment import default_work_dir, resolve_work_dir
 
     colab = detect_runtime({"COLAB_GPU": "1"}, root=tmp_path)
     assert default_work_dir(colab) == runtime.DRIVE_MOUNT / "MyDrive" / "dreambooth"
@@ -94,7 +101,7 @@ def test_blank_work_dir_is_the_runtimes_persistent_place(tmp_path, monkeypatch):
 
 
 def test_blank_work_dir_on_colab_mounts_drive_or_says_why_not(tmp_path, monkeypatch):
-    from colab_dreambooth.runtime import DriveNotMounted, resolve_work_dir
+    from colab_dreambooth.runtime.environment import DriveNotMounted, resolve_work_dir
 
     drive = tmp_path / "drive"
     monkeypatch.setattr(runtime, "DRIVE_MOUNT", drive)

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from colab_dreambooth import sample
-from colab_dreambooth.data import collect_training_data
-from colab_dreambooth.models import ModelLoadError, tiny_model_path
-from colab_dreambooth.prompts import PromptError
-from colab_dreambooth.sample import (SampleJob, concept_sample_jobs, generate_samples,
-                                     image_grid, load_pipeline, resolve_model, run_samples,
-                                     sample_concepts, save_images)
-
+from colab_dreambooth import cli
+from colab_dreambooth.config.prompts import PromptError
+from colab_dreambooth.data.dataset import collect_training_data
+from colab_dreambooth.errors import ModelLoadError
+from colab_dreambooth.generation import sample
+from colab_dreambooth.generation.sample import (
+    SampleJob,
+    concept_sample_jobs,
+    generate_samples,
+    image_grid,
+    run_samples,
+    sample_concepts,
+    save_images,
+)
+from colab_dreambooth.models.pipelines import load_pipeline, resolve_model
+from colab_dreambooth.models.tiny import tiny_model_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -182,8 +189,7 @@ def test_resolve_model_accepts_the_working_folder(tmp_path):
 
 
 def test_cli_samples_every_prompt_and_prints_the_files(pipe, tmp_path, capsys, monkeypatch):
-    parser = argparse.ArgumentParser()
-    sample.add_subcommand(parser.add_subparsers())
+    parser = cli.build_parser()
     out = tmp_path / "cli"
     args = parser.parse_args([
         "sample", str(tiny_model_path()), "--prompt", "zwx toy", "--prompt", "a toy",
@@ -205,8 +211,7 @@ def test_cli_samples_every_prompt_and_prints_the_files(pipe, tmp_path, capsys, m
 
 
 def test_cli_rejects_bad_sizes(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    sample.add_subcommand(parser.add_subparsers())
+    parser = cli.build_parser()
     args = parser.parse_args(["sample", "tiny", "--prompt", "x", "--height", "60",
                               "--out", str(tmp_path)])
     assert args.run(args) == 2

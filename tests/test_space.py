@@ -7,11 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from colab_dreambooth import space
-from colab_dreambooth.config import Concept, DreamBoothConfig
-from colab_dreambooth.memory import SD15
-from colab_dreambooth.space import (DiskSpaceError, checkpoint_bytes, free_space, model_bytes,
-                                    plan_space, ways_out)
+from colab_dreambooth.config.settings import Concept, DreamBoothConfig
+from colab_dreambooth.training import space
+from colab_dreambooth.training.memory import SD15
+from colab_dreambooth.training.space import (
+    DiskSpaceError,
+    checkpoint_bytes,
+    free_space,
+    model_bytes,
+    plan_space,
+    ways_out,
+)
 
 GB = 1e9
 
@@ -109,7 +115,7 @@ def test_kaggle_working_is_capped_at_20_gb(tmp_path):
 
 
 def test_train_refuses_before_class_images_or_models(tiny_config, monkeypatch):
-    from colab_dreambooth import train as train_module
+    from colab_dreambooth.training import train as train_module
 
     def nothing(*args, **kwargs):
         raise AssertionError("work started")

@@ -7,9 +7,17 @@ import logging
 import huggingface_hub
 import pytest
 
-from colab_dreambooth import storage
-from colab_dreambooth.storage import (BackgroundUploader, HubRepo, StorageError, copy_to_folder,
-                                      hf_token, parse_destination, publish, redact)
+from colab_dreambooth.runtime import hub_token, storage
+from colab_dreambooth.runtime.storage import (
+    BackgroundUploader,
+    HubRepo,
+    StorageError,
+    copy_to_folder,
+    hf_token,
+    parse_destination,
+    publish,
+    redact,
+)
 
 FAKE_TOKEN = "hf_" + "Q" * 34  # built at run time: no token-shaped literal in the repo
 
@@ -107,7 +115,7 @@ def test_hub_upload_failure_message_has_no_token(tmp_path, fake_hub):
 
 
 def test_hub_needs_a_token(tmp_path, monkeypatch):
-    for name in storage.TOKEN_ENV_VARS:
+    for name in hub_token.TOKEN_ENV_VARS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     with pytest.raises(StorageError, match="HF_TOKEN"):

@@ -7,8 +7,7 @@ import json
 
 import torch
 
-from colab_dreambooth.tensor_stream import (load_into, load_optimizer, save_optimizer,
-                                            save_tensors)
+from colab_dreambooth.tensor_stream import load_into, load_optimizer, save_optimizer, save_tensors
 
 
 def _trained_adamw(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -6,11 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from colab_dreambooth.models import load_components, tiny_model_path
-from colab_dreambooth.text_encoding import (chunked_input_ids, encode_prompts, num_text_layers,
-                                            shuffle_tags)
-from colab_dreambooth.train import train
-from colab_dreambooth.validation import ConfigError
+from colab_dreambooth.config.prompts import shuffle_tags
+from colab_dreambooth.errors import ConfigError
+from colab_dreambooth.models.loading import load_components
+from colab_dreambooth.models.text_encoding import chunked_input_ids, encode_prompts, num_text_layers
+from colab_dreambooth.models.tiny import tiny_model_path
+from colab_dreambooth.training.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -129,7 +130,7 @@ def test_long_prompts_and_clip_skip_act_in_training(tiny_config):
 
 
 def test_lora_metadata_records_the_text_options(parts, tiny_config):
-    from colab_dreambooth.lora import lora_metadata
+    from colab_dreambooth.models.lora import lora_metadata
 
     config = tiny_config.copy(clip_skip=2, max_token_length=150, shuffle_tags=True,
                               keep_tokens=2, offset_noise=0.1, optimizer="Lion")
@@ -141,7 +142,7 @@ def test_lora_metadata_records_the_text_options(parts, tiny_config):
 
 
 def test_the_dataset_shuffles_tags_per_seed_epoch_and_index(demo_root):
-    from colab_dreambooth.data import DreamBoothDataset, Example, TrainingData
+    from colab_dreambooth.data.dataset import DreamBoothDataset, Example, TrainingData
 
     images = sorted((demo_root / "data" / "instance").glob("*.png"))
     classes = sorted((demo_root / "data" / "class").glob("*.png"))
@@ -169,7 +170,7 @@ def test_samples_encode_prompts_as_training_does(parts):
     """Previews and samples condition on the layer and chunks training used."""
     from diffusers import StableDiffusionPipeline
 
-    from colab_dreambooth.sample import generate_samples
+    from colab_dreambooth.generation.sample import generate_samples
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path(), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)

@@ -10,16 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from colab_dreambooth import train as train_module
-from colab_dreambooth.data import DataError
-from colab_dreambooth.models import load_components, tiny_model_path
-from colab_dreambooth.optim import EMA, make_optimizer, plan_steps, set_memory_attention
-from colab_dreambooth.params import load_params
-from colab_dreambooth.presets import PRESET_FIELDS, apply_preset
-from colab_dreambooth.runtime import DeviceInfo
-from colab_dreambooth.text_encoding import chunked_input_ids
-from colab_dreambooth.train import dreambooth_loss, train
-from colab_dreambooth.validation import ConfigError
+from colab_dreambooth.config.params import load_params
+from colab_dreambooth.config.presets import PRESET_FIELDS, apply_preset
+from colab_dreambooth.data.dataset import DataError
+from colab_dreambooth.errors import ConfigError
+from colab_dreambooth.models.attention import set_memory_attention
+from colab_dreambooth.models.loading import load_components
+from colab_dreambooth.models.text_encoding import chunked_input_ids
+from colab_dreambooth.models.tiny import tiny_model_path
+from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.training import train as train_module
+from colab_dreambooth.training.optim import EMA, make_optimizer, plan_steps
+from colab_dreambooth.training.train import dreambooth_loss, train
 
 CPU = DeviceInfo.cpu()
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from colab_dreambooth import space
-from colab_dreambooth.runtime import DeviceInfo
-from colab_dreambooth.space import DiskSpaceError
+from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.training import space
+from colab_dreambooth.training.space import DiskSpaceError
 from widgets.app import TrainApp
 
 pytestmark = pytest.mark.usefixtures("one_thread")

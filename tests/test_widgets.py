@@ -5,26 +5,40 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-from datetime import datetime, timezone
 import time
+from datetime import datetime, timezone
 from pathlib import Path
-
-import pytest
 
 import ipywidgets  # noqa: F401  (the test extra installs it)
 import ipywidgets as w  # noqa: E402
+import pytest
 from PIL import Image  # noqa: E402
 
-from colab_dreambooth.config import Concept, DreamBoothConfig  # noqa: E402
-from colab_dreambooth.fields import field_specs  # noqa: E402
-from colab_dreambooth.params import load_params, save_params  # noqa: E402
-from colab_dreambooth.runtime import DeviceInfo  # noqa: E402
-from colab_dreambooth.release import ReleaseSettings  # noqa: E402
-from widgets import (ClassImagesApp, ConfigForm, ReleaseApp, TrainApp,  # noqa: E402
-                     TrainingView, UploadBox, caption_grid, class_images_config,
-                     count_class_images, crop_preview, data_report, estimate_total_steps,
-                     params_file, prepare_config, release_config, runtime_banner, save_uploads,
-                     training_config)
+from colab_dreambooth.config.fields import field_specs  # noqa: E402
+from colab_dreambooth.config.params import load_params, save_params  # noqa: E402
+from colab_dreambooth.config.settings import Concept, DreamBoothConfig  # noqa: E402
+from colab_dreambooth.publish.release import ReleaseSettings  # noqa: E402
+from colab_dreambooth.runtime.environment import DeviceInfo  # noqa: E402
+from widgets import (  # noqa: E402
+    ClassImagesApp,
+    ConfigForm,
+    ReleaseApp,
+    TrainApp,
+    TrainingView,
+    UploadBox,
+    caption_grid,
+    class_images_config,
+    count_class_images,
+    crop_preview,
+    data_report,
+    estimate_total_steps,
+    params_file,
+    prepare_config,
+    release_config,
+    runtime_banner,
+    save_uploads,
+    training_config,
+)
 from widgets.class_images import CLASS_IMAGE_FIELDS  # noqa: E402
 from widgets.compat import IPYWIDGETS_MAJOR, help_of, label_of, titles_of  # noqa: E402
 from widgets.controls import NumberControl, parse_number  # noqa: E402
@@ -455,7 +469,7 @@ def test_unattended_demo_subject_is_drawn_at_the_default_resolution(tmp_path):
 
 
 def test_work_folders_on_an_unmounted_drive_are_refused(tmp_path, monkeypatch):
-    from colab_dreambooth import runtime
+    from colab_dreambooth.runtime import environment as runtime
 
     monkeypatch.setattr(runtime, "DRIVE_MOUNT", tmp_path / "content" / "drive")
     monkeypatch.setattr(runtime, "on_colab", lambda: False)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import ipywidgets as w
 
-from colab_dreambooth.config import DreamBoothConfig
-from colab_dreambooth.params import save_params
-from colab_dreambooth.runtime import DeviceInfo, mount_drive_if_needed
-from colab_dreambooth.train import TrainResult
-from colab_dreambooth.validation import ConfigError
+from colab_dreambooth.config.params import save_params
+from colab_dreambooth.config.settings import DreamBoothConfig
+from colab_dreambooth.errors import ConfigError
+from colab_dreambooth.runtime.environment import DeviceInfo, mount_drive_if_needed
+from colab_dreambooth.training.train import TrainResult
 
 from .compat import set_help
 from .form import ConfigForm

@@ -2,8 +2,8 @@
 
 The settings are the class-image part of the configuration form (:class:`ConfigForm` with
 ``only=``), so labels, help, limits and validation are the same as in notebook 03. Generating
-calls :func:`colab_dreambooth.class_images.generate_class_images`, which keeps every valid image
-already in a class folder and makes only the missing ones.
+calls :func:`colab_dreambooth.generation.class_images.generate_class_images`, which keeps every
+valid image already in a class folder and makes only the missing ones.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from pathlib import Path
 
 import ipywidgets as w
 
-from colab_dreambooth.class_images import ClassImageReport, generate_class_images
-from colab_dreambooth.config import DreamBoothConfig
-from colab_dreambooth.images import check_images, list_image_files
-from colab_dreambooth.params import resolve_concepts, save_params
-from colab_dreambooth.runtime import DeviceInfo
-from colab_dreambooth.validation import ConfigError, Problem
+from colab_dreambooth.config.params import resolve_concepts, save_params
+from colab_dreambooth.config.settings import DreamBoothConfig
+from colab_dreambooth.data.images import check_images
+from colab_dreambooth.errors import ConfigError, Problem
+from colab_dreambooth.files import list_image_files
+from colab_dreambooth.generation.class_images import ClassImageReport, generate_class_images
+from colab_dreambooth.runtime.environment import DeviceInfo
 
 from .compat import set_help
 from .form import ConfigForm

@@ -3,7 +3,7 @@
 A :class:`FieldControl` wraps the input widget, parses what the user typed into the field's
 type (raising :class:`ValueError` with a message when it cannot), and shows the validation
 messages of that field right under it. :func:`make_control` picks the kind of control from the
-:class:`~colab_dreambooth.fields.FieldSpec`; no field has code of its own.
+:class:`~colab_dreambooth.config.fields.FieldSpec`; no field has code of its own.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import ipywidgets as w
 
-from colab_dreambooth.fields import FieldSpec
+from colab_dreambooth.config.fields import FieldSpec
 
 from .compat import set_help
 

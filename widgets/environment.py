@@ -1,17 +1,24 @@
 """The notebooks' runtime banner: the service, the GPU and the preset its settings come from.
 
-Detection lives in the core (:mod:`colab_dreambooth.runtime`); its helpers are re-exported here
-so notebooks keep importing them from ``widgets``.
+Detection lives in the core (:mod:`colab_dreambooth.runtime.environment`); its helpers are
+re-exported here so notebooks keep importing them from ``widgets``.
 """
 
 from __future__ import annotations
 
 import html
 
-from colab_dreambooth.presets import choose_preset
-from colab_dreambooth.runtime import (DRIVE_MOUNT, DeviceInfo, DriveNotMounted, mount_drive,
-                                      mount_drive_if_needed, on_colab, platform_name,
-                                      resolve_work_dir)
+from colab_dreambooth.config.presets import choose_preset
+from colab_dreambooth.runtime.environment import (
+    DRIVE_MOUNT,
+    DeviceInfo,
+    DriveNotMounted,
+    mount_drive,
+    mount_drive_if_needed,
+    on_colab,
+    platform_name,
+    resolve_work_dir,
+)
 
 __all__ = ["DRIVE_MOUNT", "DriveNotMounted", "mount_drive", "mount_drive_if_needed", "on_colab",
            "platform_name", "resolve_work_dir", "runtime_banner"]

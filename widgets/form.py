@@ -1,7 +1,7 @@
 """The configuration form, generated from the configuration model.
 
-Every field of :class:`~colab_dreambooth.config.DreamBoothConfig` and of each
-:class:`~colab_dreambooth.config.Concept` gets one control chosen by its type and metadata
+Every field of :class:`~colab_dreambooth.config.settings.DreamBoothConfig` and of each
+:class:`~colab_dreambooth.config.settings.Concept` gets one control chosen by its type and metadata
 (:mod:`widgets.controls`), labelled and explained as in the AUTOMATIC1111 extension and grouped
 in its tabs. Every change re-validates the whole configuration: each problem shows under its
 field, the tab titles count them, and the Train button stays disabled until there are none.
@@ -17,11 +17,12 @@ from typing import Any, Callable, Iterable
 
 import ipywidgets as w
 
-from colab_dreambooth.config import Concept, DreamBoothConfig
-from colab_dreambooth.fields import field_specs
-from colab_dreambooth.params import read_params, save_params
-from colab_dreambooth.runtime import DeviceInfo, detect_device
-from colab_dreambooth.validation import ConfigError, Problem, validate
+from colab_dreambooth.config.fields import field_specs
+from colab_dreambooth.config.params import read_params, save_params
+from colab_dreambooth.config.settings import Concept, DreamBoothConfig
+from colab_dreambooth.config.validation import validate
+from colab_dreambooth.errors import ConfigError, Problem
+from colab_dreambooth.runtime.environment import DeviceInfo, detect_device
 
 from .compat import set_help, set_titles
 from .controls import INPUT_WIDTH, FieldControl, make_control

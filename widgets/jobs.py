@@ -10,7 +10,7 @@ runs in a background thread so the notebook stays usable and the Stop button can
 
 from __future__ import annotations
 
-from colab_dreambooth.runtime import on_colab
+from colab_dreambooth.runtime.environment import on_colab
 
 # Shown by a job running in the kernel's thread, where the Stop button cannot be clicked.
 INTERRUPT_HINT = ("Running in this cell: stop it by interrupting the kernel (Colab: the cell's "

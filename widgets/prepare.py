@@ -18,15 +18,16 @@ from typing import Any, Callable, Iterable, Mapping
 import ipywidgets as w
 from PIL import Image, ImageOps
 
-from colab_dreambooth.config import DreamBoothConfig
-from colab_dreambooth.data import DataError, collect_training_data
-from colab_dreambooth.files import temp_file_beside
-from colab_dreambooth.images import IMAGE_EXTENSIONS, crop_and_resize, list_image_files, load_image
-from colab_dreambooth.params import resolve_concepts
-from colab_dreambooth.prompts import PromptError, read_caption
-from colab_dreambooth.runtime import DeviceInfo
-from colab_dreambooth.sample import image_grid
-from colab_dreambooth.validation import ConfigError, validate
+from colab_dreambooth.config.params import resolve_concepts
+from colab_dreambooth.config.prompts import PromptError, read_caption
+from colab_dreambooth.config.settings import DreamBoothConfig
+from colab_dreambooth.config.validation import validate
+from colab_dreambooth.data.dataset import DataError, collect_training_data
+from colab_dreambooth.data.images import crop_and_resize, load_image
+from colab_dreambooth.errors import ConfigError
+from colab_dreambooth.files import IMAGE_EXTENSIONS, list_image_files, temp_file_beside
+from colab_dreambooth.generation.sample import image_grid
+from colab_dreambooth.runtime.environment import DeviceInfo
 
 from .compat import clear_upload, set_help, uploaded_files
 

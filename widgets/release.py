@@ -1,9 +1,10 @@
 """Notebook 04's panel: sample the trained model, then export, describe and send it.
 
-The release choices are :class:`colab_dreambooth.release.ReleaseSettings`, whose fields carry
-their labels, help and limits as the configuration's do, so this form is generated the same
+The release choices are :class:`colab_dreambooth.publish.release.ReleaseSettings`, whose fields
+carry their labels, help and limits as the configuration's do, so this form is generated the same
 way (:func:`widgets.controls.make_control`). The work itself is
-:func:`colab_dreambooth.release.sample_model` and :func:`~colab_dreambooth.release.make_release`.
+:func:`colab_dreambooth.publish.release.sample_model` and
+:func:`~colab_dreambooth.publish.release.make_release`.
 """
 
 from __future__ import annotations
@@ -16,15 +17,21 @@ from typing import Any, Callable
 
 import ipywidgets as w
 
-from colab_dreambooth.config import DreamBoothConfig, safe_name
-from colab_dreambooth.fields import field_specs
-from colab_dreambooth.release import (ReleaseResult, ReleaseSettings, check_release,
-                                      make_release, release_folder, sample_model)
+from colab_dreambooth.config.fields import field_specs
+from colab_dreambooth.config.settings import DreamBoothConfig, safe_name
+from colab_dreambooth.publish.release import (
+    ReleaseResult,
+    ReleaseSettings,
+    check_release,
+    make_release,
+    release_folder,
+    sample_model,
+)
 
 from .compat import set_help
-from .jobs import jobs_in_foreground
 from .controls import FieldControl, make_control
 from .form import read_controls
+from .jobs import jobs_in_foreground
 from .plot import png_bytes
 
 RELEASE_SPECS = field_specs(ReleaseSettings)
@@ -117,12 +124,12 @@ class ReleaseApp:
     # ------------------------------------------------------------------------ work
     def sample(self, *, progress: bool = True):
         """Generate samples (the prompt box, or each concept's sample settings); show the grid
-        and return the :class:`~colab_dreambooth.sample.SampleResult`."""
-        from colab_dreambooth.sample import load_pipeline
+        and return the :class:`~colab_dreambooth.generation.sample.SampleResult`."""
+        from colab_dreambooth.models.pipelines import load_pipeline
 
         self.sample_status.value = "Loading the model and sampling..."
         if self.pipe is None:
-            from colab_dreambooth.release import trained_model
+            from colab_dreambooth.publish.release import trained_model
 
             self.pipe = load_pipeline(trained_model(self.config),
                                       "cpu" if self.config.use_cpu else None)

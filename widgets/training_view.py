@@ -3,7 +3,7 @@
 ``view.run(config, background=True)`` trains in a thread so the notebook stays responsive and
 Stop can be clicked; ``background=False`` trains in the cell itself (unattended runs with
 papermill/nbclient), re-raising any error. Stop sets a :class:`threading.Event` that
-:func:`colab_dreambooth.train.train` checks after every step: the run then saves the model
+:func:`colab_dreambooth.training.train.train` checks after every step: the run then saves the model
 trained so far and returns with ``stopped_early=True``.
 """
 
@@ -21,13 +21,13 @@ from typing import Callable
 
 import ipywidgets as w
 
-from colab_dreambooth.config import DreamBoothConfig
-from colab_dreambooth.images import list_image_files
-from colab_dreambooth.optim import plan_steps
-from colab_dreambooth.params import resolve_concepts
-from colab_dreambooth.presets import resolve_auto
-from colab_dreambooth.runtime import DeviceInfo
-from colab_dreambooth.train import TrainResult, train
+from colab_dreambooth.config.params import resolve_concepts
+from colab_dreambooth.config.presets import resolve_auto
+from colab_dreambooth.config.settings import DreamBoothConfig
+from colab_dreambooth.files import list_image_files
+from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.training.optim import plan_steps
+from colab_dreambooth.training.train import TrainResult, train
 
 from .compat import set_help
 from .jobs import INTERRUPT_HINT
@@ -83,7 +83,7 @@ class TrainingView:
             resume: bool = False, force: bool = False) -> TrainResult | None:
         """Train ``config`` and follow it in the view (``resume``: continue from the newest
         checkpoint; ``force``: start even when the memory or disk estimate says it will not
-        fit; see :func:`colab_dreambooth.train.train`).
+        fit; see :func:`colab_dreambooth.training.train.train`).
 
         In the background (the default) this returns at once; :meth:`wait` gives the result.
         In the foreground it returns the :class:`TrainResult` and raises whatever training

@@ -7,11 +7,11 @@ import dataclasses
 import os
 from pathlib import Path
 
-from colab_dreambooth.config import Concept, DreamBoothConfig
+from colab_dreambooth.config.params import load_params
+from colab_dreambooth.config.settings import Concept, DreamBoothConfig
 from colab_dreambooth.demo import demo_config, make_demo_data
-from colab_dreambooth.images import list_image_files
-from colab_dreambooth.params import load_params
-from colab_dreambooth.runtime import mount_drive_if_needed
+from colab_dreambooth.files import list_image_files
+from colab_dreambooth.runtime.environment import mount_drive_if_needed
 
 PARAMS_FILE = "params.json"
 

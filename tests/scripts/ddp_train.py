@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from colab_dreambooth import train as train_module
-from colab_dreambooth.params import load_params
+from colab_dreambooth.config.params import load_params
+from colab_dreambooth.training import train as train_module
 
 
 def main() -> None:

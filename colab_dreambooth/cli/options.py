@@ -1,0 +1,76 @@
+"""Command-line options for every field of the configuration, derived from its declaration:
+``--config PARAMS`` plus one ``--field-name VALUE`` override per field (``none`` blanks it)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from colab_dreambooth.config.fields import FieldSpec, field_specs
+from colab_dreambooth.config.params import load_params
+from colab_dreambooth.config.settings import DreamBoothConfig
+
+OVERRIDABLE = {name: spec for name, spec in field_specs(DreamBoothConfig).items()
+               if spec.type in (str, int, float, bool)}
+# What an option of a field that may be blank takes to blank it (``--max-train-steps none``).
+BLANK_WORDS = ("none", "blank", "auto")
+
+
+class _Blank:
+    """Parsed value of ``none`` for a field that may be blank (None means "not given")."""
+
+    def __repr__(self) -> str:
+        return "BLANK"
+
+
+BLANK = _Blank()
+
+
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """``--config PARAMS`` and one override option per field of a run."""
+    p.add_argument("--config", type=Path, required=True, help="parameters JSON")
+    group = p.add_argument_group("overrides (any field of the parameters JSON)")
+    for name, spec in OVERRIDABLE.items():
+        group.add_argument("--" + name.replace("_", "-"), dest=f"set_{name}",
+                           type=_parser_type(spec), default=None, metavar=_metavar(spec),
+                           help=f"{spec.setting.label}: {spec.setting.help}".replace("%", "%%"))
+
+
+def _parser_type(spec: FieldSpec):
+    convert = _boolean if spec.type is bool else spec.type
+    if not spec.optional:
+        return convert
+
+    def optional(text: str):
+        if text.strip().lower() in BLANK_WORDS + ("",):
+            return BLANK
+        return convert(text)
+
+    optional.__name__ = convert.__name__  # argparse names the type in its error messages
+    return optional
+
+
+def _metavar(spec: FieldSpec) -> str:
+    if spec.setting.choices:
+        blank = ("auto",) if spec.optional else ()
+        return "{" + ",".join(map(str, spec.setting.choices + blank)) + "}"
+    metavar = {bool: "true|false", int: "N", float: "X", str: "TEXT"}[spec.type]
+    return metavar + "|none" if spec.optional else metavar
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def config_from_args(args: argparse.Namespace) -> DreamBoothConfig:
+    """The parameters JSON of ``--config`` with the command-line overrides applied."""
+    config = load_params(args.config)
+    changes = {name: getattr(args, f"set_{name}") for name in OVERRIDABLE
+               if getattr(args, f"set_{name}") is not None}
+    changes = {name: None if value is BLANK else value for name, value in changes.items()}
+    return config.copy(**changes) if changes else config

@@ -1,0 +1,422 @@
+"""The configuration model: one dataclass for a training run, one per concept.
+
+Field names are the AUTOMATIC1111 Dreambooth extension's own ``db_config.json`` / concept keys
+(see ``fields.md``), so a user's saved parameters read the same here. Each field carries its
+label, help, group and limits (:func:`colab_dreambooth.config.fields.setting`); JSON save/load
+lives in
+:mod:`colab_dreambooth.config.params` and the checks in :mod:`colab_dreambooth.config.validation`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from colab_dreambooth.config.fields import setting
+from colab_dreambooth.config.prompts import EXISTING_PROMPT_CONTENTS
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine",
+                 "cosine_with_restarts", "polynomial")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+ATTENTION = ("default", "xformers", "flash_attention")
+OPTIMIZERS = ("AdamW", "Lion", "Prodigy", "Adafactor")
+NOISE_SCHEDULERS = ("DDPM", "DEIS", "UniPC")
+MAX_TOKEN_LENGTHS = (75, 150, 225)
+TINY_MODEL = "tiny"
+DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+@dataclass
+class Concept:
+    """One subject (or style) to teach, with its prompts, images and class images."""
+
+    instance_prompt: str = setting(
+        "", "Instance prompt", "The prompt that calls your subject: a rare one-token word plus "
+        "the class word, e.g. 'shs girl'. Keep it simple: complex prompts drift. May hold "
+        "[filewords] to use each image's caption.", "Concepts")
+    class_prompt: str = setting(
+        "", "Class prompt", "Describes the class images, e.g. 'girl'. Must not hold the instance "
+        "token. Blank = no prior preservation. May hold [filewords].", "Concepts")
+    instance_data_dir: str = setting(
+        "", "Instance dataset directory", "Folder with the subject's images (jpg, png, webp, "
+        "bmp), each optionally with a same-name .txt caption.", "Concepts", path=True)
+    class_data_dir: str = setting(
+        "", "Classification dataset directory", "Folder with the class (regularization) "
+        "images. Blank while a class prompt is set: they are generated into "
+        "<models root>/dreambooth/<model name>/classifiers/concept_<n>.", "Concepts", path=True)
+    file_prompt_contents: str = setting(
+        "Description", "Existing Prompt Contents", "What your captions already hold; decides how "
+        "[filewords] captions are rewritten to carry the instance token.", "Concepts",
+        choices=EXISTING_PROMPT_CONTENTS)
+    instance_token: str = setting(
+        "", "Instance Token", "Just the rare word (e.g. 'sks'), never 'a photo of sks' or "
+        "'sks dog'. Used when a prompt holds [filewords].", "Concepts")
+    class_token: str = setting(
+        "", "Class Token", "The class word; several allowed, comma-separated ('a woman, "
+        "woman'). Used when a prompt holds [filewords].", "Concepts")
+    num_class_images: int = setting(
+        0, "Total Number of Class/Reg Images", "How many class images this concept uses; "
+        "missing ones are generated, existing ones kept. 0 = no prior preservation. "
+        "Users take about 100-200 per concept (each costs a generation).", "Concepts",
+        minimum=0, maximum=100000)
+    class_negative_prompt: str = setting(
+        "", "Classification Image Negative Prompt", "Negative prompt when generating class "
+        "images.", "Class images")
+    class_guidance_scale: float = setting(
+        7.5, "Classification CFG Scale", "Classifier-free guidance when generating class "
+        "images.", "Class images", minimum=0.0, maximum=50.0)
+    class_infer_steps: int = setting(
+        40, "Classification Steps", "Inference steps per class image: more is slower, "
+        "rarely better beyond 40.", "Class images", minimum=1, maximum=500)
+    class_seed: int = setting(
+        -1, "Class image seed", "Seed for class images; -1 = random.", "Class images",
+        minimum=-1)
+    save_sample_prompt: str = setting(
+        "", "Sample Image Prompt", "Prompt for preview samples. Blank = the instance prompt. "
+        "May hold [filewords].", "Sampling")
+    save_sample_negative_prompt: str = setting(
+        "", "Sample Negative Prompt", "Negative prompt for preview samples.", "Sampling")
+    save_sample_template: str = setting(
+        "", "Sample Prompt Template File", "A text file with one sample prompt per line "
+        "(used instead of the sample prompt).", "Sampling", path=True)
+    n_save_sample: int = setting(
+        1, "Number of Samples to Generate", "Preview images per concept at each preview.",
+        "Sampling", minimum=0, maximum=100)
+    sample_seed: int = setting(
+        -1, "Sample Seed", "Seed for preview samples; -1 = random. A fixed seed shows how "
+        "the same image evolves.", "Sampling", minimum=-1)
+    save_guidance_scale: float = setting(
+        7.5, "Sample CFG Scale", "Classifier-free guidance for preview samples.", "Sampling",
+        minimum=0.0, maximum=50.0)
+    save_infer_steps: int = setting(
+        20, "Sample Steps", "Inference steps per preview sample.", "Sampling",
+        minimum=1, maximum=500)
+
+    @property
+    def wants_prior_preservation(self) -> bool:
+        """True when this concept trains with class images."""
+        return bool(self.class_prompt.strip()) and (
+            self.num_class_images > 0 or bool(self.class_data_dir.strip()))
+
+
+@dataclass
+class DreamBoothConfig:
+    """Every setting of a DreamBooth run (the extension's form, as JSON keys)."""
+
+    # Model
+    model_name: str = setting(
+        "dreambooth-model", "Model name", "Names the working folder "
+        "<models root>/dreambooth/<name>/ where the trained model and class images go.", "Model")
+    pretrained_model_name_or_path: str = setting(
+        DEFAULT_BASE_MODEL, "Base model", "A Hugging Face Hub id, a local diffusers folder, a "
+        ".safetensors/.ckpt file, or 'tiny' for the small built-in model (tests and demos; "
+        "learns nothing useful).", "Model", path=True)
+    src: str = setting(
+        "", "Create Model (source checkpoint)", "A single-file .ckpt/.safetensors to convert "
+        "to the diffusers layout once; when set it is the base model.", "Model", path=True)
+    models_root: str = setting(
+        "", "Models root", "Folder that holds dreambooth/<model name>/. Blank = ./models in "
+        "the current folder.", "Model", path=True)
+    # Parameters
+    max_train_steps: Optional[int] = setting(
+        None, "Training Steps", "Total optimizer steps. When set it wins over Training Epochs.",
+        "Parameters", minimum=1)
+    num_train_epochs: Optional[int] = setting(
+        100, "Training Epochs", "Passes over the instance images, used when Training Steps is "
+        "blank. Rule of thumb: about 100 (images x 100 steps at batch size 1).", "Parameters",
+        minimum=1)
+    learning_rate: float = setting(
+        2e-6, "Learning rate", "UNet learning rate. Higher learns faster and over-fits sooner.",
+        "Parameters", minimum=0.0, maximum=1.0)
+    text_encoder_learning_rate: float = setting(
+        1e-6, "Text encoder learning rate", "Learning rate of the text encoder when it "
+        "trains.", "Parameters", minimum=0.0, maximum=1.0)
+    use_lora: bool = setting(
+        False, "Use LORA", "Train small LoRA adapters instead of the whole model: the base "
+        "weights stay frozen and the run saves one .safetensors file of a few MB (lora/<model "
+        "name>.safetensors) that the WebUI, kohya and diffusers load, instead of a 2-4 GB "
+        "model. Needs much less VRAM; the Lora learning rates replace the usual ones.",
+        "Parameters")
+    lora_learning_rate: float = setting(
+        1e-4, "Lora UNET Learning Rate", "UNet learning rate when Use LORA is on (LoRA "
+        "adapters need far higher rates than full fine-tuning).", "Parameters",
+        minimum=0.0, maximum=1.0)
+    lora_txt_learning_rate: float = setting(
+        5e-5, "Lora Text Encoder Learning Rate", "Text encoder learning rate when Use LORA "
+        "and Train Text Encoder are on.", "Parameters", minimum=0.0, maximum=1.0)
+    scale_lr: bool = setting(
+        False, "Scale learning rate", "Multiply the learning rates by GPUs x gradient "
+        "accumulation steps x batch size.", "Parameters")
+    lr_scheduler: str = setting(
+        "constant_with_warmup", "LR scheduler", "How the learning rate changes over the run: "
+        "constant keeps it, linear/cosine/polynomial lower it towards 0 by the end.",
+        "Parameters", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = setting(
+        0, "Warmup Steps", "Linear warm-up of the learning rate from 0 over this many steps.",
+        "Parameters", minimum=0)
+    lr_cycles: int = setting(
+        1, "Learning rate cycles", "Number of cosine cycles (restarts) for "
+        "cosine_with_restarts; other schedulers ignore it.", "Parameters",
+        minimum=1, maximum=100)
+    lr_power: float = setting(
+        1.0, "Polynomial power", "Power of the polynomial scheduler's decay (1.0 = linear); "
+        "other schedulers ignore it.", "Parameters",
+        minimum=0.0, maximum=10.0)
+    resolution: int = setting(
+        512, "Resolution", "Training side length in pixels (a multiple of 64). 640 helps when "
+        "you will generate above 512; VRAM grows with its square.", "Parameters",
+        minimum=64, maximum=2048)
+    enable_bucket: bool = setting(
+        False, "Aspect ratio buckets", "Train non-square images at their own aspect ratio "
+        "instead of a square crop: each image (class images too) goes to the bucket of about "
+        "Resolution x Resolution pixels (sides multiples of 64) nearest its shape and loses "
+        "only the sliver that differs; each batch comes from one bucket, and the log shows "
+        "how many images each bucket got. Costs nothing per step; a bucket holding few "
+        "images makes smaller batches, and cached latents are kept per bucket.", "Parameters")
+    min_bucket_reso: Optional[int] = setting(
+        None, "Minimum bucket side", "Smallest bucket width or height in pixels (a multiple "
+        "of 64). Blank = half the resolution (kohya's min_bucket_reso: 256 at 512).",
+        "Parameters", minimum=64, maximum=4096)
+    max_bucket_reso: Optional[int] = setting(
+        None, "Maximum bucket side", "Largest bucket width or height in pixels (a multiple of "
+        "64). Blank = twice the resolution (kohya's max_bucket_reso: 1024 at 512).",
+        "Parameters", minimum=64, maximum=4096)
+    center_crop: bool = setting(
+        False, "Center Crop", "Crop the center square; otherwise resize the short side and "
+        "crop at random each epoch.", "Parameters")
+    hflip: bool = setting(
+        True, "Apply Horizontal Flip", "Random left-right flip. Turn off for asymmetric "
+        "subjects (text, logos, parted hair).", "Parameters")
+    seed: Optional[int] = setting(
+        None, "Seed", "Seed for the whole run; blank = random (printed so you can repeat it).",
+        "Parameters", minimum=0, maximum=2**32 - 1)
+    concepts_path: str = setting(
+        "", "Concepts List", "A JSON file holding a list of concepts (used instead of the "
+        "concepts below).", "Parameters", path=True)
+    concepts_list: list[Concept] = setting(
+        [], "Concepts", "The concepts trained together in this run. Train several concepts in "
+        "one run: training concept B later blurs concept A.", "Concepts")
+    # Advanced
+    train_batch_size: Optional[int] = setting(
+        None, "Batch size", "Instance images per step (with prior preservation each step also "
+        "takes as many class images). More VRAM. Blank = chosen from the GPU (preset: 1 on a "
+        "T4, up to 8 on an 80 GB card).", "Advanced", minimum=1, maximum=256)
+    sample_batch_size: int = setting(
+        1, "Class batch size", "Images generated at once when making class images.",
+        "Advanced", minimum=1, maximum=256)
+    gradient_accumulation_steps: int = setting(
+        1, "Gradient accumulation steps", "Batches summed per optimizer step: a larger "
+        "effective batch at no VRAM cost, slower per step.", "Advanced", minimum=1, maximum=1024)
+    use_cpu: bool = setting(
+        False, "Use CPU Only (SLOW)", "Train on the CPU: very slow for SD, for "
+        "trying things out. SD 1.5 with AdamW needs about 17 GB of RAM (`colab-dreambooth env "
+        "--config PARAMS` estimates your settings). Cannot use 8-bit Adam.", "Advanced")
+    use_8bit_adam: Optional[bool] = setting(
+        None, "Use 8bit Adam", "bitsandbytes 8-bit optimizer state (AdamW8bit, or Lion8bit "
+        "with Lion): saves about 5 GB of VRAM on SD 1.5 with AdamW, slightly less exact; CUDA "
+        "only. Blank = chosen from the GPU (on for GPUs up to 24 GB; AdamW only). Prodigy and "
+        "Adafactor have no 8-bit form.", "Advanced")
+    optimizer: str = setting(
+        "AdamW", "Optimizer", "AdamW: the standard (2 states per weight; 8-bit with Use 8bit "
+        "Adam). Lion (pip install lion-pytorch): 1 state per weight, half AdamW's optimizer "
+        "memory; use a 3-10x lower learning rate and a 3-10x higher weight decay. "
+        "Prodigy (pip install prodigyopt): finds its own step size: set the learning rates "
+        "to 1.0; costs 2 more states per weight than AdamW. Adafactor (in transformers): "
+        "factored second moments, the least optimizer memory, may learn more slowly.",
+        "Advanced", choices=OPTIMIZERS)
+    weight_decay: float = setting(
+        1e-2, "Weight decay", "Decoupled weight decay of the optimizer: pulls weights towards "
+        "0 each step, a mild guard against over-fitting; free.", "Advanced",
+        minimum=0.0, maximum=1.0)
+    tenc_weight_decay: Optional[float] = setting(
+        None, "TENC Weight Decay", "Weight decay of the text encoder's parameters. "
+        "Blank = the same as Weight decay.", "Advanced", minimum=0.0, maximum=1.0)
+    adam_beta1: float = setting(0.9, "Adam beta 1", "First-moment (momentum) decay of AdamW, "
+                                "Lion and Prodigy; the default rarely needs changing.", "Advanced",
+                                minimum=0.0, maximum=0.99999)
+    adam_beta2: float = setting(0.999, "Adam beta 2", "Second-moment decay of AdamW and "
+                                "Prodigy (Lion's momentum decay, for which 0.99 is usual); the "
+                                "default rarely needs changing.", "Advanced",
+                                minimum=0.0, maximum=0.99999)
+    adam_epsilon: float = setting(1e-8, "Adam epsilon", "AdamW's small constant that keeps "
+                                  "steps finite; the default rarely needs changing.", "Advanced",
+                                  minimum=0.0, maximum=1.0)
+    max_grad_norm: float = setting(
+        1.0, "Max grad norm", "Clip gradients to this norm; 0 = no clipping.", "Advanced",
+        minimum=0.0)
+    mixed_precision: Optional[str] = setting(
+        None, "Mixed precision", "no / fp16 / bf16. bf16 needs an A100, L4, H100 or newer "
+        "(not T4/V100). On the CPU training runs in fp32. Blank = chosen from the GPU "
+        "(bf16 where it runs, else fp16).", "Advanced", choices=MIXED_PRECISION)
+    allow_tf32: bool = setting(
+        False, "Use TF32", "Let fp32 matmuls and convolutions use TF32 tensor cores on Ampere "
+        "and newer GPUs (A100, L4, H100, RTX 30xx+): the fp32 parts of a step run several "
+        "times faster at about 3 significant digits per product, which training tolerates. "
+        "Older GPUs and the CPU ignore it.", "Advanced")
+    full_fp16: bool = setting(
+        False, "Half model (full fp16)", "Keep the trained UNet and text encoder weights in "
+        "fp16 (bf16 with bf16 mixed precision) instead of fp32 copies: about half the weight "
+        "and optimizer memory, for the smallest GPUs. Risks: updates smaller than fp16's "
+        "precision (about 1e-3 of a weight) are rounded away, so low learning rates may learn "
+        "nothing; fp16 gradients may overflow and skip steps; results are worse than with "
+        "mixed precision. Use it with 8-bit Adam, Adafactor or Lion: torch AdamW and Prodigy "
+        "would keep their state in fp16 too. Needs fp16/bf16 mixed precision; on the CPU it "
+        "is ignored (fp32). Not used with Use LORA (the adapters stay fp32).", "Advanced")
+    deterministic: bool = setting(
+        False, "Deterministic", "Use deterministic kernels (cuDNN without autotuning, a fixed "
+        "cuBLAS workspace) so the same seed repeats the same run; slower, often 10-20% on a "
+        "GPU. Kernels with no deterministic version warn instead of failing, so a GPU run may "
+        "still differ in the last bits; on the CPU runs repeat exactly.", "Advanced")
+    attention: Optional[str] = setting(
+        None, "Memory Attention", "default = PyTorch scaled-dot-product attention "
+        "(memory-efficient, no extra install); xformers needs its package and CUDA; "
+        "flash_attention = PyTorch's flash kernel (A100, L4, H100 and newer). Blank = chosen "
+        "from the GPU.", "Advanced", choices=ATTENTION)
+    cache_latents: Optional[bool] = setting(
+        None, "Cache latents", "Run the VAE once over all images and keep the latents (both "
+        "flips when flipping), so the VAE leaves the GPU. Turn off to encode each step. "
+        "Blank = on.", "Advanced")
+    train_text_encoder: Optional[bool] = setting(
+        None, "Train Text Encoder", "Also fine-tune CLIP: better faces, about 1 GB more VRAM "
+        "(with 8-bit Adam). Blank = on unless the GPU has under 12 GB.", "Advanced")
+    stop_text_encoder: float = setting(
+        1.0, "Step Ratio of Text Encoder Training", "Fraction of the run during which the text "
+        "encoder trains (1.0 = all of it).", "Advanced", minimum=0.0, maximum=1.0)
+    lora_unet_rank: int = setting(
+        4, "Lora UNET Rank", "Rank (dim) of the UNet's LoRA adapters on the attention "
+        "projections (to_q, to_k, to_v, to_out.0): higher learns more detail, makes a bigger "
+        "file (about 0.8 MB per rank on SD 1.5) and over-fits sooner. 4-32 is usual.",
+        "Advanced", minimum=1, maximum=1024)
+    lora_txt_rank: int = setting(
+        4, "Lora Text Encoder Rank", "Rank of the text encoder's LoRA adapters (CLIP "
+        "self-attention q/k/v/out projections), used when Train Text Encoder is on.",
+        "Advanced", minimum=1, maximum=1024)
+    lora_alpha: Optional[float] = setting(
+        None, "Lora Alpha", "kohya-style network alpha: the adapters' output is scaled by "
+        "alpha / rank. Blank or 0 = the rank (scale 1.0, as in diffusers' and the extension's "
+        "LoRA, which the default learning rates suit). A fixed alpha such as 1 (kohya's "
+        "default) keeps updates the same size whatever the rank but needs a higher learning "
+        "rate (about rank / alpha times).", "Advanced", minimum=0.0)
+    use_ema: bool = setting(
+        False, "Train EMA", "Keep an exponential moving average of the UNet and save it: "
+        "guards against over-fitting late in the run; costs one more UNet of memory.",
+        "Advanced")
+    ema_on_cpu: bool = setting(
+        False, "Keep EMA on CPU", "Hold the EMA weights in host memory: saves VRAM, slower "
+        "steps.", "Advanced")
+    ema_decay: float = setting(
+        0.9999, "EMA max decay", "Upper bound of the EMA decay (warmed up from 0).", "Advanced",
+        minimum=0.0, maximum=1.0)
+    prior_loss_weight: float = setting(
+        1.0, "Prior Loss Weight", "Weight of the class-image (prior-preservation) loss.",
+        "Advanced", minimum=0.0, maximum=100.0)
+    offset_noise: float = setting(
+        0.0, "Offset Noise", "Add this much of one random value per image and channel to the "
+        "training noise, so the model learns to change an image's overall brightness (very "
+        "dark or bright pictures); 0 = off, 0.05-0.1 is usual. Free; too much shifts colours.",
+        "Advanced", minimum=0.0, maximum=1.0)
+    min_snr_gamma: float = setting(
+        0.0, "Min SNR Gamma", "Min-SNR-gamma loss weighting: weights each image's loss by "
+        "min(SNR, gamma)/SNR (v-prediction models: /(SNR+1)), so the easy low-noise steps do "
+        "not dominate; 5 is the paper's value, 0 = off. Free; often converges faster.",
+        "Advanced", minimum=0.0, maximum=100.0)
+    noise_scheduler: str = setting(
+        "DDPM", "Noise scheduler", "The scheduler that noises the latents in training, built "
+        "from the model's own scheduler config. DEIS and UniPC (the extension's other "
+        "choices) use the same beta schedule, so they add exactly the same noise as DDPM; "
+        "they are kept so the extension's files load. Epsilon or v-prediction always comes "
+        "from the model.", "Advanced", choices=NOISE_SCHEDULERS)
+    pad_tokens: bool = setting(
+        True, "Pad Tokens", "Pad every prompt to the full 75 tokens (77 with BOS/EOS); with "
+        "Max Token Length above 75, to the full number of 75-token chunks.", "Advanced")
+    max_token_length: int = setting(
+        75, "Max Token Length", "Longest prompt in tokens. 150 or 225 let long captions train "
+        "whole: they are encoded in 75-token chunks joined for the UNet (kohya and the WebUI "
+        "do the same). Each chunk is one more text-encoder pass and more cross-attention "
+        "work.", "Advanced", choices=MAX_TOKEN_LENGTHS)
+    clip_skip: int = setting(
+        1, "Clip Skip", "Condition on the text encoder's hidden state this many layers from "
+        "the end (1 = the last layer), passed through CLIP's final layer norm. 2 suits models "
+        "trained that way (NovelAI-style anime models); generate with the same value. Free.",
+        "Advanced", minimum=1, maximum=12)
+    shuffle_tags: bool = setting(
+        False, "Shuffle Tags", "Shuffle the comma-separated tags of each training prompt "
+        "every epoch (keeping the first Keep Tokens in place), so no tag order is learnt; for "
+        "tag-style captions. Free.", "Advanced")
+    keep_tokens: int = setting(
+        1, "Keep Tokens", "With Shuffle Tags: how many leading comma-separated tags stay in "
+        "place (kohya's keep_tokens). 1 keeps the first tag, which usually holds the instance "
+        "token and class word, as the extension does.", "Advanced", minimum=0, maximum=75)
+    freeze_clip_normalization: bool = setting(
+        False, "Freeze CLIP Normalization Layers", "Keep CLIP's final layer norm as it is "
+        "while the text encoder trains: its scale and shift set the size of every state the "
+        "UNet sees, and drift there moves all prompts at once. Free.", "Advanced")
+    gradient_checkpointing: Optional[bool] = setting(
+        None, "Gradient checkpointing", "Recompute activations in the backward pass: much less "
+        "VRAM, about 25% slower. Blank = chosen from the GPU (on for 16 GB cards).",
+        "Advanced")
+    # Saving and sampling cadence
+    save_every_steps: int = setting(
+        0, "Save checkpoint every N steps", "Write a checkpoint (the full training state: "
+        "weights, optimizer, schedule, random states) every N steps, so a disconnected run can "
+        "resume exactly. Costs disk and a few seconds each: SD 1.5 with AdamW is about 10 GB, "
+        "with 8-bit Adam about 5 GB, a LoRA run a few MB. A checkpoint and the model are also "
+        "written at the end and when you stop. 0 = only then.", "Saving", minimum=0)
+    save_every_epochs: int = setting(
+        0, "Save checkpoint every N epochs", "Write a checkpoint every N epochs (like the step "
+        "setting); 0 = off.", "Saving", minimum=0)
+    checkpoint_dir: str = setting(
+        "", "Checkpoint folder", "Where checkpoints go. Blank = <models root>/dreambooth/"
+        "<model name>/checkpoints. On Colab put it on Drive (/content/drive/MyDrive/...) so "
+        "it survives a disconnect.", "Saving", path=True)
+    checkpoints_to_keep: int = setting(
+        1, "Checkpoints to keep", "How many of the newest checkpoints stay; older ones are "
+        "deleted once a newer one is complete (so one is always there).", "Saving", minimum=1,
+        maximum=100)
+    checkpoint_hub_repo: str = setting(
+        "", "Checkpoint Hub repo", "hf://<user>/<repo>: also upload each checkpoint to this "
+        "Hugging Face repo (created private) in the background; training goes on if an upload "
+        "fails. The token comes from Colab's secrets (HF_TOKEN), the HF_TOKEN variable or a "
+        "login, never from this file. Blank = no upload.", "Saving")
+    save_preview_every: int = setting(
+        0, "Generate a preview every N epochs", "Preview samples of each concept every N "
+        "epochs (and at the end when non-zero); 0 = none.", "Sampling", minimum=0)
+    save_preview_every_steps: int = setting(
+        0, "Generate a preview every N steps", "Preview samples of each concept every N "
+        "optimizer steps (and at the end when non-zero); 0 = none. Each preview costs a few "
+        "seconds of generation per sample.", "Sampling", minimum=0)
+
+    # ----------------------------------------------------------------- derived paths
+    @property
+    def base_model(self) -> str:
+        """The model training starts from: ``src`` when set, else the base model."""
+        return self.src.strip() or self.pretrained_model_name_or_path.strip()
+
+    @property
+    def model_dir(self) -> Path:
+        """``<models root>/dreambooth/<model name>``: where this run's files go."""
+        root = Path(self.models_root).expanduser() if self.models_root.strip() else Path("models")
+        return root / "dreambooth" / safe_name(self.model_name)
+
+    def class_dir(self, index: int) -> Path:
+        """The class image folder of concept ``index`` (0-based), its own or the default."""
+        concept = self.concepts_list[index]
+        if concept.class_data_dir.strip():
+            return Path(concept.class_data_dir).expanduser()
+        return self.model_dir / "classifiers" / f"concept_{index + 1}"
+
+    def copy(self, **changes) -> "DreamBoothConfig":
+        """A deep copy with some fields changed."""
+        new = dataclasses.replace(self, **changes)
+        if "concepts_list" not in changes:
+            new.concepts_list = [dataclasses.replace(c) for c in self.concepts_list]
+        return new
+
+
+def safe_name(name: str) -> str:
+    """A model name usable as a folder name (what the extension keeps: letters, digits, ._- )."""
+    kept = "".join(ch for ch in name.strip() if ch.isalnum() or ch in "._- ").strip(" .")
+    return kept or "dreambooth-model"
+

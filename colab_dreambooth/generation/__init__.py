@@ -1,0 +1,1 @@
+"""Images from a model: class (regularization) images and samples with their grids."""

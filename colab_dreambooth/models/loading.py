@@ -1,0 +1,145 @@
+"""Loading the base model's parts from a Hub id, a diffusers folder, a single file or ``tiny``.
+
+:func:`load_components` takes a Hub id, a local diffusers folder, a single ``.safetensors``/
+``.ckpt`` file, or ``tiny`` (:mod:`colab_dreambooth.models.tiny`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from colab_dreambooth.config.settings import TINY_MODEL
+from colab_dreambooth.console import quiet_known_warnings
+from colab_dreambooth.errors import ModelLoadError
+from colab_dreambooth.models.tiny import tiny_model_path
+
+log = logging.getLogger(__name__)
+quiet_known_warnings()  # e.g. transformers' "requires torchvision" on every model load
+
+
+
+@dataclass
+class Components:
+    """The parts of a Stable Diffusion model that training touches."""
+
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    noise_scheduler: Any  # DDPM, for adding noise during training
+    inference_scheduler: Any  # the model's own sampling scheduler, saved with the result
+    source: str  # the local folder it was read from
+
+    @property
+    def prediction_type(self) -> str:
+        """``epsilon`` or ``v_prediction`` (SD 2.x 768 models), from the scheduler config."""
+        return self.noise_scheduler.config.prediction_type
+
+
+def load_components(name: str) -> Components:
+    """Load tokenizer, text encoder, VAE, UNet and schedulers of a base model.
+
+    ``name`` is ``tiny``, a local diffusers folder, a ``.safetensors``/``.ckpt`` single file, or
+    a Hugging Face Hub id (downloaded once into the Hub cache).
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = resolve_model_folder(name)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+        scheduler_config = _read_scheduler_config(folder)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{folder} is not a complete Stable Diffusion diffusers folder "
+                             f"(tokenizer, text_encoder, vae, unet, scheduler): {exc}") from exc
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+    inference_scheduler = _scheduler_class(scheduler_config).from_config(scheduler_config)
+    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, inference_scheduler,
+                      str(folder))
+
+
+def dtype_argument(dtype: Any) -> dict[str, Any]:
+    """The keyword that sets a diffusers ``from_pretrained``'s dtype on the installed diffusers:
+    ``dtype`` from 0.40, ``torch_dtype`` before (0.39, Colab's, ignores ``dtype`` and loads
+    fp32: twice the memory of fp16, too much for a T4 with Stable Diffusion)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    new = Version(version("diffusers")) >= Version("0.40")
+    return {"dtype" if new else "torch_dtype": dtype}
+
+
+def resolve_model_folder(name: str) -> Path:
+    """A local diffusers folder for ``name``, building, converting or downloading as needed."""
+    name = name.strip()
+    if name == TINY_MODEL:
+        return tiny_model_path()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.suffix.lower() in (".safetensors", ".ckpt"):
+        if not path.is_file():
+            raise ModelLoadError(f"model file {path} not found")
+        return _convert_single_file(path)
+    if path.exists():
+        raise ModelLoadError(f"{name} is neither a diffusers folder nor a .safetensors/.ckpt "
+                             "file")
+    from colab_dreambooth.config.validation import looks_like_local_path
+
+    if looks_like_local_path(name):
+        # "models/dreambooth/x/modle", "./base", "~/sd": a local path that is not there, not
+        # a Hub id (and never a network error about an id nobody meant).
+        raise ModelLoadError(f"the model folder {name} does not exist ({path.absolute()}): "
+                             "check the path, or give a Hub id (owner/name), a "
+                             ".safetensors/.ckpt file or 'tiny'")
+    return _download(name)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "scheduler/*", "tokenizer/*", "text_encoder/*", "vae/*",
+                "unet/*"]
+    try:
+        # Only the safetensors weights: the .bin/.ckpt copies would double the download.
+        return Path(snapshot_download(repo_id, allow_patterns=patterns,
+                                      ignore_patterns=["*.bin", "*.ckpt", "*.msgpack", "*.onnx*",
+                                                       "*non_ema*", "*.fp16.*"]))
+    except Exception as exc:  # the Hub client raises many types; all mean "could not get it"
+        raise ModelLoadError(
+            f"could not download '{repo_id}' from the Hugging Face Hub ({type(exc).__name__}: "
+            f"{exc}). Check the id and your network; a gated model needs a login "
+            f"(HF_TOKEN). No local folder {repo_id} exists in {Path.cwd()} either. Or point "
+            "the base model at a local diffusers folder or .safetensors file, or use 'tiny' "
+            "to try the package offline.") from exc
+
+
+def _convert_single_file(path: Path) -> Path:
+    """Convert a single-file checkpoint into a diffusers folder beside it (once), offline."""
+    target = path.with_name(path.stem + "-diffusers")
+    if (target / "model_index.json").is_file():
+        return target
+    from colab_dreambooth.models.single_file.convert import convert_single_file
+
+    log.info("Converting %s to the diffusers layout in %s", path, target)
+    convert_single_file(path, target)  # its CheckpointError is a ModelLoadError
+    return target
+
+
+def _read_scheduler_config(folder: Path) -> dict:
+    with open(folder / "scheduler" / "scheduler_config.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _scheduler_class(config: dict):
+    import diffusers
+
+    return getattr(diffusers, config.get("_class_name", ""), diffusers.PNDMScheduler)

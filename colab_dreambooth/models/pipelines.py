@@ -1,0 +1,110 @@
+"""Pipelines from a model: a trained folder, a run's working folder, a LoRA run or a base model
+with a LoRA file applied, on the GPU when there is one."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from colab_dreambooth.errors import ModelLoadError
+from colab_dreambooth.models.loading import dtype_argument, resolve_model_folder
+from colab_dreambooth.models.lora import lora_file_path, read_lora, state_for_diffusers
+
+if TYPE_CHECKING:
+    from colab_dreambooth.config.settings import DreamBoothConfig
+
+
+def load_pipeline(model_dir: str | Path, device: str | None = None,
+                  dtype: torch.dtype | None = None):
+    """A ``StableDiffusionPipeline`` from a model, on the GPU when there is one (in fp16
+    there, fp32 on the CPU, unless ``dtype`` says otherwise).
+
+    ``model_dir`` is a diffusers folder, a model's working folder holding ``model/`` (what
+    :func:`~colab_dreambooth.training.train.train` writes), ``tiny``, a single
+    ``.safetensors``/``.ckpt`` file or a Hub id.
+    """
+    from diffusers import StableDiffusionPipeline
+
+
+    folder = resolve_model(model_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), **dtype_argument(dtype),
+                                                   safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_trained_pipeline(config: "DreamBoothConfig", device: str | None = None):
+    """The pipeline of what ``config``'s run trained: its ``model/`` folder, or, for a LoRA
+    run, the base model with the run's LoRA file applied."""
+
+    device = device or ("cpu" if config.use_cpu else None)
+    if config.use_lora:
+        file = lora_file_path(config)
+        if not file.is_file():
+            raise ModelLoadError(f"no trained LoRA at {file}: train first (notebook 03), or set "
+                                 "Models root and Model name to those of the run")
+        return load_lora_pipeline(config.base_model, file, device=device)
+    model = config.model_dir / "model"
+    if not (model / "model_index.json").is_file():
+        raise ModelLoadError(f"no trained model in {model}: train first (notebook 03), or set "
+                             "Models root and Model name to those of the run")
+    return load_pipeline(model, device)
+
+
+def lora_run(folder: str | Path) -> tuple[str, Path] | None:
+    """``(base model, LoRA file)`` when ``folder`` is what a LoRA run wrote: its ``lora/``
+    folder or its working folder ``<models root>/dreambooth/<name>`` (which has no
+    ``model/``); None otherwise."""
+    folder = Path(folder).expanduser()
+    for candidate in (folder, folder / "lora"):
+        info_file = candidate / "training_info.json"
+        if not info_file.is_file():
+            continue
+        try:
+            info = json.loads(info_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if info.get("lora") and info.get("lora_file") and info.get("base_model"):
+            return str(info["base_model"]), candidate / info["lora_file"]
+    return None
+
+
+def resolve_model(model: str | Path) -> Path:
+    """The diffusers folder to sample from; see :func:`load_pipeline` for what is accepted."""
+
+    path = Path(model).expanduser()
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        if (path / "model" / "model_index.json").is_file():
+            return path / "model"  # the working folder <models root>/dreambooth/<name>
+        if lora_run(path):
+            raise ModelLoadError(f"{path} holds a LoRA run, not a model folder: sample it with "
+                                 "its base model and LoRA file (`sample BASE --lora FILE`, or "
+                                 "`sample` on the run's folder)")
+        raise ModelLoadError(f"{path} is not a diffusers model folder (it has no "
+                             "model_index.json): give the folder training wrote, "
+                             "<models root>/dreambooth/<model name>/model (a LoRA run: "
+                             "the base model with --lora <name>/lora/<name>.safetensors)")
+    if not path.exists() and str(model).replace("\\", "/").count("/") > 1:
+        # A Hub id is owner/name: anything deeper is a local path that is not there.
+        raise ModelLoadError(f"model folder {path} not found")
+    return resolve_model_folder(str(model))
+
+
+def load_lora_pipeline(base_model: str, lora_file: str | os.PathLike, *,
+                       device: str | None = None, scale: float = 1.0):
+    """The base model's ``StableDiffusionPipeline`` with the LoRA file applied (diffusers'
+    ``load_lora_weights``). ``scale`` is the WebUI's ``<lora:name:scale>`` multiplier."""
+
+    pipe = load_pipeline(resolve_model_folder(base_model), device=device)
+    pipe.load_lora_weights(state_for_diffusers(read_lora(lora_file)[0], pipe.text_encoder),
+                           adapter_name="lora")
+    if scale != 1.0:
+        pipe.set_adapters(["lora"], adapter_weights=[scale])
+    return pipe

@@ -1,0 +1,123 @@
+"""The tiny Stable-Diffusion-shaped model for tests and demos, built offline.
+
+It keeps SD 1.x's exact topology with tiny widths and random weights (seeded, so it is the same
+everywhere), and a real CLIP tokenizer built offline from the BPE merges shipped in the
+``open-clip-torch`` wheel.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from colab_dreambooth.errors import ModelLoadError
+from colab_dreambooth.files import save_folder_atomic
+
+TINY_VERSION = "1"
+
+
+def cache_dir() -> Path:
+    """This package's cache folder (``$COLAB_DREAMBOOTH_CACHE`` or ``~/.cache/colab_dreambooth``)."""
+    return Path(os.environ.get("COLAB_DREAMBOOTH_CACHE",
+                               Path.home() / ".cache" / "colab_dreambooth"))
+
+
+def tiny_model_path() -> Path:
+    """The tiny model's diffusers folder in the user cache, built on first use (~2 s)."""
+    target = cache_dir() / f"tiny-sd-v{TINY_VERSION}"
+    if not (target / "model_index.json").is_file():
+        save_folder_atomic(build_tiny_model, target)
+    return target
+
+
+def build_tiny_model(folder: str | os.PathLike) -> Path:
+    """Write a tiny Stable Diffusion 1.x-shaped pipeline (random, seeded weights) to ``folder``."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    tokenizer = clip_tokenizer()
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 num_train_timesteps=1000)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(32, 32, 64, 64), norm_num_groups=16, cross_attention_dim=32,
+            attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+            block_out_channels=(16, 16, 32, 32), norm_num_groups=16, sample_size=64,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+            vocab_size=len(tokenizer), max_position_embeddings=77, projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=PNDMScheduler(**betas, skip_prk_steps=True, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@lru_cache(maxsize=1)
+def _clip_vocab_files() -> Path:
+    """vocab.json + merges.txt of CLIP's BPE, made from open-clip-torch's merges file."""
+    spec = importlib.util.find_spec("open_clip")  # find, not import: it would pull torchvision
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the tiny model needs CLIP's vocabulary from the open-clip-torch "
+                             "package: pip install --no-deps open-clip-torch")
+    merges_gz = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(merges_gz).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+
+    def write(out: Path) -> None:
+        (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}),
+                                        encoding="utf-8")
+        (out / "merges.txt").write_text(
+            "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+
+    target = cache_dir() / "clip-bpe"
+    if not (target / "merges.txt").is_file():
+        save_folder_atomic(write, target)
+    return target
+
+
+def clip_tokenizer():
+    """Stable Diffusion's CLIP tokenizer (49,408 tokens, 77 positions), built offline."""
+    from transformers import CLIPTokenizer
+
+    files = _clip_vocab_files()
+    return CLIPTokenizer(str(files / "vocab.json"), str(files / "merges.txt"),
+                         model_max_length=77, pad_token="<|endoftext|>")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2/CLIP's reversible byte -> printable character table.
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))

@@ -1,0 +1,1 @@
+"""After training: model cards and releases (export, samples, upload)."""

@@ -1,0 +1,385 @@
+"""An estimate of a run's peak GPU memory, before any model is loaded.
+
+The estimate adds what lives on the GPU at the peak of a training step (the end of the
+backward pass): the weights in their dtype, the gradients and optimizer states of what trains,
+the EMA copy, the activations kept for the backward pass, the VAE when latents are not cached,
+and the CUDA context. Figures are GiB, which the package (like ``nvidia-smi``) calls GB.
+
+Calibration (SD 1.5 at 512 px):
+
+- ShivamShrirao/diffusers, examples/dreambooth/README.md, measured on a Tesla T4 with
+  prior preservation (two rows per step at batch 1), xformers, VAE and text encoder off the GPU:
+  fp16 + 8-bit Adam + checkpointing 9.92 GB; batch 2 10.4 GB (+0.24 GB per row with
+  checkpointing); without checkpointing 11.17 GB, batch 2 13.67 GB (+1.25 GB per row); fp32
+  AdamW instead of 8-bit 15.79 GB. Those are ``nvidia-smi`` figures with torch 1.12, whose CUDA
+  context (no lazy kernel loading) took ~0.5 GB more than today's; this module gives 9.1 GB for
+  that configuration.
+- kohya-style fine-tuning on an RTX 4090 (arca.live/b/aiart/77209577): with xformers
+  +1.34 GB per image without checkpointing, +0.5 GB with it; without memory-efficient attention
+  +7 GB per image (we never run that: the package always uses SDPA or xformers).
+- The diffusers DreamBooth README: fine-tuning the text encoder too (fp32 AdamW, prior
+  preservation) "needs 24 GB"; this module gives 16-18 GB for it at batch 1 (with and without
+  checkpointing): more than a 16 GB card holds, as there.
+
+The sum is deliberately simple and errs high at batch 1 without checkpointing, where the
+backward pass frees activations while it creates gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.runtime.packages import INSTALL_HINT, importable
+
+if TYPE_CHECKING:
+    from colab_dreambooth.config.settings import DreamBoothConfig
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Parameter counts of a Stable Diffusion model's parts."""
+
+    unet: int
+    text_encoder: int
+    vae: int
+    label: str
+
+
+# Exact counts of the published models (diffusers' UNet2DConditionModel, CLIPTextModel,
+# AutoencoderKL built from their configs).
+SD15 = ModelSizes(859_520_964, 123_060_480, 83_653_863, "SD 1.x")
+SD2 = ModelSizes(865_910_724, 340_387_840, 83_653_863, "SD 2.x")
+
+# Activations kept for the backward pass, GiB per row (image) of SD 1.5 at 512 px in
+# fp16/bf16 with memory-efficient attention (see the module docstring for the sources).
+ACTIVATIONS_GB = 1.3
+ACTIVATIONS_CHECKPOINTED_GB = 0.25
+# fp32 activations take about twice as much (autocast already keeps some in fp32).
+FP32_ACTIVATION_FACTOR = 2.0
+# Flash attention keeps slightly less than the memory-efficient kernel (no padding buffers).
+ATTENTION_FACTOR = {"flash_attention": 0.9}
+TEXT_ENCODER_ACTIVATIONS_GB = 0.03  # CLIP-L over 77 tokens, per row
+VAE_ENCODE_GB = 0.3  # transient activations of encoding one 512 px image (no gradients)
+# CUDA context (lazy kernel loading), cuBLAS/cuDNN workspaces and the allocator's slack.
+CUDA_OVERHEAD_GB = 0.6
+# Optimizer state bytes per fp32 weight. bitsandbytes AdamW8bit: two 1-byte states (plus
+# per-block scales, ~1%); Lion one state; Prodigy four (two moments, its s and the initial
+# weights); Adafactor factored second moments only, a row and a column per matrix (~0).
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "lion": 4, "lion8bit": 1, "prodigy": 16,
+                   "adafactor": 0}
+# LoRA parameters per unit of rank on SD 1.5's attention projections (q, k, v, out):
+# 16 transformer blocks in the UNet, 12 layers in CLIP-L.
+LORA_UNET_PER_RANK = 199_296
+LORA_TEXT_PER_RANK = 73_728
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak GPU memory of a configuration, item by item, in GB (GiB)."""
+
+    items: list[tuple[str, float]]
+    device_gb: float  # the GPU's memory; 0 on the CPU
+    on_gpu: bool
+    notes: list[str] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)  # changes that would lower the peak
+
+    @property
+    def total_gb(self) -> float:
+        """The estimated peak."""
+        return sum(gb for _, gb in self.items)
+
+    @property
+    def fits(self) -> bool:
+        """True on the CPU, or when the peak is within the GPU's memory."""
+        return not self.on_gpu or self.total_gb <= self.device_gb
+
+    def __str__(self) -> str:
+        where = (f"of {self.device_gb:.1f} GB usable on the GPU" if self.on_gpu
+                 else "(host memory: training runs on the CPU)")
+        lines = [f"Estimated peak memory: {self.total_gb:.1f} GB {where}"]
+        lines += [f"  {label:52} {gb:6.2f} GB" for label, gb in self.items if gb >= 0.005]
+        lines += [f"  note: {n}" for n in self.notes]
+        if not self.fits:
+            lines.append("  It will not fit. Estimated peak after each change: "
+                         + "; ".join(self.advice))
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Fix:
+    """One change that lowers the peak, with the estimate once it is made."""
+
+    changes: dict  # field -> new value
+    label: str  # what to do, in the form's words
+    estimate_gb: float
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The fields to change."""
+        return tuple(self.changes)
+
+    def __str__(self) -> str:
+        return f"{self.label}: {self.estimate_gb:.1f} GB"
+
+
+def estimate_peak_memory(config: "DreamBoothConfig", device: DeviceInfo, *,
+                         sizes: ModelSizes | None = None, bitsandbytes: bool | None = None,
+                         processes: int | None = None, fixes: bool = True) -> MemoryEstimate:
+    """Estimate the peak memory of training ``config`` on ``device``.
+
+    Blank (auto) preset fields are first filled as training would fill them. ``sizes`` are the
+    model's parameter counts (from :func:`model_sizes` of the base model when None);
+    ``bitsandbytes`` says whether 8-bit Adam can really run (detected when None);
+    ``processes`` is the number of training processes (the WORLD_SIZE when None): with more
+    than one, DistributedDataParallel keeps a bucket copy of the gradients. The estimate is
+    compared with the GPU's usable (free) memory; with ``fixes`` its ``advice`` lists the
+    changes that lower it, each with the estimate once made (see :func:`memory_fixes`).
+    """
+    from colab_dreambooth.config.presets import apply_preset
+
+    original, config = config, apply_preset(config, device)[0]
+    sizes = sizes or model_sizes(config.base_model)
+    on_gpu = device.kind == "cuda" and not config.use_cpu
+    if bitsandbytes is None:
+        bitsandbytes = importable("bitsandbytes")
+    if processes is None:
+        processes = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    precision = config.mixed_precision if on_gpu else "no"
+    half = 2 if precision in ("fp16", "bf16") else 4
+    # Activations and LoRA sizes scale with the width; parameters with its square.
+    width = (sizes.unet / SD15.unet) ** 0.5
+    text_width = (sizes.text_encoder / SD15.text_encoder) ** 0.5
+    area = (config.resolution / 512) ** 2
+    prior = any(c.wants_prior_preservation for c in config.concepts_list)
+    rows = config.train_batch_size * (2 if prior else 1)
+    trains_text = bool(config.train_text_encoder)
+    notes: list[str] = []
+
+    name = config.optimizer if config.optimizer in ("Lion", "Prodigy", "Adafactor") else "AdamW"
+    eight_bit = bool(config.use_8bit_adam) and on_gpu and name in ("AdamW", "Lion")
+    if eight_bit and not bitsandbytes:
+        notes.append("8-bit Adam is on but bitsandbytes is not installed: counted as torch "
+                     f"{name} ({INSTALL_HINT})")
+        eight_bit = False
+    # Half model: the trained weights, their gradients and torch optimizers' states in 16 bit.
+    full_half = bool(config.full_fp16) and half == 2 and not config.use_lora
+    weight_bytes = 2 if full_half else 4
+    optimizer_bytes = OPTIMIZER_BYTES[name.lower() + ("8bit" if eight_bit else "")]
+    if full_half and not eight_bit and name != "Adafactor":
+        optimizer_bytes //= 2
+    optimizer_label = (f"8-bit {name}" if eight_bit else
+                       f"{name}, {'16-bit' if full_half and name != 'Adafactor' else 'fp32'}")
+
+    items: list[tuple[str, float]] = []
+    if config.use_lora:
+        adapters = round(config.lora_unet_rank * LORA_UNET_PER_RANK * width)
+        if trains_text:
+            adapters += round(config.lora_txt_rank * LORA_TEXT_PER_RANK * text_width)
+        items += [
+            (f"UNet weights ({_dtype(half)}, frozen)", sizes.unet * half / GIB),
+            (f"text encoder weights ({_dtype(half)}, frozen)", sizes.text_encoder * half / GIB),
+            ("LoRA adapters: fp32 weights, gradients, AdamW states",
+             adapters * (4 + 4 + 8) / GIB)]
+        trained = adapters
+    else:
+        trained = sizes.unet + (sizes.text_encoder if trains_text else 0)
+        trained_dtype = _dtype(weight_bytes)
+        items.append((f"UNet weights ({trained_dtype}, trained)",
+                      sizes.unet * weight_bytes / GIB))
+        items.append((f"text encoder weights "
+                      f"({trained_dtype + ', trained' if trains_text else _dtype(half)})",
+                      sizes.text_encoder * (weight_bytes if trains_text else half) / GIB))
+        items.append((f"gradients ({trained_dtype})", trained * weight_bytes / GIB))
+        items.append((f"optimizer states ({optimizer_label})", trained * optimizer_bytes / GIB))
+        if processes > 1:
+            items.append(("gradient buckets of DistributedDataParallel",
+                          trained * weight_bytes / GIB))
+
+    checkpointing = bool(config.gradient_checkpointing)
+    per_row = ACTIVATIONS_CHECKPOINTED_GB if checkpointing else ACTIVATIONS_GB
+    per_row *= ATTENTION_FACTOR.get(_attention(config.attention, device), 1.0)
+    if half == 4:
+        per_row *= FP32_ACTIVATION_FACTOR
+    items.append((f"activations ({rows} row(s) at {config.resolution} px"
+                  f"{', checkpointed' if checkpointing else ''})", rows * per_row * area * width))
+    if trains_text:
+        text_rows = TEXT_ENCODER_ACTIVATIONS_GB * (0.2 if checkpointing else 1.0) * (4 / half)
+        items.append(("text encoder activations", rows * text_rows * text_width))
+    if not config.cache_latents:
+        items.append((f"VAE ({_dtype(half)}) and encoding each step",
+                      sizes.vae * half / GIB + rows * VAE_ENCODE_GB * area * (half / 2)))
+    if config.use_ema and not config.ema_on_cpu:
+        items.append(("EMA copy of the UNet (fp32)", sizes.unet * 4 / GIB))
+    if on_gpu:
+        items.append(("CUDA context, workspaces, allocator slack", CUDA_OVERHEAD_GB))
+    if sizes.label not in (SD15.label, SD2.label):
+        notes.append(f"model sizes counted from {sizes.label}")
+
+    estimate = MemoryEstimate(items, device.usable_memory_gb if on_gpu else 0.0, on_gpu, notes)
+    if fixes and on_gpu:
+        found = memory_fixes(original, device, sizes=sizes, bitsandbytes=bitsandbytes,
+                             processes=processes)
+        estimate.advice = [str(f) for f in found if f.estimate_gb < estimate.total_gb - 0.05]
+    return estimate
+
+
+def warn_if_too_big(config: "DreamBoothConfig", device: DeviceInfo, *,
+                    sizes: ModelSizes | None = None,
+                    bitsandbytes: bool | None = None) -> MemoryEstimate | None:
+    """Log a warning (with what to change) when ``config`` will not fit ``device``'s memory.
+    Says nothing on the CPU; returns the estimate (None on the CPU). The keywords are those of
+    :func:`estimate_peak_memory`."""
+    if device.kind != "cuda" or config.use_cpu:
+        return None
+    try:
+        estimate = estimate_peak_memory(config, device, sizes=sizes, bitsandbytes=bitsandbytes)
+    except Exception as exc:  # an estimate must never stop a run
+        log.debug("no memory estimate: %s", exc)
+        return None
+    if not estimate.fits:
+        log.warning("This configuration needs about %.1f GB of GPU memory but %s has %.1f GB "
+                    "usable: it will probably run out of memory. Estimated peak after each "
+                    "change: %s", estimate.total_gb, device.name, device.usable_memory_gb,
+                    "; ".join(estimate.advice))
+    else:
+        log.info("Estimated peak GPU memory %.1f GB of %.1f GB", estimate.total_gb,
+                 device.usable_memory_gb)
+    return estimate
+
+
+def memory_fixes(config: "DreamBoothConfig", device: DeviceInfo, *,
+                 sizes: ModelSizes | None = None, bitsandbytes: bool | None = None,
+                 processes: int | None = None) -> list[Fix]:
+    """Each single change that would lower ``config``'s peak on ``device``, in the order a user
+    would try them (cheapest in quality first), with the estimate once it is made. Blank
+    fields are filled by the preset first; Use LORA is estimated with the preset's LoRA
+    values."""
+    from colab_dreambooth.config.presets import apply_preset
+
+    if bitsandbytes is None:
+        bitsandbytes = importable("bitsandbytes")
+    resolved = apply_preset(config, device)[0]
+
+    def estimate(changed: "DreamBoothConfig", bnb: bool = bitsandbytes) -> float:
+        return estimate_peak_memory(changed, device, sizes=sizes, bitsandbytes=bnb,
+                                    processes=processes, fixes=False).total_gb
+
+    fixes: list[Fix] = []
+
+    def add(changes: dict, label: str, bnb: bool = bitsandbytes) -> None:
+        fixes.append(Fix(changes, label, estimate(resolved.copy(**changes), bnb)))
+
+    full = not resolved.use_lora
+    if not resolved.gradient_checkpointing:
+        add({"gradient_checkpointing": True}, "turn on Gradient checkpointing")
+    eight_bit = bool(resolved.use_8bit_adam) and bitsandbytes
+    if full and resolved.optimizer in ("AdamW", "Lion") and not eight_bit:
+        if bitsandbytes:
+            add({"use_8bit_adam": True}, "turn on Use 8bit Adam")
+        else:
+            add({"use_8bit_adam": True}, f"install bitsandbytes ({INSTALL_HINT}, CUDA only) "
+                "and turn on Use 8bit Adam", bnb=True)
+    if full and resolved.optimizer != "Adafactor":
+        add({"optimizer": "Adafactor"}, "set Optimizer to Adafactor (the least optimizer "
+            "memory; it may need another learning rate)")
+    if resolved.use_ema and not resolved.ema_on_cpu:
+        add({"ema_on_cpu": True}, "turn on Keep EMA on CPU")
+    if not resolved.cache_latents:
+        add({"cache_latents": True}, "turn on Cache latents")
+    if resolved.train_batch_size and resolved.train_batch_size > 1:
+        add({"train_batch_size": 1}, "set Batch size to 1 (raise Gradient accumulation steps "
+            "instead)")
+    if full and resolved.train_text_encoder:
+        add({"train_text_encoder": False}, "turn off Train Text Encoder")
+    if full:
+        fixes.append(Fix({"use_lora": True}, "turn on Use LORA",
+                         estimate(config.copy(use_lora=True))))
+    if resolved.resolution > 512:
+        add({"resolution": 512}, "set Resolution to 512")
+    return fixes
+
+
+def _dtype(half: int) -> str:
+    return "fp16/bf16" if half == 2 else "fp32"
+
+
+def _attention(choice: str | None, device: DeviceInfo) -> str:
+    return "flash_attention" if choice == "flash_attention" and device.flash_attention else "sdpa"
+
+
+@lru_cache(maxsize=16)
+def model_sizes(base_model: str) -> ModelSizes:
+    """Parameter counts of ``base_model``: counted from its configs when they are on this
+    machine (the tiny model, a local diffusers folder, a Hub model already downloaded), else
+    those of SD 2.x for a name that says so and of SD 1.x otherwise. Loads no weights."""
+    from colab_dreambooth.config.settings import TINY_MODEL
+
+    name = base_model.strip()
+    try:
+        if name == TINY_MODEL:
+            from colab_dreambooth.models.tiny import tiny_model_path
+
+            return count_parameters(tiny_model_path(), "the tiny model")
+        folder = _local_folder(name)
+        if folder is not None:
+            return count_parameters(folder, name)
+    except Exception as exc:  # unreadable configs: fall back to the published sizes
+        log.debug("could not count the parameters of %s: %s", name, exc)
+    lowered = name.lower()
+    return SD2 if ("stable-diffusion-2" in lowered or "sd2" in lowered
+                   or "v2-1" in lowered) else SD15
+
+
+def _local_folder(name: str) -> Path | None:
+    path = Path(name).expanduser()
+    if (path / "unet" / "config.json").is_file():
+        return path
+    if path.suffix.lower() in (".safetensors", ".ckpt"):
+        converted = path.with_name(path.stem + "-diffusers")
+        return converted if (converted / "unet" / "config.json").is_file() else None
+    if name.count("/") == 1 and not path.exists():  # a Hub id: only its local cache
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "unet/config.json")
+        if isinstance(found, str):
+            return Path(found).parent.parent
+    return None
+
+
+def count_parameters(folder: str | os.PathLike, label: str) -> ModelSizes:
+    """Parameter counts of a diffusers folder's UNet, text encoder and VAE, from their
+    configs alone (built on the meta device: no memory, no weights read)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(_read(folder / "unet" / "config.json"))
+        vae = AutoencoderKL.from_config(_read(folder / "vae" / "config.json"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+    return ModelSizes(_numel(unet), _numel(text), _numel(vae), label)
+
+
+def _read(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _numel(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = ["Fix", "MemoryEstimate", "ModelSizes", "SD15", "SD2", "count_parameters",
+           "estimate_peak_memory", "memory_fixes", "model_sizes", "warn_if_too_big"]
