@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 import ipywidgets as w
 
-from colab_dreambooth.config.fields import field_specs
+from colab_dreambooth.config.fields import TABS, field_specs
 from colab_dreambooth.config.params import read_params, save_params
 from colab_dreambooth.config.settings import Concept, DreamBoothConfig
 from colab_dreambooth.config.validation import validate
@@ -30,9 +30,6 @@ from .environment import runtime_banner
 
 RUN_SPECS = field_specs(DreamBoothConfig)
 CONCEPT_SPECS = field_specs(Concept)
-TABS = ("Model", "Parameters", "Advanced", "Concepts", "Saving", "Sampling")
-# Class-image settings are per concept, so they live in the concept blocks as the extension has.
-TAB_OF_GROUP = {"Class images": "Concepts"}
 CONCEPT_SECTIONS = ("Concepts", "Class images", "Sampling")
 CONCEPTS_FIELD = "concepts_list"  # the one list-typed field: edited as concept blocks
 _CONCEPT_WHERE = re.compile(r"^concept (\d+)(?: (\w+))?$")
@@ -137,7 +134,7 @@ class ConfigForm:
     # ------------------------------------------------------------------------ layout
     def _shown_fields(self, tab: str) -> list[FieldControl]:
         return [c for c in self.fields.values()
-                if TAB_OF_GROUP.get(c.spec.setting.group, c.spec.setting.group) == tab
+                if c.spec.setting.tab == tab
                 and (self.only is None or c.name in self.only)]
 
     def _tab_has_fields(self, tab: str) -> bool:
@@ -308,7 +305,7 @@ class ConfigForm:
     def _update_tab_titles(self) -> None:
         counts = dict.fromkeys(self.tab_names, 0)
         for control in self.fields.values():
-            tab = TAB_OF_GROUP.get(control.spec.setting.group, control.spec.setting.group)
+            tab = control.spec.setting.tab
             if tab in counts and self.shows(control.name):
                 counts[tab] += len(control.shown)
         if "Concepts" in counts:

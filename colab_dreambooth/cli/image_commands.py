@@ -7,7 +7,13 @@ import random
 import sys
 from pathlib import Path
 
-from colab_dreambooth.cli.options import add_config_options, config_from_args
+from colab_dreambooth.cli.options import (
+    add_config_options,
+    add_settings_options,
+    config_from_args,
+    settings_from_args,
+)
+from colab_dreambooth.config.commands import SampleSettings
 from colab_dreambooth.errors import ModelLoadError
 from colab_dreambooth.generation.class_images import generate_class_images
 from colab_dreambooth.generation.sample import SampleJob, run_samples
@@ -51,37 +57,26 @@ def add_sample(subparsers) -> argparse.ArgumentParser:
                    help="the trained diffusers folder (or the model's working folder, 'tiny', "
                         "a .safetensors/.ckpt file, a Hub id); for a LoRA: its base model, or "
                         "the LoRA run's folder (base and LoRA file are then read from it)")
-    p.add_argument("--lora", type=Path, default=None, metavar="FILE",
-                   help="a LoRA .safetensors (ours, kohya's, the WebUI's) applied on MODEL_DIR")
-    p.add_argument("--lora-scale", type=float, default=1.0,
-                   help="the LoRA's strength, the WebUI's <lora:name:scale> (default 1.0)")
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt to sample (repeat for several)")
-    p.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
-    p.add_argument("--seed", type=int, default=-1,
-                   help="seed of the first image of each prompt; -1 = random (default)")
-    p.add_argument("--negative-prompt", default="", help="negative prompt")
-    p.add_argument("--steps", type=int, default=20, help="inference steps (default 20)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale (default 7.5)")
-    p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
-    p.add_argument("--columns", type=int, default=None, help="grid columns (default up to 4)")
     p.add_argument("--out", type=Path, required=True, help="folder for the PNGs and the grid")
+    add_settings_options(p, SampleSettings, lora={"metavar": "FILE"})
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(run=_run_sample)
     return p
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    if args.n < 1 or args.steps < 1:
+    settings = settings_from_args(args, SampleSettings)
+    if settings.n < 1 or settings.steps < 1:
         print("error: --n and --steps must be at least 1", file=sys.stderr)
         return 2
-    for side in (args.height, args.width):
+    for side in (settings.height, settings.width):
         if side is not None and (side < 64 or side % 8):
             print("error: --height and --width must be multiples of 8, at least 64",
                   file=sys.stderr)
             return 2
-    base, lora = args.model_dir, args.lora
+    base, lora = args.model_dir, settings.lora
     if lora is None and not (Path(base).expanduser() / "model" / "model_index.json").is_file():
         found = lora_run(base)  # a LoRA run's folder: its base model and its file
         if found:
@@ -90,15 +85,15 @@ def _run_sample(args: argparse.Namespace) -> int:
     if lora is not None and not Path(lora).expanduser().is_file():
         raise ModelLoadError(f"LoRA file {lora} not found: a LoRA run writes "
                              "<models root>/dreambooth/<model name>/lora/<model name>.safetensors")
-    seed = args.seed if args.seed >= 0 else random.randrange(2**31)
-    jobs = [SampleJob(prompt, seed + i, args.negative_prompt, args.guidance_scale, args.steps,
-                      args.height, args.width)
-            for prompt in args.prompt for i in range(args.n)]
+    seed = settings.seed if settings.seed >= 0 else random.randrange(2**31)
+    jobs = [SampleJob(prompt, seed + i, settings.negative_prompt, settings.guidance_scale,
+                      settings.steps, settings.height, settings.width)
+            for prompt in args.prompt for i in range(settings.n)]
     if lora is not None:
-        pipe = load_lora_pipeline(base, Path(lora).expanduser(), scale=args.lora_scale)
+        pipe = load_lora_pipeline(base, Path(lora).expanduser(), scale=settings.lora_scale)
     else:
         pipe = load_pipeline(base)
-    result = run_samples(pipe, jobs, args.out, columns=args.columns,
+    result = run_samples(pipe, jobs, args.out, columns=settings.columns,
                          progress=not args.no_progress)
     for path, job in zip(result.paths, result.jobs):
         print(f"{path}  (seed {job.seed}) {job.prompt}")

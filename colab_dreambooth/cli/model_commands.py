@@ -7,6 +7,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from colab_dreambooth.cli.options import add_settings_options
+from colab_dreambooth.config.commands import (
+    CreateModelSettings,
+    DehydrateSettings,
+    ExportSettings,
+)
 from colab_dreambooth.errors import ModelLoadError
 from colab_dreambooth.models.single_file.convert import CheckpointError, convert_single_file
 from colab_dreambooth.models.single_file.dehydrate import (
@@ -33,10 +39,7 @@ def add_create_model(subparsers: argparse._SubParsersAction) -> argparse.Argumen
                       "default: detected from the file")
     pred.add_argument("--epsilon", dest="v_prediction", action="store_const", const=False,
                       help="the model predicts noise (SD 1.x, SD 2.x base 512)")
-    p.add_argument("--fp16", action="store_true", help="write half-precision weights (half "
-                   "the disk; default fp32)")
-    p.add_argument("--ema", action="store_true", help="take the UNet's EMA weights when the "
-                   "file has them")
+    add_settings_options(p, CreateModelSettings)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.set_defaults(run=_run_create_model)
     return p
@@ -56,7 +59,7 @@ def _run_create_model(args: argparse.Namespace) -> int:
 
 
 def add_export(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``export MODEL_DIR OUT_FILE [--fp16] [--ema] [--overwrite]``."""
+    """Add ``export MODEL_DIR OUT_FILE [--no-fp16] [--ema] [--overwrite]``."""
     p = subparsers.add_parser(
         "export", help="write a trained diffusers folder as one .safetensors/.ckpt file",
         description="Export a diffusers folder as one checkpoint in the original layout, for "
@@ -64,9 +67,7 @@ def add_export(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "format: .safetensors (recommended) or .ckpt.")
     p.add_argument("model_dir", type=Path, help="the diffusers folder (e.g. <model>/model)")
     p.add_argument("out_file", type=Path, help="the file to write (.safetensors or .ckpt)")
-    p.add_argument("--fp16", action="store_true", help="half precision: half the size "
-                   "(default fp32)")
-    p.add_argument("--ema", action="store_true", help="export the EMA UNet (unet_ema/)")
+    add_settings_options(p, ExportSettings)
     p.add_argument("--overwrite", action="store_true", help="replace OUT_FILE if it exists")
     p.add_argument("--model-card", action="store_true", help="also write a Hub-ready README.md "
                    "(model card) next to OUT_FILE")
@@ -101,10 +102,11 @@ def add_dehydrate_rehydrate(subparsers: Any) -> None:
     p.add_argument("base", help="the base model it was trained from: diffusers folder, "
                    ".safetensors/.ckpt, Hub id, or 'tiny'")
     p.add_argument("out_file", type=Path, help="the .safetensors file to write")
-    p.add_argument("--rank", type=int, nargs="?", const=DEFAULT_RANK, default=None, metavar="R",
-                   help=f"compact low-rank mode with rank R (R = {DEFAULT_RANK} when left out: "
-                        "a full SD 1.5 model stays under 1 GB); higher R, smaller error, bigger "
-                        "file. Without --rank the file is lossless.")
+    add_settings_options(p, DehydrateSettings, rank=dict(
+        nargs="?", const=DEFAULT_RANK, metavar="R",
+        help=f"compact low-rank mode with rank R (R = {DEFAULT_RANK} when left out: a full SD "
+             "1.5 model stays under 1 GB); higher R, smaller error, bigger file. Without --rank "
+             "the file is lossless."))
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_FILE")
     p.set_defaults(run=_run_dehydrate)
 

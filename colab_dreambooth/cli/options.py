@@ -1,10 +1,12 @@
-"""Command-line options for every field of the configuration, derived from its declaration:
-``--config PARAMS`` plus one ``--field-name VALUE`` override per field (``none`` blanks it)."""
+"""Command-line options derived from the settings' declarations: for a run, ``--config PARAMS``
+plus one ``--field-name VALUE`` override per field (``none`` blanks it); for the model commands,
+one option per field of their settings dataclass (:mod:`colab_dreambooth.config.commands`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any, TypeVar
 
 from colab_dreambooth.config.fields import FieldSpec, field_specs
 from colab_dreambooth.config.params import load_params
@@ -24,6 +26,41 @@ class _Blank:
 
 
 BLANK = _Blank()
+S = TypeVar("S")
+
+
+def add_settings_options(p: argparse.ArgumentParser, cls: type,
+                         **changes: dict[str, Any]) -> None:
+    """One option per field of the settings dataclass ``cls``, at the field's default:
+    ``--name VALUE``, or ``--name`` for a switch (and ``--no-name`` when it is on by default).
+    ``changes[name]`` adds to or replaces the argparse arguments of one option (e.g. ``nargs``)."""
+    for name, spec in field_specs(cls).items():
+        help = spec.setting.help  # a blank default's meaning is in the help
+        if spec.default not in (None, ""):
+            help += f" (default: {_shown(spec.default)})"
+        kwargs: dict[str, Any] = {"default": spec.default, "dest": name,
+                                  "help": help.replace("%", "%%")}
+        option = "--" + name.replace("_", "-")
+        if spec.type is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update(type=spec.type, metavar=_metavar(spec).removesuffix("|none"))
+        kwargs.update(changes.get(name, {}))
+        p.add_argument(option, **kwargs)
+        if spec.type is bool and spec.default:  # BooleanOptionalAction's help varies by version
+            p.add_argument("--no-" + option[2:], dest=name, action="store_false",
+                           default=spec.default, help=f"turn {option} off")
+
+
+def _shown(default: Any) -> str:
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return str(default)
+
+
+def settings_from_args(args: argparse.Namespace, cls: type[S]) -> S:
+    """The settings dataclass ``cls`` as the options of :func:`add_settings_options` set it."""
+    return cls(**{name: getattr(args, name) for name in field_specs(cls)})
 
 
 def add_config_options(p: argparse.ArgumentParser) -> None:

@@ -1,8 +1,11 @@
-"""Field metadata: the one place where a setting's label, help, group and limits are declared.
+"""Field metadata: the one place where everything about a setting is declared.
 
 Every configuration field is a dataclass field whose ``metadata["setting"]`` holds a
-:class:`Setting`. JSON load/save, validation, the CLI and the notebook forms all read it,
-so a field is declared once.
+:class:`Setting`: its label, help, group (hence its form tab), limits and choices, whether a
+GPU preset fills it when blank and whether a resumed run must keep it. JSON load/save,
+validation, the GPU presets, checkpoints, the CLI and the notebook forms all read it, so a field
+is declared once. The commands' own settings (:mod:`colab_dreambooth.config.commands`) are
+declared the same way.
 """
 
 from __future__ import annotations
@@ -14,12 +17,18 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-GROUPS = ("Model", "Parameters", "Advanced", "Saving", "Sampling", "Concepts", "Class images")
+# Each group of settings and the form tab that shows it, in the tabs' order. Class-image
+# settings are per concept, so they sit in the concept blocks, as in the extension.
+GROUP_TABS = {"Model": "Model", "Parameters": "Parameters", "Advanced": "Advanced",
+              "Concepts": "Concepts", "Class images": "Concepts", "Saving": "Saving",
+              "Sampling": "Sampling"}
+GROUPS = tuple(GROUP_TABS)
+TABS = tuple(dict.fromkeys(GROUP_TABS.values()))
 
 
 @dataclass(frozen=True)
 class Setting:
-    """How one configuration field is presented and checked."""
+    """How one configuration field is presented, checked and treated by presets and resume."""
 
     label: str
     help: str
@@ -28,6 +37,17 @@ class Setting:
     minimum: float | None = None
     maximum: float | None = None
     path: bool = False  # a file or folder: forms show a path picker
+    # Its column in the GPU preset table (None: no preset fills it). Blank (None) means "let the
+    # preset decide" for these fields.
+    preset_column: int | None = None
+    # It changes what a checkpoint's tensors or batches mean: resuming with another value
+    # cannot continue the same run, so it is refused.
+    must_match: bool = False
+
+    @property
+    def tab(self) -> str:
+        """The form tab that shows the field."""
+        return GROUP_TABS[self.group]
 
 
 def setting(
@@ -40,13 +60,28 @@ def setting(
     minimum: float | None = None,
     maximum: float | None = None,
     path: bool = False,
+    preset_column: int | None = None,
+    must_match: bool = False,
 ) -> Any:
     """Declare a dataclass field together with its :class:`Setting`."""
     assert group in GROUPS, group
-    meta = {"setting": Setting(label, help, group, choices, minimum, maximum, path)}
+    assert default is None or preset_column is None, "a preset fills only blank fields"
+    meta = {"setting": Setting(label, help, group, choices, minimum, maximum, path,
+                               preset_column, must_match)}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def same_setting(cls: type, name: str) -> Any:
+    """Declare a field exactly as field ``name`` of ``cls`` is declared (default and
+    :class:`Setting`), for a form that offers a command's option: their defaults cannot
+    disagree."""
+    spec = field_specs(cls)[name]
+    s = spec.setting
+    return setting(spec.default, s.label, s.help, s.group, choices=s.choices,
+                   minimum=s.minimum, maximum=s.maximum, path=s.path,
+                   preset_column=s.preset_column, must_match=s.must_match)
 
 
 @dataclass(frozen=True)
@@ -71,6 +106,18 @@ def field_specs(cls: type) -> dict[str, FieldSpec]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         specs[f.name] = FieldSpec(f.name, base, optional, default, f.metadata["setting"])
     return specs
+
+
+def preset_fields(cls: type) -> tuple[str, ...]:
+    """The fields a GPU preset fills when blank, in the preset table's column order."""
+    columns = {spec.setting.preset_column: name for name, spec in field_specs(cls).items()
+               if spec.setting.preset_column is not None}
+    return tuple(columns[column] for column in sorted(columns))
+
+
+def must_match_fields(cls: type) -> tuple[str, ...]:
+    """The fields a resumed run must keep (see :attr:`Setting.must_match`)."""
+    return tuple(name for name, spec in field_specs(cls).items() if spec.setting.must_match)
 
 
 def _unwrap_optional(hint: Any) -> tuple[Any, bool]:

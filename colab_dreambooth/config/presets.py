@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
+from colab_dreambooth.config.fields import preset_fields
+from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.runtime.environment import DeviceInfo
 
-if TYPE_CHECKING:
-    from colab_dreambooth.config.settings import DreamBoothConfig
-
-# The fields a preset decides, in the order its table shows them.
-PRESET_FIELDS = ("mixed_precision", "use_8bit_adam", "gradient_checkpointing", "attention",
-                 "cache_latents", "train_batch_size", "train_text_encoder")
+# The fields a preset decides, in the order its table shows them (each declares its column).
+PRESET_FIELDS = preset_fields(DreamBoothConfig)
 
 _FP16 = ("fp16", "no bf16 on this GPU; fp16 runs on its tensor cores")
 _BF16 = ("bf16", "bf16 tensor cores: fp16's speed without its overflow risk")
@@ -149,7 +147,7 @@ def choose_preset(device: DeviceInfo) -> Preset:
     return max(fits, key=lambda p: p.memory_gb) if fits else PRESETS_BY_NAME["small"]
 
 
-def preset_for(config: "DreamBoothConfig", device: DeviceInfo) -> Preset:
+def preset_for(config: DreamBoothConfig, device: DeviceInfo) -> Preset:
     """The preset a run of ``config`` on ``device`` uses ("CPU" with Use CPU Only)."""
     return PRESETS_BY_NAME["CPU"] if config.use_cpu else choose_preset(device)
 
@@ -173,8 +171,8 @@ def preset_values(preset: Preset, device: DeviceInfo, *,
     return values
 
 
-def apply_preset(config: "DreamBoothConfig", device: DeviceInfo,
-                 preset: Preset | None = None) -> tuple["DreamBoothConfig", list[Choice]]:
+def apply_preset(config: DreamBoothConfig, device: DeviceInfo,
+                 preset: Preset | None = None) -> tuple[DreamBoothConfig, list[Choice]]:
     """``config`` with every blank preset field filled from ``preset`` (the device's own by
     default), and one :class:`Choice` per preset field saying what it is and why. Fields the
     user set are kept: their choice wins."""
@@ -194,8 +192,8 @@ def apply_preset(config: "DreamBoothConfig", device: DeviceInfo,
     return (config.copy(**changes) if changes else config), choices
 
 
-def resolve_auto(config: "DreamBoothConfig", device: DeviceInfo | None = None
-                 ) -> "DreamBoothConfig":
+def resolve_auto(config: DreamBoothConfig, device: DeviceInfo | None = None
+                 ) -> DreamBoothConfig:
     """``config`` with its blank preset fields filled for ``device`` (detected when None)."""
     if device is None:
         from colab_dreambooth.runtime.environment import detect_device

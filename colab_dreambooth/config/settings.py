@@ -1,10 +1,11 @@
-"""The configuration model: one dataclass for a training run, one per concept.
+"""The configuration model: one dataclass for a training run (its concepts: :mod:`~.concept`).
 
 Field names are the AUTOMATIC1111 Dreambooth extension's own ``db_config.json`` / concept keys
 (see ``fields.md``), so a user's saved parameters read the same here. Each field carries its
-label, help, group and limits (:func:`colab_dreambooth.config.fields.setting`); JSON save/load
-lives in
-:mod:`colab_dreambooth.config.params` and the checks in :mod:`colab_dreambooth.config.validation`.
+label, help, group, limits and choices, its column in the GPU preset table when a preset fills
+it, and whether a resumed run must keep it (:func:`colab_dreambooth.config.fields.setting`).
+JSON save/load lives in :mod:`colab_dreambooth.config.params`, the checks in
+:mod:`colab_dreambooth.config.validation`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.fields import setting
-from colab_dreambooth.config.prompts import EXISTING_PROMPT_CONTENTS
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine",
                  "cosine_with_restarts", "polynomial")
@@ -29,79 +30,6 @@ DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 @dataclass
-class Concept:
-    """One subject (or style) to teach, with its prompts, images and class images."""
-
-    instance_prompt: str = setting(
-        "", "Instance prompt", "The prompt that calls your subject: a rare one-token word plus "
-        "the class word, e.g. 'shs girl'. Keep it simple: complex prompts drift. May hold "
-        "[filewords] to use each image's caption.", "Concepts")
-    class_prompt: str = setting(
-        "", "Class prompt", "Describes the class images, e.g. 'girl'. Must not hold the instance "
-        "token. Blank = no prior preservation. May hold [filewords].", "Concepts")
-    instance_data_dir: str = setting(
-        "", "Instance dataset directory", "Folder with the subject's images (jpg, png, webp, "
-        "bmp), each optionally with a same-name .txt caption.", "Concepts", path=True)
-    class_data_dir: str = setting(
-        "", "Classification dataset directory", "Folder with the class (regularization) "
-        "images. Blank while a class prompt is set: they are generated into "
-        "<models root>/dreambooth/<model name>/classifiers/concept_<n>.", "Concepts", path=True)
-    file_prompt_contents: str = setting(
-        "Description", "Existing Prompt Contents", "What your captions already hold; decides how "
-        "[filewords] captions are rewritten to carry the instance token.", "Concepts",
-        choices=EXISTING_PROMPT_CONTENTS)
-    instance_token: str = setting(
-        "", "Instance Token", "Just the rare word (e.g. 'sks'), never 'a photo of sks' or "
-        "'sks dog'. Used when a prompt holds [filewords].", "Concepts")
-    class_token: str = setting(
-        "", "Class Token", "The class word; several allowed, comma-separated ('a woman, "
-        "woman'). Used when a prompt holds [filewords].", "Concepts")
-    num_class_images: int = setting(
-        0, "Total Number of Class/Reg Images", "How many class images this concept uses; "
-        "missing ones are generated, existing ones kept. 0 = no prior preservation. "
-        "Users take about 100-200 per concept (each costs a generation).", "Concepts",
-        minimum=0, maximum=100000)
-    class_negative_prompt: str = setting(
-        "", "Classification Image Negative Prompt", "Negative prompt when generating class "
-        "images.", "Class images")
-    class_guidance_scale: float = setting(
-        7.5, "Classification CFG Scale", "Classifier-free guidance when generating class "
-        "images.", "Class images", minimum=0.0, maximum=50.0)
-    class_infer_steps: int = setting(
-        40, "Classification Steps", "Inference steps per class image: more is slower, "
-        "rarely better beyond 40.", "Class images", minimum=1, maximum=500)
-    class_seed: int = setting(
-        -1, "Class image seed", "Seed for class images; -1 = random.", "Class images",
-        minimum=-1)
-    save_sample_prompt: str = setting(
-        "", "Sample Image Prompt", "Prompt for preview samples. Blank = the instance prompt. "
-        "May hold [filewords].", "Sampling")
-    save_sample_negative_prompt: str = setting(
-        "", "Sample Negative Prompt", "Negative prompt for preview samples.", "Sampling")
-    save_sample_template: str = setting(
-        "", "Sample Prompt Template File", "A text file with one sample prompt per line "
-        "(used instead of the sample prompt).", "Sampling", path=True)
-    n_save_sample: int = setting(
-        1, "Number of Samples to Generate", "Preview images per concept at each preview.",
-        "Sampling", minimum=0, maximum=100)
-    sample_seed: int = setting(
-        -1, "Sample Seed", "Seed for preview samples; -1 = random. A fixed seed shows how "
-        "the same image evolves.", "Sampling", minimum=-1)
-    save_guidance_scale: float = setting(
-        7.5, "Sample CFG Scale", "Classifier-free guidance for preview samples.", "Sampling",
-        minimum=0.0, maximum=50.0)
-    save_infer_steps: int = setting(
-        20, "Sample Steps", "Inference steps per preview sample.", "Sampling",
-        minimum=1, maximum=500)
-
-    @property
-    def wants_prior_preservation(self) -> bool:
-        """True when this concept trains with class images."""
-        return bool(self.class_prompt.strip()) and (
-            self.num_class_images > 0 or bool(self.class_data_dir.strip()))
-
-
-@dataclass
 class DreamBoothConfig:
     """Every setting of a DreamBooth run (the extension's form, as JSON keys)."""
 
@@ -112,10 +40,11 @@ class DreamBoothConfig:
     pretrained_model_name_or_path: str = setting(
         DEFAULT_BASE_MODEL, "Base model", "A Hugging Face Hub id, a local diffusers folder, a "
         ".safetensors/.ckpt file, or 'tiny' for the small built-in model (tests and demos; "
-        "learns nothing useful).", "Model", path=True)
+        "learns nothing useful).", "Model", path=True, must_match=True)
     src: str = setting(
         "", "Create Model (source checkpoint)", "A single-file .ckpt/.safetensors to convert "
-        "to the diffusers layout once; when set it is the base model.", "Model", path=True)
+        "to the diffusers layout once; when set it is the base model.", "Model", path=True,
+        must_match=True)
     models_root: str = setting(
         "", "Models root", "Folder that holds dreambooth/<model name>/. Blank = ./models in "
         "the current folder.", "Model", path=True)
@@ -138,7 +67,7 @@ class DreamBoothConfig:
         "weights stay frozen and the run saves one .safetensors file of a few MB (lora/<model "
         "name>.safetensors) that the WebUI, kohya and diffusers load, instead of a 2-4 GB "
         "model. Needs much less VRAM; the Lora learning rates replace the usual ones.",
-        "Parameters")
+        "Parameters", must_match=True)
     lora_learning_rate: float = setting(
         1e-4, "Lora UNET Learning Rate", "UNet learning rate when Use LORA is on (LoRA "
         "adapters need far higher rates than full fine-tuning).", "Parameters",
@@ -167,28 +96,29 @@ class DreamBoothConfig:
     resolution: int = setting(
         512, "Resolution", "Training side length in pixels (a multiple of 64). 640 helps when "
         "you will generate above 512; VRAM grows with its square.", "Parameters",
-        minimum=64, maximum=2048)
+        minimum=64, maximum=2048, must_match=True)
     enable_bucket: bool = setting(
         False, "Aspect ratio buckets", "Train non-square images at their own aspect ratio "
         "instead of a square crop: each image (class images too) goes to the bucket of about "
         "Resolution x Resolution pixels (sides multiples of 64) nearest its shape and loses "
         "only the sliver that differs; each batch comes from one bucket, and the log shows "
         "how many images each bucket got. Costs nothing per step; a bucket holding few "
-        "images makes smaller batches, and cached latents are kept per bucket.", "Parameters")
+        "images makes smaller batches, and cached latents are kept per bucket.", "Parameters",
+        must_match=True)
     min_bucket_reso: Optional[int] = setting(
         None, "Minimum bucket side", "Smallest bucket width or height in pixels (a multiple "
         "of 64). Blank = half the resolution (kohya's min_bucket_reso: 256 at 512).",
-        "Parameters", minimum=64, maximum=4096)
+        "Parameters", minimum=64, maximum=4096, must_match=True)
     max_bucket_reso: Optional[int] = setting(
         None, "Maximum bucket side", "Largest bucket width or height in pixels (a multiple of "
         "64). Blank = twice the resolution (kohya's max_bucket_reso: 1024 at 512).",
-        "Parameters", minimum=64, maximum=4096)
+        "Parameters", minimum=64, maximum=4096, must_match=True)
     center_crop: bool = setting(
         False, "Center Crop", "Crop the center square; otherwise resize the short side and "
-        "crop at random each epoch.", "Parameters")
+        "crop at random each epoch.", "Parameters", must_match=True)
     hflip: bool = setting(
         True, "Apply Horizontal Flip", "Random left-right flip. Turn off for asymmetric "
-        "subjects (text, logos, parted hair).", "Parameters")
+        "subjects (text, logos, parted hair).", "Parameters", must_match=True)
     seed: Optional[int] = setting(
         None, "Seed", "Seed for the whole run; blank = random (printed so you can repeat it).",
         "Parameters", minimum=0, maximum=2**32 - 1)
@@ -202,13 +132,15 @@ class DreamBoothConfig:
     train_batch_size: Optional[int] = setting(
         None, "Batch size", "Instance images per step (with prior preservation each step also "
         "takes as many class images). More VRAM. Blank = chosen from the GPU (preset: 1 on a "
-        "T4, up to 8 on an 80 GB card).", "Advanced", minimum=1, maximum=256)
+        "T4, up to 8 on an 80 GB card).", "Advanced", minimum=1, maximum=256, preset_column=6,
+        must_match=True)
     sample_batch_size: int = setting(
         1, "Class batch size", "Images generated at once when making class images.",
         "Advanced", minimum=1, maximum=256)
     gradient_accumulation_steps: int = setting(
         1, "Gradient accumulation steps", "Batches summed per optimizer step: a larger "
-        "effective batch at no VRAM cost, slower per step.", "Advanced", minimum=1, maximum=1024)
+        "effective batch at no VRAM cost, slower per step.", "Advanced", minimum=1, maximum=1024,
+        must_match=True)
     use_cpu: bool = setting(
         False, "Use CPU Only (SLOW)", "Train on the CPU: very slow for SD, for "
         "trying things out. SD 1.5 with AdamW needs about 17 GB of RAM (`colab-dreambooth env "
@@ -217,7 +149,7 @@ class DreamBoothConfig:
         None, "Use 8bit Adam", "bitsandbytes 8-bit optimizer state (AdamW8bit, or Lion8bit "
         "with Lion): saves about 5 GB of VRAM on SD 1.5 with AdamW, slightly less exact; CUDA "
         "only. Blank = chosen from the GPU (on for GPUs up to 24 GB; AdamW only). Prodigy and "
-        "Adafactor have no 8-bit form.", "Advanced")
+        "Adafactor have no 8-bit form.", "Advanced", preset_column=2, must_match=True)
     optimizer: str = setting(
         "AdamW", "Optimizer", "AdamW: the standard (2 states per weight; 8-bit with Use 8bit "
         "Adam). Lion (pip install lion-pytorch): 1 state per weight, half AdamW's optimizer "
@@ -225,7 +157,7 @@ class DreamBoothConfig:
         "Prodigy (pip install prodigyopt): finds its own step size: set the learning rates "
         "to 1.0; costs 2 more states per weight than AdamW. Adafactor (in transformers): "
         "factored second moments, the least optimizer memory, may learn more slowly.",
-        "Advanced", choices=OPTIMIZERS)
+        "Advanced", choices=OPTIMIZERS, must_match=True)
     weight_decay: float = setting(
         1e-2, "Weight decay", "Decoupled weight decay of the optimizer: pulls weights towards "
         "0 each step, a mild guard against over-fitting; free.", "Advanced",
@@ -246,10 +178,14 @@ class DreamBoothConfig:
     max_grad_norm: float = setting(
         1.0, "Max grad norm", "Clip gradients to this norm; 0 = no clipping.", "Advanced",
         minimum=0.0)
+    # Not must_match: the trained weights and optimizer states stay fp32 (autocast only lowers
+    # the compute), so a run stopped on an A100 (bf16) can go on on a T4 (fp16), whose fresh
+    # grad scaler finds its scale within a few steps. Half model stores the weights in the
+    # compute dtype; full_fp16 must match.
     mixed_precision: Optional[str] = setting(
         None, "Mixed precision", "no / fp16 / bf16. bf16 needs an A100, L4, H100 or newer "
         "(not T4/V100). On the CPU training runs in fp32. Blank = chosen from the GPU "
-        "(bf16 where it runs, else fp16).", "Advanced", choices=MIXED_PRECISION)
+        "(bf16 where it runs, else fp16).", "Advanced", choices=MIXED_PRECISION, preset_column=1)
     allow_tf32: bool = setting(
         False, "Use TF32", "Let fp32 matmuls and convolutions use TF32 tensor cores on Ampere "
         "and newer GPUs (A100, L4, H100, RTX 30xx+): the fp32 parts of a step run several "
@@ -263,7 +199,8 @@ class DreamBoothConfig:
         "nothing; fp16 gradients may overflow and skip steps; results are worse than with "
         "mixed precision. Use it with 8-bit Adam, Adafactor or Lion: torch AdamW and Prodigy "
         "would keep their state in fp16 too. Needs fp16/bf16 mixed precision; on the CPU it "
-        "is ignored (fp32). Not used with Use LORA (the adapters stay fp32).", "Advanced")
+        "is ignored (fp32). Not used with Use LORA (the adapters stay fp32).", "Advanced",
+        must_match=True)
     deterministic: bool = setting(
         False, "Deterministic", "Use deterministic kernels (cuDNN without autotuning, a fixed "
         "cuBLAS workspace) so the same seed repeats the same run; slower, often 10-20% on a "
@@ -273,14 +210,15 @@ class DreamBoothConfig:
         None, "Memory Attention", "default = PyTorch scaled-dot-product attention "
         "(memory-efficient, no extra install); xformers needs its package and CUDA; "
         "flash_attention = PyTorch's flash kernel (A100, L4, H100 and newer). Blank = chosen "
-        "from the GPU.", "Advanced", choices=ATTENTION)
+        "from the GPU.", "Advanced", choices=ATTENTION, preset_column=4)
     cache_latents: Optional[bool] = setting(
         None, "Cache latents", "Run the VAE once over all images and keep the latents (both "
         "flips when flipping), so the VAE leaves the GPU. Turn off to encode each step. "
-        "Blank = on.", "Advanced")
+        "Blank = on.", "Advanced", preset_column=5, must_match=True)
     train_text_encoder: Optional[bool] = setting(
         None, "Train Text Encoder", "Also fine-tune CLIP: better faces, about 1 GB more VRAM "
-        "(with 8-bit Adam). Blank = on unless the GPU has under 12 GB.", "Advanced")
+        "(with 8-bit Adam). Blank = on unless the GPU has under 12 GB.", "Advanced",
+        preset_column=7, must_match=True)
     stop_text_encoder: float = setting(
         1.0, "Step Ratio of Text Encoder Training", "Fraction of the run during which the text "
         "encoder trains (1.0 = all of it).", "Advanced", minimum=0.0, maximum=1.0)
@@ -288,21 +226,23 @@ class DreamBoothConfig:
         4, "Lora UNET Rank", "Rank (dim) of the UNet's LoRA adapters on the attention "
         "projections (to_q, to_k, to_v, to_out.0): higher learns more detail, makes a bigger "
         "file (about 0.8 MB per rank on SD 1.5) and over-fits sooner. 4-32 is usual.",
-        "Advanced", minimum=1, maximum=1024)
+        "Advanced", minimum=1, maximum=1024, must_match=True)
     lora_txt_rank: int = setting(
         4, "Lora Text Encoder Rank", "Rank of the text encoder's LoRA adapters (CLIP "
         "self-attention q/k/v/out projections), used when Train Text Encoder is on.",
-        "Advanced", minimum=1, maximum=1024)
+        "Advanced", minimum=1, maximum=1024, must_match=True)
+    # Must match: the adapters' output is scaled by alpha / rank, so the checkpoint's adapters
+    # under another alpha compute another function (and take steps of another size).
     lora_alpha: Optional[float] = setting(
         None, "Lora Alpha", "kohya-style network alpha: the adapters' output is scaled by "
         "alpha / rank. Blank or 0 = the rank (scale 1.0, as in diffusers' and the extension's "
         "LoRA, which the default learning rates suit). A fixed alpha such as 1 (kohya's "
         "default) keeps updates the same size whatever the rank but needs a higher learning "
-        "rate (about rank / alpha times).", "Advanced", minimum=0.0)
+        "rate (about rank / alpha times).", "Advanced", minimum=0.0, must_match=True)
     use_ema: bool = setting(
         False, "Train EMA", "Keep an exponential moving average of the UNet and save it: "
         "guards against over-fitting late in the run; costs one more UNet of memory.",
-        "Advanced")
+        "Advanced", must_match=True)
     ema_on_cpu: bool = setting(
         False, "Keep EMA on CPU", "Hold the EMA weights in host memory: saves VRAM, slower "
         "steps.", "Advanced")
@@ -331,16 +271,20 @@ class DreamBoothConfig:
     pad_tokens: bool = setting(
         True, "Pad Tokens", "Pad every prompt to the full 75 tokens (77 with BOS/EOS); with "
         "Max Token Length above 75, to the full number of 75-token chunks.", "Advanced")
+    # Must match, as clip_skip: it changes the conditioning the UNet learnt to read (how many
+    # 75-token chunks, so where long captions are cut and how many positions it attends to).
     max_token_length: int = setting(
         75, "Max Token Length", "Longest prompt in tokens. 150 or 225 let long captions train "
         "whole: they are encoded in 75-token chunks joined for the UNet (kohya and the WebUI "
         "do the same). Each chunk is one more text-encoder pass and more cross-attention "
-        "work.", "Advanced", choices=MAX_TOKEN_LENGTHS)
+        "work.", "Advanced", choices=MAX_TOKEN_LENGTHS, must_match=True)
+    # Must match: the UNet (and the trained text encoder) learnt from this layer's states;
+    # another layer's states mean something else, and layers past it got no gradient.
     clip_skip: int = setting(
         1, "Clip Skip", "Condition on the text encoder's hidden state this many layers from "
         "the end (1 = the last layer), passed through CLIP's final layer norm. 2 suits models "
         "trained that way (NovelAI-style anime models); generate with the same value. Free.",
-        "Advanced", minimum=1, maximum=12)
+        "Advanced", minimum=1, maximum=12, must_match=True)
     shuffle_tags: bool = setting(
         False, "Shuffle Tags", "Shuffle the comma-separated tags of each training prompt "
         "every epoch (keeping the first Keep Tokens in place), so no tag order is learnt; for "
@@ -352,11 +296,12 @@ class DreamBoothConfig:
     freeze_clip_normalization: bool = setting(
         False, "Freeze CLIP Normalization Layers", "Keep CLIP's final layer norm as it is "
         "while the text encoder trains: its scale and shift set the size of every state the "
-        "UNet sees, and drift there moves all prompts at once. Free.", "Advanced")
+        "UNet sees, and drift there moves all prompts at once. Free.", "Advanced",
+        must_match=True)
     gradient_checkpointing: Optional[bool] = setting(
         None, "Gradient checkpointing", "Recompute activations in the backward pass: much less "
         "VRAM, about 25% slower. Blank = chosen from the GPU (on for 16 GB cards).",
-        "Advanced")
+        "Advanced", preset_column=3)
     # Saving and sampling cadence
     save_every_steps: int = setting(
         0, "Save checkpoint every N steps", "Write a checkpoint (the full training state: "

@@ -17,7 +17,6 @@ import math
 import torch
 
 CHUNK = 75  # prompt tokens per CLIP pass (77 positions less begin and end)
-MAX_TOKEN_LENGTHS = (75, 150, 225)
 
 
 def chunked_input_ids(tokenizer, prompts: list[str], *, max_token_length: int = CHUNK,

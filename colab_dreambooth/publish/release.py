@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from colab_dreambooth.config.fields import setting
+from colab_dreambooth.config.commands import DehydrateSettings, ExportSettings
+from colab_dreambooth.config.fields import same_setting, setting
 from colab_dreambooth.config.settings import DreamBoothConfig, safe_name
 from colab_dreambooth.files import copy_file_atomic
 from colab_dreambooth.models.lora import lora_file_path
@@ -42,12 +43,9 @@ class ReleaseSettings:
     export_name: str = setting(
         "", "Export file name", "Name of the single .safetensors file for the WebUI/ComfyUI "
         "(without the suffix). Blank = the model name.", "Saving")
-    fp16: bool = setting(
-        True, "Half precision (fp16)", "Export in fp16: half the file (about 2 GB for SD 1.5), "
-        "what the WebUI loads anyway. Off = fp32, twice the size.", "Saving")
-    ema: bool = setting(
-        False, "Export the EMA UNet", "Use the EMA weights (only when trained with Train EMA).",
-        "Saving")
+    # The export and dehydrate choices are the commands' own declarations: same defaults.
+    fp16: bool = same_setting(ExportSettings, "fp16")
+    ema: bool = same_setting(ExportSettings, "ema")
     model_card: bool = setting(
         True, "Write a model card", "A README.md for the Hub with the trigger words, settings "
         "and the sample grid; costs nothing.", "Saving")
@@ -55,9 +53,7 @@ class ReleaseSettings:
         False, "Dehydrate", "Also write the model as its difference from the base model: far "
         "smaller to keep, rebuilt later with `colab-dreambooth rehydrate` and the same base. "
         "Costs a pass over every weight (minutes for SD).", "Saving")
-    dehydrate_rank: Optional[int] = setting(
-        None, "Dehydrate rank", "Blank = lossless (bit-exact). A rank (e.g. 128) stores the "
-        "changes as low-rank factors: smaller, slightly lossy.", "Saving", minimum=1)
+    dehydrate_rank: Optional[int] = same_setting(DehydrateSettings, "rank")
     destination: str = setting(
         "", "Send to", "A folder (e.g. /content/drive/MyDrive/models) or hf://<user>/<repo> "
         "for a Hub repo (token from Colab's HF_TOKEN secret). Blank = keep it here.", "Saving")

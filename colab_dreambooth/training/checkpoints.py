@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from colab_dreambooth.config.fields import must_match_fields
 from colab_dreambooth.config.params import params_to_dict
+from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.errors import UserError
 from colab_dreambooth.files import give_ordinary_permissions
 from colab_dreambooth.runtime.hub_token import find_token
@@ -52,7 +54,6 @@ from colab_dreambooth.tensor_stream import (
 )
 
 if TYPE_CHECKING:
-    from colab_dreambooth.config.settings import DreamBoothConfig
     from colab_dreambooth.training.optim import EMA
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,7 @@ FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 # Settings that change what a checkpoint's tensors or batches mean: resuming with another value
 # cannot continue the same run. Everything else (steps, epochs, saving, sampling) may change.
-MUST_MATCH = ("pretrained_model_name_or_path", "src", "use_lora", "lora_unet_rank", "lora_txt_rank", "train_text_encoder",
-              "use_ema", "train_batch_size", "gradient_accumulation_steps", "resolution",
-              "center_crop", "hflip", "cache_latents", "optimizer", "use_8bit_adam",
-              "full_fp16", "freeze_clip_normalization", "enable_bucket", "min_bucket_reso",
-              "max_bucket_reso")
+MUST_MATCH = must_match_fields(DreamBoothConfig)
 
 
 class CheckpointError(UserError, RuntimeError):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-NOISE_SCHEDULERS = ("DDPM", "DEIS", "UniPC")
+from colab_dreambooth.config.settings import NOISE_SCHEDULERS
 
 
 def make_noise_scheduler(name: str, scheduler_config: dict):
