@@ -157,7 +157,8 @@ def test_missing_optimizer_stops_before_training(tiny_config, monkeypatch):
 
 def test_the_extensions_training_option_keys_import(tmp_path):
     """Its saved db_config.json keys for these options load as our fields (none ignored)."""
-    from colab_dreambooth.config.params import EXTENSION_ONLY_KEYS, read_params
+    from colab_dreambooth.config.extension_import import EXTENSION_ONLY_KEYS
+    from colab_dreambooth.config.params import read_params
 
     values = {"optimizer": "Prodigy", "tenc_weight_decay": 0.02, "offset_noise": 0.1,
               "min_snr_gamma": 5, "noise_scheduler": "UniPC", "clip_skip": 2,

@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from colab_dreambooth.errors import Problem
+
 # Each group of settings and the form tab that shows it, in the tabs' order. Class-image
 # settings are per concept, so they sit in the concept blocks, as in the extension.
 GROUP_TABS = {"Model": "Model", "Parameters": "Parameters", "Advanced": "Advanced",
@@ -160,6 +162,20 @@ def coerce(spec: FieldSpec, value: Any) -> Any:
     else:  # pragma: no cover - a field of a type this module does not know
         raise AssertionError(spec.type)
     raise TypeError(f"expected {_type_name(spec.type)}, got {type(value).__name__} {value!r}")
+
+
+def coerce_into(values: dict[str, Any], spec: FieldSpec, value: Any, where: str,
+                problems: list[Problem]) -> None:
+    """Set ``values[spec.name]`` to ``value`` checked by :func:`coerce`, or add a
+    :class:`Problem` at ``where`` saying what was expected. A null for a field that may not be
+    blank is skipped, so the field keeps its default: the extension writes null for fields left
+    blank."""
+    if value is None and not spec.optional:
+        return
+    try:
+        values[spec.name] = coerce(spec, value)
+    except TypeError as exc:
+        problems.append(Problem(where, str(exc)))
 
 
 def _type_name(t: Any) -> str:

@@ -1,10 +1,11 @@
-"""Parameters JSON: save and load a :class:`DreamBoothConfig`, and import the extension's files.
+"""Parameters JSON: save and load a :class:`DreamBoothConfig`, ours or the extension's.
 
 Our JSON is flat, keyed by the field names of :mod:`colab_dreambooth.config.settings`, with
 ``concepts_list`` as a list of concept objects. The AUTOMATIC1111 extension's ``db_config.json``
 (both its late-2022 and its later generations) and its ``concepts_list`` files load through the
 same path: its renamed keys are mapped, the keys it has and we do not use are ignored and
-reported, and any other key is an error that suggests the closest valid name.
+reported (:mod:`colab_dreambooth.config.extension_import` knows them), and any other key is an
+error that suggests the closest valid name.
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
-from colab_dreambooth.config.fields import FieldSpec, coerce, field_specs
+from colab_dreambooth.config.extension_import import (
+    EXTENSION_ONLY_CONCEPT_KEYS,
+    EXTENSION_ONLY_KEYS,
+    RENAMED_KEYS,
+    SPECIAL_KEYS,
+    import_extension_specials,
+    per_image_total,
+    strip_db_prefix,
+)
+from colab_dreambooth.config.fields import FieldSpec, coerce_into, field_specs
 from colab_dreambooth.config.settings import Concept, DreamBoothConfig
 from colab_dreambooth.errors import ConfigError, Problem
 from colab_dreambooth.files import temp_file_beside
@@ -27,46 +37,6 @@ log = logging.getLogger(__name__)
 
 RUN_FIELDS = field_specs(DreamBoothConfig)
 CONCEPT_FIELDS = field_specs(Concept)
-
-# The extension's later names for our fields.
-RENAMED_KEYS = {
-    "txt_learning_rate": "text_encoder_learning_rate",
-    "adamw_weight_decay": "weight_decay",
-    "adam_weight_decay": "weight_decay",
-    "tf32_enable": "allow_tf32",  # in the extension's key lists; diffusers' name is ours
-}
-# Keys the extension writes that we have no use for (ignored, and the load says which). Its
-# half_model casts the exported checkpoint to fp16 (our export's fp16 option), not the
-# full-fp16 training of our full_fp16, so it is not read as that.
-EXTENSION_ONLY_KEYS = frozenset("""
-    adaptation_beta1 adaptation_beta2 adaptation_d0 adaptation_eps custom_model_name
-    deis_train_scheduler disable_class_matching disable_logging dream_detail_preservation
-    dynamic_img_norm ema_predict epoch epoch_pause_frequency epoch_pause_time
-    freeze_spectral_norm gradient_set_to_none graph_smoothing half_model has_ema infer_ema
-    initial_revision learning_rate_min lifetime_revision lora_model_name lora_txt_weight
-    lora_use_buggy_requires_grad lora_weight lr_factor lr_scale_pos model_dir model_path
-    model_type pretrained_vae_name_or_path prior_loss_scale prior_loss_target
-    prior_loss_weight_min revision sanity_prompt sanity_seed save_ckpt_after save_ckpt_cancel
-    save_ckpt_during save_class_txt save_ema save_lora_after save_lora_cancel save_lora_during
-    save_lora_for_extra_net save_safetensors save_state_after save_state_cancel
-    save_state_during save_use_epochs save_use_global_counts scheduler shared_diffusers_path
-    shuffle_after_epoch snapshot split_loss strict_tokens tenc_grad_clip_norm tomesd
-    train_imagic train_imagic_only train_unet train_unfrozen use_concepts use_dream
-    use_lora_extended use_shared_src use_subdir use_unet v2 weight_dtype full_mixed_precision
-    input_pertubation adaptation_growth_rate adaptation_momentum enable_tomesd half_lora
-    lora_rank min_learning_rate train_conditioning unfreeze_model use_filename_as_label
-    use_txt_as_label train_text_encoder_steps name output_dir working_dir total_steps
-    with_prior_preservation negative_prompt
-""".split())
-EXTENSION_ONLY_CONCEPT_KEYS = frozenset({"is_valid", "max_steps", "num_class_images_per"})
-# The extension's optimizer display names: (our optimizer, 8-bit or not).
-EXTENSION_OPTIMIZERS: dict[str, tuple[str, bool | None]] = {
-    "8bit adamw": ("AdamW", True), "8bit adam": ("AdamW", True), "adamw8bit": ("AdamW", True),
-    "torch adamw": ("AdamW", False), "adamw": ("AdamW", None),
-    "lion": ("Lion", False), "8bit lion": ("Lion", True), "lion8bit": ("Lion", True),
-    "prodigy": ("Prodigy", None), "adafactor": ("Adafactor", None),
-}
-
 
 @dataclass
 class LoadedParams:
@@ -124,8 +94,9 @@ def load_params(path: str | os.PathLike) -> DreamBoothConfig:
     """Read a parameters JSON (ours or the extension's ``db_config.json``).
 
     Keys that are missing take the defaults. Relative instance/class folders and
-    ``concepts_path`` are taken relative to the file's own folder (not the current one). Raises :class:`ConfigError` listing every unknown
-    key and wrong type at once; logs the extension keys it ignored.
+    ``concepts_path`` are taken relative to the file's own folder (not the current one).
+    Raises :class:`ConfigError` listing every unknown key and wrong type at once; logs the
+    extension keys it ignored.
     """
     loaded = read_params(path)
     for note in loaded.notes:
@@ -184,7 +155,7 @@ def params_from_dict(data: dict[str, Any], *, source: str = "parameters",
     notes: list[str] = []
     values: dict[str, Any] = {}
     top_level_concept: dict[str, Any] = {}
-    data = {_strip_db_prefix(k): v for k, v in data.items()}
+    data = {strip_db_prefix(k): v for k, v in data.items()}
 
     for key, value in data.items():
         if key in RENAMED_KEYS and RENAMED_KEYS[key] not in data:
@@ -197,10 +168,10 @@ def params_from_dict(data: dict[str, Any], *, source: str = "parameters",
                 problems.append(Problem("concepts_list", "expected a list of concept objects"))
                 continue
             values[key] = _concepts_from_list(value, problems, notes, base_dir=base_dir)
-        elif key in _SPECIAL_KEYS:
+        elif key in SPECIAL_KEYS:
             continue  # handled below, once every plain key is known
         elif key in RUN_FIELDS:
-            _set_value(values, RUN_FIELDS[key], value, key, problems)
+            coerce_into(values, RUN_FIELDS[key], value, key, problems)
         elif key in CONCEPT_FIELDS:
             top_level_concept[key] = value  # the extension's first files: one concept, flat
         elif key in EXTENSION_ONLY_KEYS or key in RENAMED_KEYS:
@@ -222,7 +193,7 @@ def params_from_dict(data: dict[str, Any], *, source: str = "parameters",
                          "as concept 1")
         else:  # blank concept fields of an early file: nothing to train from them
             ignored += sorted(top_level_concept)
-    _import_extension_specials(data, values, problems, notes, ignored)
+    import_extension_specials(data, values, problems, notes, ignored)
     if problems:
         raise ConfigError(problems)
     if ignored:
@@ -247,67 +218,6 @@ def _resolve_relative_inputs(values: dict[str, Any], base_dir: Path) -> None:
         values["pretrained_model_name_or_path"] = str(base_dir / model)
 
 
-_SPECIAL_KEYS = {"not_cache_latents", "optimizer", "stop_text_encoder", "max_train_steps",
-                 "lr_scheduler", "save_embedding_every"}
-# The extension's scheduler names that are ours under another name.
-EXTENSION_SCHEDULERS = {"linear_with_warmup": "linear", "cosine_annealing": "cosine",
-                        "cosine_annealing_with_restarts": "cosine_with_restarts"}
-
-
-def _import_extension_specials(data: dict[str, Any], values: dict[str, Any],
-                               problems: list[Problem], notes: list[str],
-                               ignored: list[str]) -> None:
-    """The extension keys whose meaning needs more than a rename."""
-    if "max_train_steps" in data:
-        steps = data["max_train_steps"]
-        if (isinstance(steps, (int, float)) and not isinstance(steps, bool) and steps < 1
-                and float(steps).is_integer()):
-            # The extension's late-2022 files write 0 (or -1) for "use the epochs".
-            notes.append(f"read max_train_steps {steps!r} as blank: the epochs decide")
-            values["max_train_steps"] = None
-        else:
-            _set_value(values, RUN_FIELDS["max_train_steps"], steps, "max_train_steps", problems)
-    if "lr_scheduler" in data:
-        name = data["lr_scheduler"]
-        if name in EXTENSION_SCHEDULERS:
-            notes.append(f"read the extension's lr_scheduler {name!r} as "
-                         f"{EXTENSION_SCHEDULERS[name]!r}")
-            name = EXTENSION_SCHEDULERS[name]
-        _set_value(values, RUN_FIELDS["lr_scheduler"], name, "lr_scheduler", problems)
-    if "save_embedding_every" in data and "save_every_epochs" not in data:
-        # Late-2022 files count it in steps unless their save_use_epochs is on.
-        target = ("save_every_steps" if data.get("save_use_epochs") is False
-                  else "save_every_epochs")
-        if target not in data:
-            _set_value(values, RUN_FIELDS[target], data["save_embedding_every"],
-                       "save_embedding_every", problems)
-            notes.append(f"read the extension's save_embedding_every as {target}")
-    if "not_cache_latents" in data and "cache_latents" not in data:
-        if isinstance(data["not_cache_latents"], bool):
-            values["cache_latents"] = not data["not_cache_latents"]
-        else:
-            problems.append(Problem("not_cache_latents", "expected true or false"))
-    if "stop_text_encoder" in data:
-        _set_value(values, RUN_FIELDS["stop_text_encoder"], data["stop_text_encoder"],
-                   "stop_text_encoder", problems)
-        fraction = values.get("stop_text_encoder")
-        if "train_text_encoder" not in data and isinstance(fraction, float):
-            values["train_text_encoder"] = fraction > 0
-    if "optimizer" in data:
-        name = data["optimizer"]
-        mapped = EXTENSION_OPTIMIZERS.get(str(name).strip().lower())
-        if mapped:
-            values["optimizer"] = mapped[0]
-            if "use_8bit_adam" not in data and mapped[1] is not None:
-                values["use_8bit_adam"] = mapped[1]
-        else:  # kept as written: validation names the choices
-            _set_value(values, RUN_FIELDS["optimizer"], name, "optimizer", problems)
-    if "use_concepts" in data and not data.get("use_concepts") and values.get("concepts_path"):
-        notes.append("the extension's use_concepts is off: its concepts_path "
-                     f"{values['concepts_path']!r} is not used")
-        values["concepts_path"] = ""
-
-
 def _concepts_from_list(items: list[Any], problems: list[Problem], notes: list[str], *,
                         base_dir: Path | None, where: str = "concepts_list") -> list[Concept]:
     concepts = []
@@ -320,9 +230,9 @@ def _concepts_from_list(items: list[Any], problems: list[Problem], notes: list[s
         values: dict[str, Any] = {}
         extension: dict[str, Any] = {}
         for key, value in item.items():
-            key = _strip_db_prefix(key)
+            key = strip_db_prefix(key)
             if key in CONCEPT_FIELDS:
-                _set_value(values, CONCEPT_FIELDS[key], value, f"{label} {key}", problems)
+                coerce_into(values, CONCEPT_FIELDS[key], value, f"{label} {key}", problems)
             elif key in EXTENSION_ONLY_CONCEPT_KEYS:
                 extension[key] = value
                 if key != "num_class_images_per":
@@ -339,7 +249,7 @@ def _concepts_from_list(items: list[Any], problems: list[Problem], notes: list[s
         # Files of early 2023 hold both keys, the total zeroed once converted to per-image.
         if (not values.get("num_class_images") and isinstance(per_image, int)
                 and not isinstance(per_image, bool) and per_image > 0):
-            values["num_class_images"] = _per_image_total(per_image, values, label, notes)
+            values["num_class_images"] = per_image_total(per_image, values, label, notes)
         concepts.append(Concept(**values))
     if ignored:
         notes.append(f"{where}: ignored concept key(s) this package does not use: "
@@ -354,36 +264,6 @@ def _is_absolute(folder: str) -> bool:
         or folder.startswith("\\")
 
 
-def _per_image_total(per_image: int, values: dict[str, Any], label: str,
-                     notes: list[str]) -> int:
-    """The extension's ``num_class_images_per`` counts per instance image; ours is a total."""
-    from colab_dreambooth.files import (
-        list_image_files,  # the data module; imported late to keep this light
-    )
-
-    text = values.get("instance_data_dir", "").strip()
-    folder = Path(text).expanduser()
-    if text and folder.is_dir():
-        count = len(list_image_files(folder))
-        total = per_image * count
-        notes.append(f"{label}: num_class_images_per {per_image} x {count} instance images = "
-                     f"num_class_images {total}")
-        return total
-    notes.append(f"{label}: its instance folder {folder} is missing, so num_class_images_per "
-                 f"{per_image} could not be multiplied by the image count; set num_class_images")
-    return per_image
-
-
-def _set_value(values: dict[str, Any], spec: FieldSpec, value: Any, where: str,
-               problems: list[Problem]) -> None:
-    if value is None and not spec.optional:
-        return  # the extension writes null for fields left blank: take our default
-    try:
-        values[spec.name] = coerce(spec, value)
-    except TypeError as exc:
-        problems.append(Problem(where, str(exc)))
-
-
 def _unknown_key_message(key: str, fields: dict[str, FieldSpec],
                          renamed: dict[str, str] | None = None) -> str:
     renamed = renamed or {}
@@ -392,11 +272,6 @@ def _unknown_key_message(key: str, fields: dict[str, FieldSpec],
     if close:
         return f"unknown key '{key}': did you mean '{renamed.get(close[0], close[0])}'?"
     return f"unknown key '{key}': not a setting of colab-dreambooth; remove it"
-
-
-def _strip_db_prefix(key: str) -> str:
-    # The extension's UI names its fields db_<key>; some saved files keep that prefix.
-    return key[3:] if key.startswith("db_") else key
 
 
 def _read_json(path: Path) -> Any:
