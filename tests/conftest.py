@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from config_helpers import make_images
 
+from colab_dreambooth.config.settings import Concept, DreamBoothConfig
 from colab_dreambooth.demo import demo_config, make_demo_data
 
 
@@ -53,3 +55,22 @@ def no_model_loading(monkeypatch):
 
     monkeypatch.setattr(train, "load_components", refuse)
     monkeypatch.setattr(models, "load_components", refuse)
+
+
+@pytest.fixture
+def instance_dir(tmp_path) -> Path:
+    return make_images(tmp_path / "instance", 3)
+
+
+@pytest.fixture
+def valid_config(instance_dir, tmp_path) -> DreamBoothConfig:
+    """A config that passes validation: the tiny model and an existing instance folder."""
+    return DreamBoothConfig(
+        model_name="valid",
+        pretrained_model_name_or_path="tiny",
+        models_root=str(tmp_path / "models"),
+        max_train_steps=10,
+        concepts_list=[Concept(instance_prompt="photo of sks dog", class_prompt="photo of a dog",
+                               instance_token="sks", class_token="dog",
+                               instance_data_dir=str(instance_dir), num_class_images=10)],
+    )

@@ -386,3 +386,32 @@ def test_demo_suggests_a_command_that_works_in_a_fresh_shell(monkeypatch):
         assert command_name() == "colab-dreambooth"
     else:  # not installed with its script: the module form always works
         assert named.endswith("-m colab_dreambooth")
+
+
+@pytest.mark.parametrize("command, settings", [
+    (["export", "m", "out.safetensors"], "ExportSettings"),
+    (["dehydrate", "m", "tiny", "out.safetensors"], "DehydrateSettings"),
+    (["create-model", "m.safetensors", "out"], "CreateModelSettings"),
+    (["sample", "m", "--prompt", "x", "--out", "s"], "SampleSettings"),
+])
+def test_model_command_options_default_to_their_settings(command, settings):
+    """The options come from the settings dataclasses the notebook forms use too."""
+    import dataclasses
+
+    from colab_dreambooth.cli.options import settings_from_args
+    from colab_dreambooth.config import commands
+
+    cls = getattr(commands, settings)
+    args = cli.build_parser().parse_args(command)
+    assert settings_from_args(args, cls) == cls()
+    assert dataclasses.fields(cls)  # every command has settings of its own
+
+
+def test_export_defaults_to_fp16_as_the_release_form_does():
+    from colab_dreambooth.publish.release import ReleaseSettings
+
+    parser = cli.build_parser()
+    assert parser.parse_args(["export", "m", "o.safetensors"]).fp16 is ReleaseSettings().fp16
+    assert parser.parse_args(["export", "m", "o.safetensors"]).fp16 is True
+    assert parser.parse_args(["export", "m", "o.safetensors", "--no-fp16"]).fp16 is False
+    assert parser.parse_args(["export", "m", "o.safetensors", "--fp16"]).fp16 is True
