@@ -118,9 +118,10 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
 
     import torch
 
+    from colab_dreambooth.config.concept import Concept
     from colab_dreambooth.config.presets import PRESETS_BY_NAME, apply_preset
-    from colab_dreambooth.config.settings import Concept, DreamBoothConfig
-    from colab_dreambooth.runtime.environment import DeviceInfo, detect_device
+    from colab_dreambooth.config.settings import DreamBoothConfig
+    from colab_dreambooth.runtime.device import DeviceInfo, detect_device
     from colab_dreambooth.training.memory import SD15, count_parameters, estimate_peak_memory
 
     warnings.filterwarnings("ignore")
@@ -274,7 +275,7 @@ def _train_steps(config, args, on_cuda: bool, rows: int, sizes) -> dict:
 def _default_presets(args: argparse.Namespace) -> list[str]:
     """Every GPU preset whose memory this GPU holds (the CPU's with --tiny on a CPU)."""
     from colab_dreambooth.config.presets import PRESETS, choose_preset
-    from colab_dreambooth.runtime.environment import detect_device
+    from colab_dreambooth.runtime.device import detect_device
 
     device = detect_device()
     if device.kind != "cuda":

@@ -122,7 +122,7 @@ def pretrain_base(args, root: Path) -> str:
     """The base model: the tiny model (its VAE made sharp unless ``--vae raw``), pre-trained
     on toy images with their captions (no instance token anywhere) unless
     ``--pretrain-steps 0``."""
-    from colab_dreambooth.config.settings import Concept
+    from colab_dreambooth.config.concept import Concept
     from colab_dreambooth.demo import demo_config, make_demo_data
     from colab_dreambooth.training.train import train
 
@@ -223,14 +223,14 @@ def predictions(parts, latents, prompts: list[str], timesteps: list[int], noise_
     """Noise predictions [seed, timestep, image, ...] and the noise itself, for fixed inputs."""
     import torch
 
-    from colab_dreambooth.training.train import tokenize
+    from colab_dreambooth.models.text_encoding import encode_prompts
 
     parts.unet.eval()
     parts.text_encoder.eval()
     n = latents.shape[0]
     preds, noises = [], []
     with torch.no_grad():
-        states = parts.text_encoder(tokenize(parts.tokenizer, prompts, True))[0]
+        states = encode_prompts(parts.tokenizer, parts.text_encoder, prompts, pad_tokens=True)
         for seed in range(noise_seeds):
             noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
             row = []

@@ -5,8 +5,9 @@ The data path, top to bottom: :mod:`.config` (every field) -> :mod:`.params` (JS
 :mod:`.train` (the loop) -> a saved diffusers folder -> :mod:`.sample`.
 """
 
+from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.params import load_params, save_params
-from colab_dreambooth.config.settings import Concept, DreamBoothConfig
+from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.config.validation import validate
 from colab_dreambooth.errors import ConfigError, UserError
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from colab_dreambooth.cli import main
+from colab_dreambooth.cli.parser import main
 
 sys.exit(main())

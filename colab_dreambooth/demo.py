@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 
-from colab_dreambooth.config.settings import Concept, DreamBoothConfig
+from colab_dreambooth.config.concept import Concept
+from colab_dreambooth.config.settings import DreamBoothConfig
 
 if TYPE_CHECKING:
     from colab_dreambooth.training.train import TrainResult

@@ -9,7 +9,8 @@ import pytest
 import torch
 from config_helpers import make_images
 
-from colab_dreambooth.config.settings import Concept, DreamBoothConfig
+from colab_dreambooth.config.concept import Concept
+from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.demo import demo_config, make_demo_data
 
 

@@ -112,7 +112,7 @@ def browser():
 @pytest.fixture(scope="module")
 def work() -> Iterator[Path]:
     """A WORK_DIR as notebook 01 leaves it: the demo subject, class images and params.json."""
-    from widgets import params_file, prepare_config
+    from widgets.workdir import params_file, prepare_config
 
     # A short path: it shows in the screenshots' path boxes.
     root = Path(tempfile.mkdtemp(prefix="cdb-"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from colab_dreambooth.config.settings import Concept
+from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.validation import validate
 from colab_dreambooth.data.buckets import (
     assign_buckets,
@@ -23,7 +23,7 @@ from colab_dreambooth.data.buckets import (
 from colab_dreambooth.data.dataset import DreamBoothDataset, Example, TrainingData
 from colab_dreambooth.data.images import to_tensor
 from colab_dreambooth.data.samplers import BucketBatchSampler
-from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.runtime.device import DeviceInfo
 from colab_dreambooth.training.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from colab_dreambooth import cli
+from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.params import save_params
-from colab_dreambooth.config.settings import Concept
 from colab_dreambooth.data.dataset import DataError, collect_training_data
 from colab_dreambooth.data.images import check_images
 from colab_dreambooth.generation import class_images

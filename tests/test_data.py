@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from colab_dreambooth.config.settings import Concept
+from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.data.dataset import (
     DataError,
     DreamBoothDataset,

@@ -269,9 +269,10 @@ def test_cli_export(trained, tmp_path, capsys):
 def test_export_cli_writes_a_model_card(tmp_path, capsys):
     import shutil
 
-    from colab_dreambooth.cli import main
+    from colab_dreambooth.cli.parser import main
+    from colab_dreambooth.config.concept import Concept
     from colab_dreambooth.config.params import save_params
-    from colab_dreambooth.config.settings import Concept, DreamBoothConfig
+    from colab_dreambooth.config.settings import DreamBoothConfig
     from colab_dreambooth.models.tiny import tiny_model_path
 
     model = tmp_path / "model"

@@ -12,17 +12,15 @@ from pathlib import Path
 import pytest
 from config_helpers import make_images, only_problem, wheres, write_json
 
+from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.params import (
     load_params,
     params_from_dict,
     read_params,
 )
-from colab_dreambooth.config.settings import (
-    Concept,
-)
 from colab_dreambooth.config.validation import validate
 from colab_dreambooth.errors import ConfigError
-from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.runtime.device import DeviceInfo
 
 T4 = DeviceInfo("cuda", "Tesla T4", 15, False, 1)
 A100 = DeviceInfo("cuda", "NVIDIA A100-SXM4-40GB", 40, True, 1)

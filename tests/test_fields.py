@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 
 from colab_dreambooth.config import fields
+from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.fields import GROUPS, coerce, field_specs
 from colab_dreambooth.config.prompts import EXISTING_PROMPT_CONTENTS
 from colab_dreambooth.config.settings import (
     ATTENTION,
     LR_SCHEDULERS,
     MIXED_PRECISION,
-    Concept,
     DreamBoothConfig,
 )
-from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.runtime.device import DeviceInfo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIELDS_MD = REPO_ROOT.parent / "shared" / "reference" / "fields.md"

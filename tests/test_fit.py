@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from colab_dreambooth import cli
+from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.params import save_params
-from colab_dreambooth.config.settings import Concept, DreamBoothConfig
+from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.errors import ConfigError
-from colab_dreambooth.runtime.environment import DeviceInfo
-from colab_dreambooth.runtime.gpus import gpu_by_name
+from colab_dreambooth.runtime.device import DeviceInfo, gpu_by_name
 from colab_dreambooth.training.fit import GpuMemoryError, enforce, plan_memory
 from colab_dreambooth.training.memory import SD15
 from colab_dreambooth.training.optim import make_optimizer
@@ -140,7 +140,7 @@ def test_the_gpus_free_memory_is_the_budget(monkeypatch):
     this run; what PyTorch's own cache holds unused still counts as free."""
     import types
 
-    from colab_dreambooth.runtime.environment import detect_device
+    from colab_dreambooth.runtime.device import detect_device
 
     props = types.SimpleNamespace(name="Tesla T4", total_memory=15 * 2**30, major=7, minor=5)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -40,7 +40,7 @@ from colab_dreambooth.models.lora import (
 )
 from colab_dreambooth.models.pipelines import load_lora_pipeline
 from colab_dreambooth.models.tiny import tiny_model_path
-from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.runtime.device import DeviceInfo
 from colab_dreambooth.training import train as train_module
 from colab_dreambooth.training.train import train
 

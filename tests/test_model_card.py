@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.params import read_params
-from colab_dreambooth.config.settings import Concept
 from colab_dreambooth.demo import demo_config
 from colab_dreambooth.publish.model_card import (
     ModelCardError,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from colab_dreambooth.config.settings import NOISE_SCHEDULERS
 from colab_dreambooth.models.loading import load_components
 from colab_dreambooth.training.noise import (
-    NOISE_SCHEDULERS,
     add_noise,
     make_noise_scheduler,
     min_snr_weights,

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from colab_dreambooth.config.validation import validate
-from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.runtime.device import DeviceInfo
 from colab_dreambooth.training.numerics import (
     allow_fp16_gradient_unscale,
     apply_numerics,

@@ -14,7 +14,7 @@ from colab_dreambooth.config.params import load_params
 from colab_dreambooth.config.settings import OPTIMIZERS
 from colab_dreambooth.config.validation import validate
 from colab_dreambooth.errors import ConfigError
-from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.runtime.device import DeviceInfo
 from colab_dreambooth.runtime.packages import OPTIMIZER_PACKAGES
 from colab_dreambooth.training.optim import OptimizerUnavailable, make_optimizer, optimizer_class
 from colab_dreambooth.training.train import train
@@ -181,7 +181,8 @@ def test_the_extensions_training_option_keys_import(tmp_path):
 
 
 def test_memory_estimate_counts_the_optimizers_state_and_the_half_model():
-    from colab_dreambooth.config.settings import Concept, DreamBoothConfig
+    from colab_dreambooth.config.concept import Concept
+    from colab_dreambooth.config.settings import DreamBoothConfig
     from colab_dreambooth.training.memory import SD15, estimate_peak_memory
 
     t4 = DeviceInfo("cuda", "Tesla T4", 14.7, False, 1, (7, 5))

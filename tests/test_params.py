@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from config_helpers import load_error, make_images, only_problem, wheres, write_json
 
+from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.fields import field_specs
 from colab_dreambooth.config.params import (
     LoadedParams,
@@ -22,12 +23,9 @@ from colab_dreambooth.config.params import (
     resolve_concepts,
     save_params,
 )
-from colab_dreambooth.config.settings import (
-    Concept,
-    DreamBoothConfig,
-)
+from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.errors import ConfigError
-from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.runtime.device import DeviceInfo
 
 RUN_SPECS = field_specs(DreamBoothConfig)
 CONCEPT_SPECS = field_specs(Concept)

@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from colab_dreambooth import cli
+from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.params import load_params, save_params
 from colab_dreambooth.config.presets import (
     PRESET_FIELDS,
@@ -17,8 +18,8 @@ from colab_dreambooth.config.presets import (
     format_choices,
     preset_values,
 )
-from colab_dreambooth.config.settings import Concept, DreamBoothConfig
-from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.config.settings import DreamBoothConfig
+from colab_dreambooth.runtime.device import DeviceInfo
 from colab_dreambooth.training.memory import (
     SD2,
     SD15,

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 from colab_dreambooth.runtime import environment as runtime
+from colab_dreambooth.runtime.device import DeviceInfo, detect_device
 from colab_dreambooth.runtime.environment import (
-    DeviceInfo,
     Runtime,
-    detect_device,
     detect_platform,
     detect_runtime,
     mount_drive,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from colab_dreambooth.config.settings import Concept, DreamBoothConfig
+from colab_dreambooth.config.concept import Concept
+from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.training import space
 from colab_dreambooth.training.memory import SD15
 from colab_dreambooth.training.space import (

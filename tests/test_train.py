@@ -18,7 +18,7 @@ from colab_dreambooth.models.attention import set_memory_attention
 from colab_dreambooth.models.loading import load_components
 from colab_dreambooth.models.text_encoding import chunked_input_ids
 from colab_dreambooth.models.tiny import tiny_model_path
-from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.runtime.device import DeviceInfo
 from colab_dreambooth.training import train as train_module
 from colab_dreambooth.training.optim import EMA, make_optimizer, plan_steps
 from colab_dreambooth.training.train import dreambooth_loss, train

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.runtime.device import DeviceInfo
 from colab_dreambooth.training import space
 from colab_dreambooth.training.space import DiskSpaceError
 from widgets.app import TrainApp

@@ -14,35 +14,33 @@ import ipywidgets as w  # noqa: E402
 import pytest
 from PIL import Image  # noqa: E402
 
+from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.fields import field_specs  # noqa: E402
 from colab_dreambooth.config.params import load_params, save_params  # noqa: E402
-from colab_dreambooth.config.settings import Concept, DreamBoothConfig  # noqa: E402
+from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.publish.release import ReleaseSettings  # noqa: E402
-from colab_dreambooth.runtime.environment import DeviceInfo  # noqa: E402
-from widgets import (  # noqa: E402
+from colab_dreambooth.runtime.device import DeviceInfo
+from widgets.app import TrainApp
+from widgets.class_images import (
+    CLASS_IMAGE_FIELDS,  # noqa: E402
     ClassImagesApp,
-    ConfigForm,
-    ReleaseApp,
-    TrainApp,
-    TrainingView,
-    UploadBox,
-    caption_grid,
-    class_images_config,
     count_class_images,
-    crop_preview,
-    data_report,
-    estimate_total_steps,
+)
+from widgets.compat import IPYWIDGETS_MAJOR, help_of, label_of, titles_of  # noqa: E402
+from widgets.controls import NumberControl, parse_number  # noqa: E402
+from widgets.environment import runtime_banner
+from widgets.form import ConfigForm
+from widgets.plot import loss_curve, smooth  # noqa: E402
+from widgets.prepare import UploadBox, caption_grid, crop_preview, data_report, save_uploads
+from widgets.release import ReleaseApp
+from widgets.training_view import TrainingView, estimate_total_steps
+from widgets.workdir import (
+    class_images_config,
     params_file,
     prepare_config,
     release_config,
-    runtime_banner,
-    save_uploads,
     training_config,
 )
-from widgets.class_images import CLASS_IMAGE_FIELDS  # noqa: E402
-from widgets.compat import IPYWIDGETS_MAJOR, help_of, label_of, titles_of  # noqa: E402
-from widgets.controls import NumberControl, parse_number  # noqa: E402
-from widgets.plot import loss_curve, smooth  # noqa: E402
 
 CPU = DeviceInfo.cpu()
 RUN_SPECS = field_specs(DreamBoothConfig)

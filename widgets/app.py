@@ -10,7 +10,8 @@ import ipywidgets as w
 from colab_dreambooth.config.params import save_params
 from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.errors import ConfigError
-from colab_dreambooth.runtime.environment import DeviceInfo, mount_drive_if_needed
+from colab_dreambooth.runtime.device import DeviceInfo
+from colab_dreambooth.runtime.environment import mount_drive_if_needed
 from colab_dreambooth.training.train import TrainResult
 
 from .compat import set_help

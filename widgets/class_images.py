@@ -23,7 +23,7 @@ from colab_dreambooth.data.images import check_images
 from colab_dreambooth.errors import ConfigError, Problem
 from colab_dreambooth.files import list_image_files
 from colab_dreambooth.generation.class_images import ClassImageReport, generate_class_images
-from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.runtime.device import DeviceInfo
 
 from .compat import set_help
 from .form import ConfigForm

@@ -9,9 +9,9 @@ from __future__ import annotations
 import html
 
 from colab_dreambooth.config.presets import choose_preset
+from colab_dreambooth.runtime.device import DeviceInfo
 from colab_dreambooth.runtime.environment import (
     DRIVE_MOUNT,
-    DeviceInfo,
     DriveNotMounted,
     mount_drive,
     mount_drive_if_needed,

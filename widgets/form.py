@@ -17,12 +17,13 @@ from typing import Any, Callable, Iterable
 
 import ipywidgets as w
 
+from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.fields import TABS, field_specs
 from colab_dreambooth.config.params import read_params, save_params
-from colab_dreambooth.config.settings import Concept, DreamBoothConfig
+from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.config.validation import validate
 from colab_dreambooth.errors import ConfigError, Problem
-from colab_dreambooth.runtime.environment import DeviceInfo, detect_device
+from colab_dreambooth.runtime.device import DeviceInfo, detect_device
 
 from .compat import set_help, set_titles
 from .controls import INPUT_WIDTH, FieldControl, make_control

@@ -27,7 +27,7 @@ from colab_dreambooth.data.images import crop_and_resize, load_image
 from colab_dreambooth.errors import ConfigError
 from colab_dreambooth.files import IMAGE_EXTENSIONS, list_image_files, temp_file_beside
 from colab_dreambooth.generation.sample import image_grid
-from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.runtime.device import DeviceInfo
 
 from .compat import clear_upload, set_help, uploaded_files
 

@@ -7,8 +7,9 @@ import dataclasses
 import os
 from pathlib import Path
 
+from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.params import load_params
-from colab_dreambooth.config.settings import Concept, DreamBoothConfig
+from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.demo import demo_config, make_demo_data
 from colab_dreambooth.files import list_image_files
 from colab_dreambooth.runtime.environment import mount_drive_if_needed

@@ -179,7 +179,7 @@ def _params(args: argparse.Namespace) -> int:
 
 def _env(args: argparse.Namespace) -> int:
     from colab_dreambooth.config.presets import describe_presets
-    from colab_dreambooth.runtime.gpus import gpu_by_name
+    from colab_dreambooth.runtime.device import gpu_by_name
     from colab_dreambooth.training.fit import environment_report
 
     config = resolve_concepts(load_params(args.config)) if args.config else DreamBoothConfig()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
+from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.extension_import import (
     EXTENSION_ONLY_CONCEPT_KEYS,
     EXTENSION_ONLY_KEYS,
@@ -28,7 +29,7 @@ from colab_dreambooth.config.extension_import import (
     strip_db_prefix,
 )
 from colab_dreambooth.config.fields import FieldSpec, coerce_into, field_specs
-from colab_dreambooth.config.settings import Concept, DreamBoothConfig
+from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.errors import ConfigError, Problem
 from colab_dreambooth.files import temp_file_beside
 from colab_dreambooth.runtime.environment import mount_drive_if_needed

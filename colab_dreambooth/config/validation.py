@@ -22,7 +22,7 @@ from colab_dreambooth.runtime.packages import (
 
 if TYPE_CHECKING:
     from colab_dreambooth.config.settings import DreamBoothConfig
-    from colab_dreambooth.runtime.environment import DeviceInfo
+    from colab_dreambooth.runtime.device import DeviceInfo
 
 # Prodigy estimates its own step size and multiplies it by the learning rate: about 1.0.
 PRODIGY_MIN_LR = 0.1
@@ -35,10 +35,11 @@ def validate(config: "DreamBoothConfig", device: "DeviceInfo | None" = None, *,
     ``device`` is the GPU (or CPU) it will run on (detected when omitted); ``check_paths``
     checks that local folders and files exist.
     """
-    from colab_dreambooth.config.settings import Concept, DreamBoothConfig
+    from colab_dreambooth.config.concept import Concept
+    from colab_dreambooth.config.settings import DreamBoothConfig
 
     if device is None:
-        from colab_dreambooth.runtime.environment import detect_device
+        from colab_dreambooth.runtime.device import detect_device
 
         device = detect_device()
     problems = list(_field_problems(config, DreamBoothConfig, ""))
@@ -107,7 +108,7 @@ def check_config(config: "DreamBoothConfig", device: "DeviceInfo | None" = None)
 
 
 def _concept_problems(concept, prefix: str, check_paths: bool) -> list[Problem]:
-    from colab_dreambooth.config.settings import Concept
+    from colab_dreambooth.config.concept import Concept
 
     problems = list(_field_problems(concept, Concept, prefix))
     token = _text(concept.instance_token)

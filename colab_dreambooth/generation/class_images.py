@@ -41,7 +41,8 @@ from colab_dreambooth.models.loading import load_components
 if TYPE_CHECKING:
     from PIL import Image
 
-    from colab_dreambooth.config.settings import Concept, DreamBoothConfig
+    from colab_dreambooth.config.concept import Concept
+    from colab_dreambooth.config.settings import DreamBoothConfig
 
 log = logging.getLogger(__name__)
 

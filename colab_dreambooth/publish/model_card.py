@@ -24,8 +24,9 @@ from typing import Any
 
 from PIL import Image
 
+from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.params import read_params, write_text_atomic
-from colab_dreambooth.config.settings import TINY_MODEL, Concept, DreamBoothConfig
+from colab_dreambooth.config.settings import TINY_MODEL, DreamBoothConfig
 from colab_dreambooth.config.validation import looks_like_local_path
 from colab_dreambooth.errors import UserError
 from colab_dreambooth.files import copy_file_atomic

@@ -1,5 +1,5 @@
 """Where this run happens: the notebook service (Colab, Kaggle, Gradient or a local machine),
-its default folders and Google Drive, and the GPU found (or the CPU) with its abilities.
+its default folders and Google Drive. The GPU's facts are :mod:`colab_dreambooth.runtime.device`'s.
 
 No widgets here; the notebooks' banner (``widgets.environment``) and the
 ``colab-dreambooth env`` command both read this module.
@@ -22,68 +22,6 @@ COLAB_VARIABLES = ("COLAB_RELEASE_TAG", "COLAB_GPU", "COLAB_BACKEND_VERSION")
 KAGGLE_VARIABLES = ("KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_URL_BASE", "KAGGLE_DATA_PROXY_URL")
 GRADIENT_VARIABLES = ("PAPERSPACE_NOTEBOOK_REPO_ID", "PAPERSPACE_CLUSTER_ID",
                       "PAPERSPACE_NOTEBOOK_ID", "PAPERSPACE_METRIC_WORKLOAD_ID")
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    """The accelerator a run will use.
-
-    ``memory_gb`` is the first GPU's memory in GiB as PyTorch reports it (a "16 GB" T4 shows
-    about 15); ``capability`` is its CUDA compute capability, (0, 0) on the CPU;
-    ``free_memory_gb`` is what was free when detected (None: not measured, e.g. a GPU planned
-    for with ``env --gpu``).
-    """
-
-    kind: str  # "cuda" or "cpu"
-    name: str
-    memory_gb: float = 0.0
-    bf16: bool = False
-    count: int = 0
-    capability: tuple[int, int] = (0, 0)
-    free_memory_gb: float | None = None
-
-    @property
-    def usable_memory_gb(self) -> float:
-        """The memory a run can have: the free memory when measured, else all of it."""
-        if self.free_memory_gb is None:
-            return self.memory_gb
-        return min(self.memory_gb, self.free_memory_gb)
-
-    @classmethod
-    def cpu(cls) -> "DeviceInfo":
-        """The CPU, as a device."""
-        return cls("cpu", "CPU")
-
-    @property
-    def tf32(self) -> bool:
-        """TensorFloat-32 matmuls (Ampere, compute capability 8.0, and newer)."""
-        return self.kind == "cuda" and self.capability >= (8, 0)
-
-    @property
-    def flash_attention(self) -> bool:
-        """PyTorch's flash-attention kernel runs here (Ampere and newer); older GPUs get its
-        memory-efficient kernel, which saves as much memory but is slower."""
-        return self.kind == "cuda" and self.capability >= (8, 0)
-
-
-def detect_device() -> DeviceInfo:
-    """The first CUDA GPU with its memory, compute capability and bf16 support, else the CPU."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return DeviceInfo.cpu()
-    props = torch.cuda.get_device_properties(0)
-    capability = (props.major, props.minor)
-    # Not torch.cuda.is_bf16_supported(): recent versions answer True on a T4 or V100,
-    # where bf16 is only emulated and far slower than fp16.
-    try:  # another notebook or an earlier run in this kernel may hold some of it
-        # What PyTorch's cache holds unused is free for this process's run too.
-        unused = torch.cuda.memory_reserved(0) - torch.cuda.memory_allocated(0)
-        free = (torch.cuda.mem_get_info(0)[0] + unused) / 2**30
-    except Exception:  # a driver without the query
-        free = None
-    return DeviceInfo("cuda", props.name, props.total_memory / 2**30, capability >= (8, 0),
-                      torch.cuda.device_count(), capability, free)
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,8 @@ from typing import TYPE_CHECKING
 
 from colab_dreambooth.config.presets import Choice, Preset, apply_preset, format_choices, preset_for
 from colab_dreambooth.errors import ConfigError, Problem
-from colab_dreambooth.runtime.environment import (
-    DeviceInfo,
-    Runtime,
-    detect_device,
-    detect_runtime,
-    package_versions,
-)
+from colab_dreambooth.runtime.device import DeviceInfo, detect_device
+from colab_dreambooth.runtime.environment import Runtime, detect_runtime, package_versions
 from colab_dreambooth.runtime.packages import INSTALL_HINT, importable
 from colab_dreambooth.training.memory import (
     Fix,

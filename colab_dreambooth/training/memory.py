@@ -35,7 +35,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from colab_dreambooth.runtime.environment import DeviceInfo
+from colab_dreambooth.runtime.device import DeviceInfo
 from colab_dreambooth.runtime.packages import INSTALL_HINT, importable
 
 if TYPE_CHECKING:

@@ -53,7 +53,7 @@ from colab_dreambooth.models.text_encoding import (
     freeze_final_layer_norm,
     num_text_layers,
 )
-from colab_dreambooth.runtime.environment import DeviceInfo, detect_device
+from colab_dreambooth.runtime.device import DeviceInfo, detect_device
 from colab_dreambooth.training.checkpoints import (
     Checkpointer,
     Progress,
