@@ -15,35 +15,35 @@ This package is the only part of the project that imports ipywidgets (install th
 from .app import TrainApp
 from .class_images import ClassImagesApp, count_class_images
 from .environment import (
-                          DriveNotMounted,
-                          mount_drive,
-                          mount_drive_if_needed,
-                          on_colab,
-                          platform_name,
-                          resolve_work_dir,
-                          runtime_banner,
+    DriveNotMounted,
+    mount_drive,
+    mount_drive_if_needed,
+    on_colab,
+    platform_name,
+    resolve_work_dir,
+    runtime_banner,
 )
 from .form import ConfigForm
 from .prepare import (
-                          DataReport,
-                          UploadBox,
-                          caption_grid,
-                          captioned_grid,
-                          colab_upload,
-                          crop_preview,
-                          data_report,
-                          save_uploads,
-                          show_images,
-                          upload_images,
+    DataReport,
+    UploadBox,
+    caption_grid,
+    captioned_grid,
+    colab_upload,
+    crop_preview,
+    data_report,
+    save_uploads,
+    show_images,
+    upload_images,
 )
 from .release import ReleaseApp
 from .training_view import TrainingView, estimate_total_steps
 from .workdir import (
-                          class_images_config,
-                          params_file,
-                          prepare_config,
-                          release_config,
-                          training_config,
+    class_images_config,
+    params_file,
+    prepare_config,
+    release_config,
+    training_config,
 )
 
 __all__ = [
