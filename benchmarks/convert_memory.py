@@ -51,14 +51,15 @@ REPO = Path(__file__).resolve().parents[1]
 BUILD = r"""
 import math, sys, torch
 from pathlib import Path
-from colab_dreambooth.models.single_file.convert import (load_model_config, write_config_folder, _meta_model)
-from colab_dreambooth.tensor_stream import write_sharded, TensorSpec
+from colab_dreambooth.models.single_file.model_configs import (load_model_config, meta_model,
+                                                              write_config_folder)
+from colab_dreambooth.safetensors_stream import TensorSpec, write_sharded
 folder = Path(sys.argv[1])
 configs = load_model_config("sd1")
 write_config_folder(configs, folder)
 gen = torch.Generator().manual_seed(0)
 for part in ("unet", "vae", "text_encoder"):
-    state = _meta_model(part, configs[part]).state_dict()
+    state = meta_model(part, configs[part]).state_dict()
     specs = [TensorSpec(k, tuple(v.shape), torch.float32) for k, v in state.items()]
     print(part, sum(math.prod(s.shape) for s in specs) / 1e6, "M parameters", flush=True)
     stem = "model" if part == "text_encoder" else "diffusion_pytorch_model"

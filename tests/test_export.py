@@ -20,15 +20,12 @@ from test_convert import build_tiny_sd2, weights
 from colab_dreambooth import cli
 from colab_dreambooth.config.params import save_params
 from colab_dreambooth.models.single_file import ldm_keys as ck
-from colab_dreambooth.models.single_file.convert import (
-    _meta_model,
-    convert_single_file,
-    load_model_config,
-)
+from colab_dreambooth.models.single_file.convert import convert_single_file
 from colab_dreambooth.models.single_file.export import (
     ExportError,
     export_checkpoint,
 )
+from colab_dreambooth.models.single_file.model_configs import load_model_config, meta_model
 from colab_dreambooth.models.tiny import tiny_model_path
 
 FAKE_TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz012345"
@@ -202,7 +199,7 @@ def test_full_size_names_match_diffusers_converters(variant):
     )
 
     configs = load_model_config(variant)
-    models = {part: _meta_model(part, configs[part]) for part in ("unet", "vae", "text_encoder")}
+    models = {part: meta_model(part, configs[part]) for part in ("unet", "vae", "text_encoder")}
     states = {part: m.state_dict() for part, m in models.items()}
     open_clip = variant != "sd1"
     links = (ck.unet_links(states["unet"], configs["unet"])

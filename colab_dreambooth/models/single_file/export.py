@@ -26,15 +26,15 @@ import torch
 
 from colab_dreambooth.files import temp_file_beside
 from colab_dreambooth.models.single_file import ldm_keys as ck
-from colab_dreambooth.models.single_file.convert import (
-    CONFIG_METADATA_KEYS,
+from colab_dreambooth.models.single_file.model_configs import CONFIG_METADATA_KEYS
+from colab_dreambooth.models.single_file.readers import (
     RELEASE_EVERY,
-    CheckpointError,
+    ModelFileError,
     SafetensorsFile,
     TensorFile,
     TorchFile,
 )
-from colab_dreambooth.tensor_stream import TensorSpec, write_safetensors
+from colab_dreambooth.safetensors_stream import TensorSpec, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ _OPEN_CLIP_LOGIT_SCALE = math.log(1 / 0.07)
 _TOKEN = re.compile(r"hf_[A-Za-z0-9]{16,}")
 
 
-class ExportError(CheckpointError):
+class ExportError(ModelFileError):
     """The model folder cannot be exported; the message says why and what to do."""
 
 
