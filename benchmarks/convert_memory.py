@@ -85,7 +85,7 @@ CASES = {
                             "p = P.from_single_file(sys.argv[1], config=sys.argv[3], "
                             "local_files_only=True, safety_checker=None); "
                             "p.save_pretrained(sys.argv[2])"),
-    "export": ("from colab_dreambooth.models.single_file.export import export_checkpoint as e",
+    "export": ("from colab_dreambooth.models.single_file.export import export_single_file as e",
                "e(sys.argv[3], sys.argv[2], progress=False)"),
 }
 
@@ -138,7 +138,7 @@ def main() -> None:
         print(f"built the random SD 1.5 diffusers folder in {time.perf_counter() - t:.0f} s")
         results["export"] = measure("export", "", str(sft), str(folder))
         subprocess.run([sys.executable, "-c", "import sys\nfrom colab_dreambooth.models.single_file.export import "
-                        "export_checkpoint as e; e(sys.argv[1], sys.argv[2], progress=False)",
+                        "export_single_file as e; e(sys.argv[1], sys.argv[2], progress=False)",
                         str(folder), str(ckpt)], cwd=REPO, check=True)
         print(f"checkpoint: {sft.stat().st_size / 1e9:.2f} GB .safetensors, "
               f"{ckpt.stat().st_size / 1e9:.2f} GB .ckpt (fp32)")

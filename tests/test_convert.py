@@ -23,7 +23,7 @@ from colab_dreambooth.errors import ModelLoadError
 from colab_dreambooth.models.loading import load_components
 from colab_dreambooth.models.single_file import ldm_keys as ck
 from colab_dreambooth.models.single_file.convert import convert_single_file
-from colab_dreambooth.models.single_file.export import export_checkpoint
+from colab_dreambooth.models.single_file.export import export_single_file
 from colab_dreambooth.models.single_file.model_configs import load_model_config
 from colab_dreambooth.models.single_file.readers import ModelFileError, open_model_file
 from colab_dreambooth.models.tiny import clip_tokenizer, tiny_model_path
@@ -108,8 +108,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("convert")
     sd2 = build_tiny_sd2(root / "sd2-diffusers")
     out = {"sd1_dir": tiny_model_path(), "sd2_dir": sd2, "root": root}
-    out["sd1"] = export_checkpoint(tiny_model_path(), root / "sd1.safetensors", progress=False).path
-    out["sd2"] = export_checkpoint(sd2, root / "sd2.safetensors", progress=False).path
+    out["sd1"] = export_single_file(tiny_model_path(), root / "sd1.safetensors",
+                                    progress=False).path
+    out["sd2"] = export_single_file(sd2, root / "sd2.safetensors", progress=False).path
     out["sd1_bare"] = strip_metadata(out["sd1"], root / "sd1-bare.safetensors")
     out["sd2_bare"] = strip_metadata(out["sd2"], root / "sd2-bare.safetensors")
     return out

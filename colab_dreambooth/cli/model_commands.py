@@ -12,7 +12,7 @@ from colab_dreambooth.models.single_file.convert import convert_single_file
 from colab_dreambooth.models.single_file.dehydrate import dehydrate
 from colab_dreambooth.models.single_file.dehydrate_codec import DEFAULT_RANK
 from colab_dreambooth.models.single_file.dehydrated_file import DehydrateError
-from colab_dreambooth.models.single_file.export import export_checkpoint
+from colab_dreambooth.models.single_file.export import export_single_file
 from colab_dreambooth.models.single_file.readers import ModelFileError
 from colab_dreambooth.models.single_file.rehydrate import rehydrate
 from colab_dreambooth.publish.model_card import write_model_card
@@ -76,8 +76,8 @@ def add_export(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def _run_export(args: argparse.Namespace) -> int:
     try:
-        report = export_checkpoint(args.model_dir, args.out_file, fp16=args.fp16, ema=args.ema,
-                                   overwrite=args.overwrite)
+        report = export_single_file(args.model_dir, args.out_file, fp16=args.fp16, ema=args.ema,
+                                    overwrite=args.overwrite)
     except ModelFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -78,7 +78,7 @@ def convert_single_file(path: str | Path, out_dir: str | Path, *, v_prediction: 
                         fp16: bool = False, ema: bool = False, overwrite: bool = False,
                         max_shard_size: int = DEFAULT_SHARD_SIZE,
                         progress: bool = True) -> ConversionReport:
-    """Convert an SD 1.x/2.x single-file checkpoint into a diffusers folder at ``out_dir``.
+    """Convert an SD 1.x/2.x single-file model into a diffusers folder at ``out_dir``.
 
     ``v_prediction``: True/False to say what the model predicts, None to detect it (see the
     module docs). ``fp16`` writes half-precision weights (default fp32, exact for any source).

@@ -1,4 +1,4 @@
-"""Export: a diffusers folder becomes one checkpoint file in the original (LDM) key layout.
+"""Export: a diffusers folder becomes one single-file model in the original (LDM) key layout.
 
 The file loads in AUTOMATIC1111, ComfyUI and other tools, and back here with Create Model:
 UNet under ``model.diffusion_model.``, VAE under ``first_stage_model.``, text encoder under
@@ -51,7 +51,7 @@ class ExportError(ModelFileError):
 
 @dataclass
 class ExportReport:
-    """What :func:`export_checkpoint` wrote."""
+    """What :func:`export_single_file` wrote."""
 
     path: Path
     version: str  # "sd1" or "sd2"
@@ -106,10 +106,10 @@ class FolderWeights(TensorFile):
             file.release()
 
 
-def export_checkpoint(model_dir: str | Path, out_file: str | Path, *, fp16: bool = False,
-                      ema: bool = False, overwrite: bool = False,
-                      progress: bool = True) -> ExportReport:
-    """Write the diffusers model in ``model_dir`` as one single-file checkpoint.
+def export_single_file(model_dir: str | Path, out_file: str | Path, *, fp16: bool = False,
+                       ema: bool = False, overwrite: bool = False,
+                       progress: bool = True) -> ExportReport:
+    """Write the diffusers model in ``model_dir`` as one single-file model.
 
     The suffix of ``out_file`` picks the format (``.safetensors`` or ``.ckpt``). ``fp16`` halves
     the file; ``ema`` takes the UNet from ``unet_ema/`` (saved when training with EMA). An
@@ -325,5 +325,5 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-__all__ = ["export_checkpoint", "export_metadata", "ExportReport", "ExportError",
+__all__ = ["export_single_file", "export_metadata", "ExportReport", "ExportError",
            "FolderWeights", "FORMATS"]
