@@ -87,10 +87,10 @@ def _config():
 
 
 def _models():
-    from colab_dreambooth.models.single_file.convert import _meta_model, load_model_config
+    from colab_dreambooth.models.single_file.model_configs import load_model_config, meta_model
 
     configs = load_model_config("sd1")
-    return _meta_model("unet", configs["unet"]), _meta_model("text_encoder",
+    return meta_model("unet", configs["unet"]), meta_model("text_encoder",
                                                              configs["text_encoder"])
 
 

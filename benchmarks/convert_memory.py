@@ -51,14 +51,15 @@ REPO = Path(__file__).resolve().parents[1]
 BUILD = r"""
 import math, sys, torch
 from pathlib import Path
-from colab_dreambooth.models.single_file.convert import (load_model_config, write_config_folder, _meta_model)
-from colab_dreambooth.tensor_stream import write_sharded, TensorSpec
+from colab_dreambooth.models.single_file.model_configs import (load_model_config, meta_model,
+                                                              write_config_folder)
+from colab_dreambooth.safetensors_stream import TensorSpec, write_sharded
 folder = Path(sys.argv[1])
 configs = load_model_config("sd1")
 write_config_folder(configs, folder)
 gen = torch.Generator().manual_seed(0)
 for part in ("unet", "vae", "text_encoder"):
-    state = _meta_model(part, configs[part]).state_dict()
+    state = meta_model(part, configs[part]).state_dict()
     specs = [TensorSpec(k, tuple(v.shape), torch.float32) for k, v in state.items()]
     print(part, sum(math.prod(s.shape) for s in specs) / 1e6, "M parameters", flush=True)
     stem = "model" if part == "text_encoder" else "diffusion_pytorch_model"
@@ -84,7 +85,7 @@ CASES = {
                             "p = P.from_single_file(sys.argv[1], config=sys.argv[3], "
                             "local_files_only=True, safety_checker=None); "
                             "p.save_pretrained(sys.argv[2])"),
-    "export": ("from colab_dreambooth.models.single_file.export import export_checkpoint as e",
+    "export": ("from colab_dreambooth.models.single_file.export import export_single_file as e",
                "e(sys.argv[3], sys.argv[2], progress=False)"),
 }
 
@@ -137,7 +138,7 @@ def main() -> None:
         print(f"built the random SD 1.5 diffusers folder in {time.perf_counter() - t:.0f} s")
         results["export"] = measure("export", "", str(sft), str(folder))
         subprocess.run([sys.executable, "-c", "import sys\nfrom colab_dreambooth.models.single_file.export import "
-                        "export_checkpoint as e; e(sys.argv[1], sys.argv[2], progress=False)",
+                        "export_single_file as e; e(sys.argv[1], sys.argv[2], progress=False)",
                         str(folder), str(ckpt)], cwd=REPO, check=True)
         print(f"checkpoint: {sft.stat().st_size / 1e9:.2f} GB .safetensors, "
               f"{ckpt.stat().st_size / 1e9:.2f} GB .ckpt (fp32)")

@@ -173,7 +173,8 @@ def run_one(args: argparse.Namespace) -> dict:
     logging.disable(logging.WARNING)
     import torch
 
-    from colab_dreambooth.models.single_file.dehydrate import dehydrate, rehydrate
+    from colab_dreambooth.models.single_file.dehydrate import dehydrate
+    from colab_dreambooth.models.single_file.rehydrate import rehydrate
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -17,7 +17,7 @@ PACKAGE = "colab_dreambooth"
 
 # Lowest first. A module may import its own layer and those below it, never one above.
 LAYERS = [
-    ("base", {"errors", "files", "console", "tensor_stream"}),
+    ("base", {"errors", "files", "console", "safetensors_stream", "tensor_stream"}),
     ("runtime", {"runtime"}),
     ("config", {"config"}),
     ("data", {"data"}),

@@ -94,9 +94,9 @@ def test_outputs_get_ordinary_permissions(umask, tmp_path):
 
 
 def test_export_gets_ordinary_permissions(umask, tmp_path):
-    from colab_dreambooth.models.single_file.export import export_checkpoint
+    from colab_dreambooth.models.single_file.export import export_single_file
     from colab_dreambooth.models.tiny import tiny_model_path
 
-    report = export_checkpoint(tiny_model_path(), tmp_path / "model.safetensors",
-                               progress=False)
+    report = export_single_file(tiny_model_path(), tmp_path / "model.safetensors",
+                                progress=False)
     assert mode(report.path) == 0o666 & ~umask

@@ -22,13 +22,10 @@ from colab_dreambooth import cli
 from colab_dreambooth.errors import ModelLoadError
 from colab_dreambooth.models.loading import load_components
 from colab_dreambooth.models.single_file import ldm_keys as ck
-from colab_dreambooth.models.single_file.convert import (
-    CheckpointError,
-    convert_single_file,
-    load_model_config,
-    open_checkpoint,
-)
-from colab_dreambooth.models.single_file.export import export_checkpoint
+from colab_dreambooth.models.single_file.convert import convert_single_file
+from colab_dreambooth.models.single_file.export import export_single_file
+from colab_dreambooth.models.single_file.model_configs import load_model_config
+from colab_dreambooth.models.single_file.readers import ModelFileError, open_model_file
 from colab_dreambooth.models.tiny import clip_tokenizer, tiny_model_path
 
 PARTS = ("unet", "vae", "text_encoder")
@@ -111,8 +108,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("convert")
     sd2 = build_tiny_sd2(root / "sd2-diffusers")
     out = {"sd1_dir": tiny_model_path(), "sd2_dir": sd2, "root": root}
-    out["sd1"] = export_checkpoint(tiny_model_path(), root / "sd1.safetensors", progress=False).path
-    out["sd2"] = export_checkpoint(sd2, root / "sd2.safetensors", progress=False).path
+    out["sd1"] = export_single_file(tiny_model_path(), root / "sd1.safetensors",
+                                    progress=False).path
+    out["sd2"] = export_single_file(sd2, root / "sd2.safetensors", progress=False).path
     out["sd1_bare"] = strip_metadata(out["sd1"], root / "sd1-bare.safetensors")
     out["sd2_bare"] = strip_metadata(out["sd2"], root / "sd2-bare.safetensors")
     return out
@@ -164,7 +162,7 @@ def test_ckpt_files_convert_like_safetensors(files, tmp_path):
     for path in (wrapped, bare, legacy):
         convert_single_file(path, tmp_path / path.stem, progress=False)
         assert_same_weights(files["sd1_dir"], tmp_path / path.stem)
-    assert open_checkpoint(wrapped).global_step == 470000
+    assert open_model_file(wrapped).global_step == 470000
 
 
 def test_ckpt_with_lightning_training_state_loads_weights_only(files, tmp_path, monkeypatch):
@@ -196,7 +194,7 @@ class Payload:
 def test_ckpt_with_other_python_objects_is_refused(files, tmp_path):
     path = tmp_path / "odd.ckpt"
     torch.save({"state_dict": load_file(files["sd1_bare"]), "extra": Payload()}, path)
-    with pytest.raises(CheckpointError, match=r"odd\.ckpt holds Python objects.*Payload"):
+    with pytest.raises(ModelFileError, match=r"odd\.ckpt holds Python objects.*Payload"):
         convert_single_file(path, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -293,25 +291,25 @@ def test_damaged_files_are_clear_errors(files, tmp_path):
     truncated = tmp_path / "half.safetensors"
     data = files["sd1"].read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"half\.safetensors .*incomplete download"):
+    with pytest.raises(ModelFileError, match=r"half\.safetensors .*incomplete download"):
         convert_single_file(truncated, tmp_path / "out", progress=False)
     whole, cut = tmp_path / "whole.ckpt", tmp_path / "cut.ckpt"
     torch.save({"state_dict": load_file(files["sd1_bare"])}, whole)
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=r"cut\.ckpt could not be read .*truncated"):
+    with pytest.raises(ModelFileError, match=r"cut\.ckpt could not be read .*truncated"):
         convert_single_file(cut, tmp_path / "out", progress=False)
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"this is not a checkpoint at all" * 10)
-    with pytest.raises(CheckpointError, match=r"garbage\.ckpt .*corrupt, truncated"):
+    with pytest.raises(ModelFileError, match=r"garbage\.ckpt .*corrupt, truncated"):
         convert_single_file(garbage, tmp_path / "out", progress=False)
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(b"")
-    with pytest.raises(CheckpointError, match=r"empty\.safetensors is empty"):
+    with pytest.raises(ModelFileError, match=r"empty\.safetensors is empty"):
         convert_single_file(empty, tmp_path / "out", progress=False)
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(ModelFileError, match="not found"):
         convert_single_file(tmp_path / "nope.ckpt", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
-    assert issubclass(CheckpointError, ModelLoadError)  # load_components callers catch it
+    assert issubclass(ModelFileError, ModelLoadError)  # load_components callers catch it
 
 
 def test_missing_weights_are_listed(files, tmp_path):
@@ -321,7 +319,7 @@ def test_missing_weights_are_listed(files, tmp_path):
     for key in gone:
         del state[key]
     save_file(state, tmp_path / "holes.safetensors")
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(ModelFileError) as err:
         convert_single_file(tmp_path / "holes.safetensors", tmp_path / "out", progress=False)
     message = str(err.value)
     assert "holes.safetensors is missing 3 weight(s)" in message
@@ -338,7 +336,7 @@ def test_missing_weights_are_listed(files, tmp_path):
 def test_other_kinds_of_files_are_named(tmp_path, keys, expected):
     path = tmp_path / "other.safetensors"
     save_file({k: torch.zeros(shape) for k, shape in keys.items()}, path)
-    with pytest.raises(CheckpointError, match=expected):
+    with pytest.raises(ModelFileError, match=expected):
         convert_single_file(path, tmp_path / "out", progress=False)
 
 
@@ -346,11 +344,11 @@ def test_incomplete_parts_and_wrong_shapes(files, tmp_path):
     state = load_file(files["sd1_bare"])
     no_vae = {k: v for k, v in state.items() if not k.startswith(ck.VAE_PREFIX)}
     save_file(no_vae, tmp_path / "novae.safetensors")
-    with pytest.raises(CheckpointError, match="no VAE weights"):
+    with pytest.raises(ModelFileError, match="no VAE weights"):
         convert_single_file(tmp_path / "novae.safetensors", tmp_path / "out", progress=False)
     state["model.diffusion_model.out.0.weight"] = torch.zeros(7)
     save_file(state, tmp_path / "shape.safetensors")
-    with pytest.raises(CheckpointError, match=r"unexpected shapes.*out\.0\.weight is \[7\]"):
+    with pytest.raises(ModelFileError, match=r"unexpected shapes.*out\.0\.weight is \[7\]"):
         convert_single_file(tmp_path / "shape.safetensors", tmp_path / "out", progress=False)
 
 
@@ -358,11 +356,11 @@ def test_output_folder_is_protected(files, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match="not empty"):
+    with pytest.raises(ModelFileError, match="not empty"):
         convert_single_file(files["sd1"], out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
     inside = shutil.copy(files["sd1"], out / "model.safetensors")
-    with pytest.raises(CheckpointError, match="holds the checkpoint"):
+    with pytest.raises(ModelFileError, match="holds the checkpoint"):
         convert_single_file(inside, out, overwrite=True, progress=False)
     assert Path(inside).is_file()
     convert_single_file(files["sd1"], tmp_path / "again", progress=False)
@@ -403,5 +401,5 @@ def test_inpainting_models_are_refused(files, tmp_path):
     key = "model.diffusion_model.input_blocks.0.0.weight"
     state[key] = torch.zeros(state[key].shape[0], 9, *state[key].shape[2:])
     save_file(state, tmp_path / "inpaint.safetensors")
-    with pytest.raises(CheckpointError, match="9 input channels, an inpainting model"):
+    with pytest.raises(ModelFileError, match="9 input channels, an inpainting model"):
         convert_single_file(tmp_path / "inpaint.safetensors", tmp_path / "out", progress=False)

@@ -17,14 +17,14 @@ from safetensors.torch import load_file, save_file
 from colab_dreambooth.config.params import save_params
 from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.models.loading import load_components
-from colab_dreambooth.models.single_file.dehydrate import (
+from colab_dreambooth.models.single_file.base_weights import base_fingerprint
+from colab_dreambooth.models.single_file.dehydrate import dehydrate
+from colab_dreambooth.models.single_file.dehydrated_file import (
     DehydrateError,
-    _StreamingWriter,
-    base_fingerprint,
-    dehydrate,
+    PayloadWriter,
     read_info,
-    rehydrate,
 )
+from colab_dreambooth.models.single_file.rehydrate import rehydrate
 from colab_dreambooth.models.tiny import tiny_model_path
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -341,7 +341,7 @@ def test_streaming_writer_moves_the_data_when_the_header_outgrows_its_room(tmp_p
     tensors["bytes"] = torch.arange(7, dtype=torch.uint8)
     for reserve in (8, 1 << 16):
         path = tmp_path / f"w{reserve}.safetensors"
-        writer = _StreamingWriter(path, reserve)
+        writer = PayloadWriter(path, reserve)
         for name, t in tensors.items():
             writer.add(name, t)
         writer.finish({"note": "x"})

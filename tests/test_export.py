@@ -20,15 +20,12 @@ from test_convert import build_tiny_sd2, weights
 from colab_dreambooth import cli
 from colab_dreambooth.config.params import save_params
 from colab_dreambooth.models.single_file import ldm_keys as ck
-from colab_dreambooth.models.single_file.convert import (
-    _meta_model,
-    convert_single_file,
-    load_model_config,
-)
+from colab_dreambooth.models.single_file.convert import convert_single_file
 from colab_dreambooth.models.single_file.export import (
     ExportError,
-    export_checkpoint,
+    export_single_file,
 )
+from colab_dreambooth.models.single_file.model_configs import load_model_config, meta_model
 from colab_dreambooth.models.tiny import tiny_model_path
 
 FAKE_TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz012345"
@@ -65,7 +62,7 @@ def generate(pipe) -> torch.Tensor:
 
 
 def test_export_layout_and_metadata(trained, tmp_path, tiny_config):
-    report = export_checkpoint(trained, tmp_path / "shs.safetensors", progress=False)
+    report = export_single_file(trained, tmp_path / "shs.safetensors", progress=False)
     assert report.path == tmp_path / "shs.safetensors" and report.dtype == "fp32"
     tensors, meta = read(report.path)
     prefixes = (ck.UNET_PREFIX, ck.VAE_PREFIX, ck.CLIP_PREFIX)
@@ -95,7 +92,7 @@ def test_export_layout_and_metadata(trained, tmp_path, tiny_config):
 def test_diffusers_single_file_loader_reads_the_export(trained, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    path = export_checkpoint(trained, tmp_path / "m.safetensors", progress=False).path
+    path = export_single_file(trained, tmp_path / "m.safetensors", progress=False).path
     loaded = StableDiffusionPipeline.from_single_file(str(path), config=str(trained),
                                                       local_files_only=True, safety_checker=None)
     original = StableDiffusionPipeline.from_pretrained(str(trained), safety_checker=None)
@@ -106,8 +103,8 @@ def test_diffusers_single_file_loader_reads_the_export(trained, tmp_path):
 
 
 def test_ckpt_export_loads_weights_only(trained, tmp_path):
-    sft = export_checkpoint(trained, tmp_path / "m.safetensors", progress=False).path
-    ckpt = export_checkpoint(trained, tmp_path / "m.ckpt", progress=False).path
+    sft = export_single_file(trained, tmp_path / "m.safetensors", progress=False).path
+    ckpt = export_single_file(trained, tmp_path / "m.ckpt", progress=False).path
     loaded = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert set(loaded) == {"state_dict", "global_step", "metadata"}
     assert loaded["global_step"] == 6
@@ -122,7 +119,8 @@ def test_ckpt_export_loads_weights_only(trained, tmp_path):
 
 
 def test_fp16_export_round_trips_within_rounding(trained, tmp_path):
-    path = export_checkpoint(trained, tmp_path / "half.safetensors", fp16=True, progress=False).path
+    path = export_single_file(trained, tmp_path / "half.safetensors", fp16=True,
+                              progress=False).path
     tensors, meta = read(path)
     assert meta["colab_dreambooth.dtype"] == "fp16"
     assert {t.dtype for k, t in tensors.items() if "position_ids" not in k} == {torch.float16}
@@ -133,7 +131,7 @@ def test_fp16_export_round_trips_within_rounding(trained, tmp_path):
 
 
 def test_export_then_import_is_exact(trained, tmp_path):
-    path = export_checkpoint(trained, tmp_path / "m.safetensors", progress=False).path
+    path = export_single_file(trained, tmp_path / "m.safetensors", progress=False).path
     convert_single_file(path, tmp_path / "back", progress=False)
     for part in ("unet", "vae", "text_encoder"):
         a, b = weights(trained, part), weights(tmp_path / "back", part)
@@ -145,9 +143,9 @@ def test_ema_weights_on_request(trained, tmp_path):
     shutil.copytree(trained / "unet", ema)
     file = next(ema.glob("*.safetensors"))
     save_file({k: v + 1 for k, v in load_file(file).items()}, file, metadata={"format": "pt"})
-    plain = read(export_checkpoint(trained, tmp_path / "plain.safetensors", progress=False).path)
-    averaged = read(export_checkpoint(trained, tmp_path / "ema.safetensors", ema=True,
-                                      progress=False).path)
+    plain = read(export_single_file(trained, tmp_path / "plain.safetensors", progress=False).path)
+    averaged = read(export_single_file(trained, tmp_path / "ema.safetensors", ema=True,
+                                       progress=False).path)
     assert averaged[1]["colab_dreambooth.unet_weights"] == "ema"
     key = "model.diffusion_model.out.2.weight"
     assert torch.equal(averaged[0][key], plain[0][key] + 1)
@@ -155,13 +153,13 @@ def test_ema_weights_on_request(trained, tmp_path):
     assert torch.equal(averaged[0][vae_key], plain[0][vae_key])
     shutil.rmtree(ema)
     with pytest.raises(ExportError, match="no EMA weights"):
-        export_checkpoint(trained, tmp_path / "x.safetensors", ema=True, progress=False)
+        export_single_file(trained, tmp_path / "x.safetensors", ema=True, progress=False)
 
 
 def test_sd2_export_uses_the_open_clip_layout(sd2_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    report = export_checkpoint(sd2_dir, tmp_path / "sd2.safetensors", progress=False)
+    report = export_single_file(sd2_dir, tmp_path / "sd2.safetensors", progress=False)
     assert (report.version, report.prediction_type) == ("sd2", "v_prediction")
     tensors, meta = read(report.path)
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v"
@@ -202,7 +200,7 @@ def test_full_size_names_match_diffusers_converters(variant):
     )
 
     configs = load_model_config(variant)
-    models = {part: _meta_model(part, configs[part]) for part in ("unet", "vae", "text_encoder")}
+    models = {part: meta_model(part, configs[part]) for part in ("unet", "vae", "text_encoder")}
     states = {part: m.state_dict() for part, m in models.items()}
     open_clip = variant != "sd1"
     links = (ck.unet_links(states["unet"], configs["unet"])
@@ -238,20 +236,20 @@ def test_full_size_names_match_diffusers_converters(variant):
 
 def test_bad_requests_are_clear_errors(trained, tmp_path):
     with pytest.raises(ExportError, match=r"must end in \.safetensors"):
-        export_checkpoint(trained, tmp_path / "model.bin", progress=False)
+        export_single_file(trained, tmp_path / "model.bin", progress=False)
     with pytest.raises(ExportError, match="not found"):
-        export_checkpoint(tmp_path / "nothing", tmp_path / "m.safetensors", progress=False)
+        export_single_file(tmp_path / "nothing", tmp_path / "m.safetensors", progress=False)
     half = tmp_path / "half"
     shutil.copytree(trained, half)
     shutil.rmtree(half / "vae")
     with pytest.raises(ExportError, match=r"missing vae/config\.json"):
-        export_checkpoint(half, tmp_path / "m.safetensors", progress=False)
+        export_single_file(half, tmp_path / "m.safetensors", progress=False)
     out = tmp_path / "mine.safetensors"
     out.write_bytes(b"precious")
     with pytest.raises(ExportError, match="already exists"):
-        export_checkpoint(trained, out, progress=False)
+        export_single_file(trained, out, progress=False)
     assert out.read_bytes() == b"precious"
-    export_checkpoint(trained, out, overwrite=True, progress=False)
+    export_single_file(trained, out, overwrite=True, progress=False)
     assert read(out)[0]
 
 

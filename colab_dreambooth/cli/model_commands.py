@@ -14,14 +14,13 @@ from colab_dreambooth.config.commands import (
     ExportSettings,
 )
 from colab_dreambooth.errors import ModelLoadError
-from colab_dreambooth.models.single_file.convert import CheckpointError, convert_single_file
-from colab_dreambooth.models.single_file.dehydrate import (
-    DEFAULT_RANK,
-    DehydrateError,
-    dehydrate,
-    rehydrate,
-)
-from colab_dreambooth.models.single_file.export import export_checkpoint
+from colab_dreambooth.models.single_file.convert import convert_single_file
+from colab_dreambooth.models.single_file.dehydrate import dehydrate
+from colab_dreambooth.models.single_file.dehydrate_codec import DEFAULT_RANK
+from colab_dreambooth.models.single_file.dehydrated_file import DehydrateError
+from colab_dreambooth.models.single_file.export import export_single_file
+from colab_dreambooth.models.single_file.readers import ModelFileError
+from colab_dreambooth.models.single_file.rehydrate import rehydrate
 from colab_dreambooth.publish.model_card import write_model_card
 
 
@@ -49,7 +48,7 @@ def _run_create_model(args: argparse.Namespace) -> int:
     try:
         report = convert_single_file(args.file, args.out_dir, v_prediction=args.v_prediction,
                                      fp16=args.fp16, ema=args.ema, overwrite=args.overwrite)
-    except CheckpointError as exc:
+    except ModelFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"Created {report}")
@@ -78,9 +77,9 @@ def add_export(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def _run_export(args: argparse.Namespace) -> int:
     try:
-        report = export_checkpoint(args.model_dir, args.out_file, fp16=args.fp16, ema=args.ema,
-                                   overwrite=args.overwrite)
-    except CheckpointError as exc:
+        report = export_single_file(args.model_dir, args.out_file, fp16=args.fp16, ema=args.ema,
+                                    overwrite=args.overwrite)
+    except ModelFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"Wrote {report}")

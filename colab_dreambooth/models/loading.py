@@ -130,7 +130,7 @@ def _convert_single_file(path: Path) -> Path:
     from colab_dreambooth.models.single_file.convert import convert_single_file
 
     log.info("Converting %s to the diffusers layout in %s", path, target)
-    convert_single_file(path, target)  # its CheckpointError is a ModelLoadError
+    convert_single_file(path, target)  # its ModelFileError is a ModelLoadError
     return target
 
 

@@ -132,7 +132,7 @@ def make_release(config: DreamBoothConfig, settings: ReleaseSettings, *,
     before anything is written.
     """
     from colab_dreambooth.models.single_file.dehydrate import dehydrate, human_size
-    from colab_dreambooth.models.single_file.export import export_checkpoint
+    from colab_dreambooth.models.single_file.export import export_single_file
     from colab_dreambooth.publish.model_card import write_model_card
     from colab_dreambooth.runtime.storage import HubRepo, parse_destination, publish
 
@@ -158,8 +158,8 @@ def make_release(config: DreamBoothConfig, settings: ReleaseSettings, *,
                             "the WebUI's models/Lora, or load_lora_weights in diffusers.")
     else:
         say(f"Exporting {name}.safetensors ({'fp16' if settings.fp16 else 'fp32'})...")
-        report = export_checkpoint(model, folder / f"{name}.safetensors", fp16=settings.fp16,
-                                   ema=settings.ema, overwrite=True, progress=progress)
+        report = export_single_file(model, folder / f"{name}.safetensors", fp16=settings.fp16,
+                                    ema=settings.ema, overwrite=True, progress=progress)
         result = ReleaseResult(folder, report.path)
         result.lines.append(f"Exported {report.path} ({human_size(report.size)}, "
                             f"{report.dtype}): load it in the WebUI/ComfyUI.")

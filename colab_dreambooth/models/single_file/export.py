@@ -1,4 +1,4 @@
-"""Export: a diffusers folder becomes one checkpoint file in the original (LDM) key layout.
+"""Export: a diffusers folder becomes one single-file model in the original (LDM) key layout.
 
 The file loads in AUTOMATIC1111, ComfyUI and other tools, and back here with Create Model:
 UNet under ``model.diffusion_model.``, VAE under ``first_stage_model.``, text encoder under
@@ -26,15 +26,15 @@ import torch
 
 from colab_dreambooth.files import temp_file_beside
 from colab_dreambooth.models.single_file import ldm_keys as ck
-from colab_dreambooth.models.single_file.convert import (
-    CONFIG_METADATA_KEYS,
+from colab_dreambooth.models.single_file.model_configs import CONFIG_METADATA_KEYS
+from colab_dreambooth.models.single_file.readers import (
     RELEASE_EVERY,
-    CheckpointError,
+    ModelFileError,
     SafetensorsFile,
     TensorFile,
     TorchFile,
 )
-from colab_dreambooth.tensor_stream import TensorSpec, write_safetensors
+from colab_dreambooth.safetensors_stream import TensorSpec, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,13 @@ _OPEN_CLIP_LOGIT_SCALE = math.log(1 / 0.07)
 _TOKEN = re.compile(r"hf_[A-Za-z0-9]{16,}")
 
 
-class ExportError(CheckpointError):
+class ExportError(ModelFileError):
     """The model folder cannot be exported; the message says why and what to do."""
 
 
 @dataclass
 class ExportReport:
-    """What :func:`export_checkpoint` wrote."""
+    """What :func:`export_single_file` wrote."""
 
     path: Path
     version: str  # "sd1" or "sd2"
@@ -106,10 +106,10 @@ class FolderWeights(TensorFile):
             file.release()
 
 
-def export_checkpoint(model_dir: str | Path, out_file: str | Path, *, fp16: bool = False,
-                      ema: bool = False, overwrite: bool = False,
-                      progress: bool = True) -> ExportReport:
-    """Write the diffusers model in ``model_dir`` as one single-file checkpoint.
+def export_single_file(model_dir: str | Path, out_file: str | Path, *, fp16: bool = False,
+                       ema: bool = False, overwrite: bool = False,
+                       progress: bool = True) -> ExportReport:
+    """Write the diffusers model in ``model_dir`` as one single-file model.
 
     The suffix of ``out_file`` picks the format (``.safetensors`` or ``.ckpt``). ``fp16`` halves
     the file; ``ema`` takes the UNet from ``unet_ema/`` (saved when training with EMA). An
@@ -325,5 +325,5 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-__all__ = ["export_checkpoint", "export_metadata", "ExportReport", "ExportError",
+__all__ = ["export_single_file", "export_metadata", "ExportReport", "ExportError",
            "FolderWeights", "FORMATS"]
