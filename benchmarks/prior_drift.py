@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from colab_dreambooth.config.prompts import read_caption
+    from colab_dreambooth.data.captions import read_caption
     from colab_dreambooth.data.dataset import collect_training_data
     from colab_dreambooth.demo import demo_config, make_demo_data
     from colab_dreambooth.models.loading import load_components
