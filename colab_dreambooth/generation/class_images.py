@@ -37,6 +37,7 @@ from colab_dreambooth.data.captions import folder_captions
 from colab_dreambooth.data.dataset import DataError
 from colab_dreambooth.data.images import check_images
 from colab_dreambooth.models.loading import load_components
+from colab_dreambooth.models.pipelines import pipeline_from_components
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -179,17 +180,12 @@ def _instance_captions(config: "DreamBoothConfig", index: int, problems: list[st
 def _pipeline(config: "DreamBoothConfig"):
     """A ``StableDiffusionPipeline`` of the base model, on the GPU unless Use CPU Only."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from colab_dreambooth.models.attention import set_memory_attention
 
     on_cuda = torch.cuda.is_available() and not config.use_cpu
     parts = load_components(config.base_model)
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-        unet=parts.unet, scheduler=parts.inference_scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = pipeline_from_components(parts)
     if on_cuda:
         set_memory_attention(parts.unet, config.attention, on_cuda)
         dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
