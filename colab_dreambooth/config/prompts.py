@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import re
+from typing import Callable
 
 from colab_dreambooth.errors import UserError
 
@@ -160,41 +161,9 @@ def build_prompts(
         )
 
     if instance_fw:
-        text = caption
-        outside = FILEWORDS.sub(" ", instance)
-        if mode in (DESCRIPTION, CLASS_DESCRIPTION):
-            # Insert only if neither the template nor the caption already holds the token.
-            if not contains_token(outside, token) and not contains_token(caption, token):
-                inserted = _insert_instance_token(caption, token, listed)
-                if inserted is None:
-                    where = f"none of the Class Tokens ({', '.join(listed)})" if listed else ""
-                    raise fail(
-                        f"the caption '{caption}' holds {where or 'no class word'}, so the "
-                        f"Instance Token '{token}' has no place. Add the class word to the caption"
-                        f"{'' if listed else ' and set the Class Token (e.g. woman)'}, or change "
-                        "Existing Prompt Contents to match what the captions hold."
-                    )
-                text = inserted
-        elif mode == INSTANCE_DESCRIPTION and listed:
-            text = _add_class_word(caption, token, listed)
-        instance = tidy_prompt(FILEWORDS.sub(lambda _: text, instance))
-        hint = (
-            f"Existing Prompt Contents is '{mode}'. Add it to the caption or to the instance "
-            "prompt, or change Existing Prompt Contents to match what the captions hold."
-        )
-        lacks = f"the instance prompt '{instance}' lacks"
-        words = list(dict.fromkeys(_class_word(t).lower() for t in listed))
-        if token and not contains_token(instance, token):
-            raise fail(f"{lacks} the Instance Token '{token}'. {hint}")
-        if words and not any(contains_token(instance, w) for w in words):
-            raise fail(f"{lacks} a class word ({'/'.join(words)}). {hint}")
-
+        instance = _fill_instance_prompt(instance, caption, token, listed, mode, fail)
     if class_fw:
-        text = caption
-        if mode in (INSTANCE_DESCRIPTION, INSTANCE_CLASS_DESCRIPTION):
-            word = _class_word(listed[0]) if mode == INSTANCE_DESCRIPTION and listed else ""
-            text = _replace_instance_token(caption, token, word, listed)
-        klass = tidy_prompt(FILEWORDS.sub(lambda _: text, klass))
+        klass = _fill_class_prompt(klass, caption, token, listed, mode)
     if token and contains_token(klass, token):
         hint = "remove it from the class prompt"
         if class_fw and contains_token(caption, token):
@@ -202,6 +171,52 @@ def build_prompts(
             hint += "'Instance Token' so that it is taken out of the class prompt"
         raise fail(f"the class prompt '{klass}' holds the Instance Token '{token}'; {hint}.")
     return instance, klass
+
+
+def _fill_instance_prompt(instance: str, caption: str, token: str, listed: list[str], mode: str,
+                          fail: Callable[[str], PromptError]) -> str:
+    """``instance`` with ``[filewords]`` replaced by the caption, rewritten as ``mode`` says so
+    that it holds the instance token and a class word; raises ``fail(...)`` when it cannot."""
+    text = caption
+    outside = FILEWORDS.sub(" ", instance)
+    if mode in (DESCRIPTION, CLASS_DESCRIPTION):
+        # Insert only if neither the template nor the caption already holds the token.
+        if not contains_token(outside, token) and not contains_token(caption, token):
+            inserted = _insert_instance_token(caption, token, listed)
+            if inserted is None:
+                where = f"none of the Class Tokens ({', '.join(listed)})" if listed else ""
+                raise fail(
+                    f"the caption '{caption}' holds {where or 'no class word'}, so the "
+                    f"Instance Token '{token}' has no place. Add the class word to the caption"
+                    f"{'' if listed else ' and set the Class Token (e.g. woman)'}, or change "
+                    "Existing Prompt Contents to match what the captions hold."
+                )
+            text = inserted
+    elif mode == INSTANCE_DESCRIPTION and listed:
+        text = _add_class_word(caption, token, listed)
+    instance = tidy_prompt(FILEWORDS.sub(lambda _: text, instance))
+    hint = (
+        f"Existing Prompt Contents is '{mode}'. Add it to the caption or to the instance "
+        "prompt, or change Existing Prompt Contents to match what the captions hold."
+    )
+    lacks = f"the instance prompt '{instance}' lacks"
+    words = list(dict.fromkeys(_class_word(t).lower() for t in listed))
+    if token and not contains_token(instance, token):
+        raise fail(f"{lacks} the Instance Token '{token}'. {hint}")
+    if words and not any(contains_token(instance, w) for w in words):
+        raise fail(f"{lacks} a class word ({'/'.join(words)}). {hint}")
+    return instance
+
+
+def _fill_class_prompt(klass: str, caption: str, token: str, listed: list[str], mode: str) -> str:
+    """``klass`` with ``[filewords]`` replaced by the caption; the two "Instance Token" modes
+    take the token out ("Instance Token + Description" puts the class word in its place
+    unless one follows it already)."""
+    text = caption
+    if mode in (INSTANCE_DESCRIPTION, INSTANCE_CLASS_DESCRIPTION):
+        word = _class_word(listed[0]) if mode == INSTANCE_DESCRIPTION and listed else ""
+        text = _replace_instance_token(caption, token, word, listed)
+    return tidy_prompt(FILEWORDS.sub(lambda _: text, klass))
 
 
 def _insert_instance_token(caption: str, token: str, listed: list[str]) -> str | None:
