@@ -159,9 +159,9 @@ def sharpen_tiny_vae(folder: Path, images_dir: Path, resolution: int) -> str:
     import math
 
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from colab_dreambooth.models.loading import load_components
+    from colab_dreambooth.models.pipelines import pipeline_from_components
 
     parts = load_components("tiny")
     vae = parts.vae
@@ -171,10 +171,7 @@ def sharpen_tiny_vae(folder: Path, images_dir: Path, resolution: int) -> str:
         vae.quant_conv.bias[channels:] = 2 * math.log(1e-3)
         mean = image_latents(parts, sorted(images_dir.glob("*.png")), resolution, scaled=False)
     vae.register_to_config(scaling_factor=round(1.0 / mean.std().item(), 5))
-    StableDiffusionPipeline(
-        vae=vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
-        scheduler=parts.inference_scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False).save_pretrained(folder)
+    pipeline_from_components(parts).save_pretrained(folder)
     return str(folder)
 
 
@@ -279,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from colab_dreambooth.config.prompts import read_caption
+    from colab_dreambooth.data.captions import read_caption
     from colab_dreambooth.data.dataset import collect_training_data
     from colab_dreambooth.demo import demo_config, make_demo_data
     from colab_dreambooth.models.loading import load_components

@@ -33,14 +33,15 @@ class Problem:
 class ConfigError(UserError, ValueError):
     """The configuration cannot be used; ``problems`` lists every reason."""
 
-    def __init__(self, problems: Iterable[Problem]):
+    def __init__(self, problems: Iterable[Problem]) -> None:
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{len(self.problems)} problem(s) with the configuration:\n{lines}")
 
 
 class ModelLoadError(UserError, RuntimeError):
-    """The base model could not be loaded; the message says why and what to do."""
+    """A base or trained model could not be loaded (missing, incomplete, or not a model at
+    all); the message says why and what to do."""
 
 
 __all__ = ["UserError", "Problem", "ConfigError", "ModelLoadError"]

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 
 def _umask() -> int:
@@ -83,7 +84,7 @@ def give_ordinary_permissions(folder: Path) -> None:
                 os.chmod(path, files)
 
 
-def save_folder_atomic(write, target: Path) -> Path:
+def save_folder_atomic(write: Callable[[Path], object], target: Path) -> Path:
     """Call ``write(tmp_folder)``, then move the folder into place at ``target``.
 
     A crash during ``write`` leaves any earlier ``target`` untouched; the old folder is swapped
@@ -106,6 +107,7 @@ def save_folder_atomic(write, target: Path) -> Path:
     return target
 
 
+# The image files training reads (lower case; a name's suffix is compared lower-cased).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 

@@ -13,10 +13,11 @@ from PIL import Image
 from colab_dreambooth import cli
 from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.params import save_params
+from colab_dreambooth.config.prompts import remove_token
 from colab_dreambooth.data.dataset import DataError, collect_training_data
 from colab_dreambooth.data.images import check_images
 from colab_dreambooth.generation import class_images
-from colab_dreambooth.generation.class_images import generate_class_images, remove_token
+from colab_dreambooth.generation.class_images import generate_class_images
 from colab_dreambooth.models.loading import load_components
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,7 +11,6 @@ import torch
 from PIL import Image, ImageFile
 
 from colab_dreambooth.data.images import (
-    ImageDataError,
     ImageProblem,
     check_folders,
     check_images,
@@ -230,13 +229,9 @@ def test_files_are_never_modified(bad_folder: Path, odd_folder: Path) -> None:
 
 # --- errors and listing ------------------------------------------------------------
 
-def test_problem_and_error_formatting() -> None:
+def test_problem_formatting() -> None:
     a = ImageProblem(Path("x/a.jpg"), "is empty")
-    b = ImageProblem(Path("x/b.jpg"), "odd", "warning")
     assert str(a) == f"{Path('x/a.jpg')}: is empty"
-    err = ImageDataError([a, b])
-    assert isinstance(err, ValueError) and err.problems == [a, b]
-    assert str(err).splitlines() == [str(a), str(b)]
     with pytest.raises(ValueError):
         ImageProblem(Path("x"), "m", "fatal")
 

@@ -617,7 +617,7 @@ def test_on_colab_train_runs_in_the_cell_and_an_interrupt_is_the_stop(tiny_confi
     app = TrainApp(config, params_path=tmp_path / "params.json", device=CPU)
     threads = interrupt_at(app.view.progress, 2)
     app.form.train_button.click()  # returns when the run has ended: it ran right here
-    assert app.view.thread is None and set(threads) == {threading.get_ident()}
+    assert app.view.job.thread is None and set(threads) == {threading.get_ident()}
     result = app.view.result
     assert result is not None and result.stopped_early and result.steps == 2
     assert result.checkpoint is not None and (result.model_dir / "model_index.json").is_file()
@@ -638,7 +638,7 @@ def test_on_colab_class_images_run_in_the_cell_and_an_interrupt_keeps_them(
     app = ClassImagesApp(config, params_path=tmp_path / "params.json", device=CPU)
     threads = interrupt_at(app.progress, 1)
     app.generate_button.click()
-    assert app.thread is None and set(threads) == {threading.get_ident()}
+    assert app.job.thread is None and set(threads) == {threading.get_ident()}
     assert app.error is None and "Stopped" in app.status.value
     assert len(list(config.class_dir(0).glob("*.png"))) == 1  # the one made is kept, whole
     assert "1</b> of 3" in app.counts.value

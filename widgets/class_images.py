@@ -8,6 +8,7 @@ valid image already in a class folder and makes only the missing ones.
 
 from __future__ import annotations
 
+import functools
 import html
 import os
 import sys
@@ -27,7 +28,7 @@ from colab_dreambooth.runtime.device import DeviceInfo
 
 from .compat import set_help
 from .form import ConfigForm
-from .jobs import INTERRUPT_HINT, jobs_in_foreground
+from .jobs import INTERRUPT_HINT, Job, jobs_in_foreground
 from .plot import png_bytes
 from .prepare import captioned_grid
 
@@ -98,7 +99,7 @@ class ClassImagesApp:
                               self.status, self.grid])
         self.reports: list[ClassImageReport] = []
         self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
+        self.job = Job("class-images")
         self.stop_event = threading.Event()
         self.generate_button.on_click(lambda _b: self._on_generate())
         self.stop_button.on_click(lambda _b: self.stop())
@@ -117,7 +118,7 @@ class ClassImagesApp:
     @property
     def running(self) -> bool:
         """True while a background run generates."""
-        return self.thread is not None and self.thread.is_alive()
+        return self.job.in_background
 
     @property
     def problems(self) -> list[Problem]:
@@ -170,13 +171,11 @@ class ClassImagesApp:
         self.stop_button.disabled = False
         self.status.value = "Loading the base model..." if self.progress.max else ""
         if background:
-            self.thread = threading.Thread(target=self._work, args=(config, False),
-                                           name="class-images", daemon=True)
-            self.thread.start()
+            self.job.start(functools.partial(self._work, config, False), background=True)
             return None
         self.stop_button.disabled = True  # no click reaches a busy kernel: interrupting stops
         self.status.value = html.escape(INTERRUPT_HINT) + "; the images made are kept."
-        self._work(config, True)
+        self.job.start(functools.partial(self._work, config, True), background=False)
         if self.error is not None:
             raise self.error
         return self.reports
@@ -199,8 +198,7 @@ class ClassImagesApp:
 
     def wait(self, timeout: float | None = None) -> list[ClassImageReport]:
         """Wait for a background run; return its reports (empty if it failed)."""
-        if self.thread is not None:
-            self.thread.join(timeout)
+        self.job.wait(timeout)
         return self.reports
 
     def _work(self, config: DreamBoothConfig, echo: bool) -> None:

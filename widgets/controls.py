@@ -16,6 +16,7 @@ from typing import Any, Callable
 import ipywidgets as w
 
 from colab_dreambooth.config.fields import FieldSpec
+from colab_dreambooth.errors import Problem
 
 from .compat import set_help
 
@@ -225,3 +226,17 @@ def _range_hint(spec: FieldSpec) -> str:
         hint = "a whole number" if spec.type is int else "a number"
     return f"blank or {hint}" if spec.optional else hint
 
+
+def read_controls(controls: dict[str, FieldControl], specs: dict, prefix: str
+                  ) -> tuple[dict[str, Any], list[Problem]]:
+    """Every control's typed value (its field's default where a box cannot be parsed) and a
+    :class:`Problem` per box that cannot, named ``prefix + field``."""
+    values: dict[str, Any] = {}
+    problems: list[Problem] = []
+    for name, control in controls.items():
+        try:
+            values[name] = control.get()
+        except ValueError as exc:
+            values[name] = specs[name].default
+            problems.append(Problem(prefix + name, str(exc)))
+    return values, problems

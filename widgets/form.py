@@ -19,15 +19,15 @@ import ipywidgets as w
 
 from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.fields import TABS, field_specs
-from colab_dreambooth.config.params import read_params, save_params
 from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.config.validation import validate
 from colab_dreambooth.errors import ConfigError, Problem
 from colab_dreambooth.runtime.device import DeviceInfo, detect_device
 
-from .compat import set_help, set_titles
-from .controls import INPUT_WIDTH, FieldControl, make_control
+from .compat import set_titles
+from .controls import INPUT_WIDTH, FieldControl, make_control, read_controls
 from .environment import runtime_banner
+from .params_file import ParamsFile
 
 RUN_SPECS = field_specs(DreamBoothConfig)
 CONCEPT_SPECS = field_specs(Concept)
@@ -101,16 +101,11 @@ class ConfigForm:
             control.observe(self.refresh)
 
         self.header = w.HTML(runtime_banner(self.device, preset))
-        # Load / Save Params
-        self.params_path = set_help(
-            w.Text(value=str(params_path), description="Params file",
-                   style={"description_width": "90px"}, layout=w.Layout(width="520px")),
-            "The parameters JSON to load or save (the extension's db_config.json loads too)")
-        self.load_button = w.Button(description="Load Params", icon="folder-open")
-        self.save_button = w.Button(description="Save Params", icon="save")
-        self.params_status = w.HTML()
-        self.load_button.on_click(lambda _b: self._on_load())
-        self.save_button.on_click(lambda _b: self._on_save())
+        self.params_file = ParamsFile(params_path, read=lambda: self.config, show=self.set_config)
+        # The bar's widgets, under the names the notebooks and tests use.
+        self.params_path, self.params_status = self.params_file.path, self.params_file.status
+        self.load_button, self.save_button = (self.params_file.load_button,
+                                              self.params_file.save_button)
         # Concepts
         self.concepts_message = w.HTML()
         self.concepts_box = w.Accordion()
@@ -128,8 +123,7 @@ class ConfigForm:
         bottom = [self.summary] + ([self.train_button] if show_train else [])
         self.widget = w.VBox([
             self.header,
-            w.HBox([self.params_path, self.load_button, self.save_button]),
-            self.params_status, self.tabs, *bottom])
+            self.params_file.row, self.params_status, self.tabs, *bottom])
         self.set_config(config if config is not None else DreamBoothConfig())
 
     # ------------------------------------------------------------------------ layout
@@ -349,46 +343,14 @@ class ConfigForm:
 
         Raises :class:`ConfigError` naming every unknown key or wrong type.
         """
-        path = Path(path if path is not None else self.params_path.value).expanduser()
-        loaded = read_params(path)
-        self.set_config(loaded.config)
-        notes = [f"ignored the extension's keys: {', '.join(loaded.ignored_keys)}"] \
-            if loaded.ignored_keys else []
-        self._status(f"Loaded {path}", notes + loaded.notes)
-        return loaded.config
+        return self.params_file.load(path)
 
     def save_params(self, path: str | os.PathLike | None = None) -> Path:
         """Write the form's configuration to a parameters JSON (atomically); return its path.
 
-        Raises :class:`ConfigError` when a box cannot be parsed. Problems found by validation
-        do not stop saving: an unfinished configuration can be saved and finished later.
+        Raises :class:`ConfigError` when a box cannot be parsed; validation problems do not.
         """
-        path = Path(path if path is not None else self.params_path.value).expanduser()
-        saved = save_params(self.config, path)
-        self._status(f"Saved {saved}", [])
-        return saved
-
-    def _on_load(self) -> None:
-        try:
-            self.load_params()
-        except ConfigError as exc:
-            self._status(f"Could not load {self.params_path.value}", [], exc.problems)
-
-    def _on_save(self) -> None:
-        try:
-            self.save_params()
-        except ConfigError as exc:
-            self._status("Not saved: fix these boxes first", [], exc.problems)
-        except OSError as exc:
-            self._status(f"Could not save {self.params_path.value}", [str(exc)])
-
-    def _status(self, title: str, notes: list[str], problems: list[Problem] = ()) -> None:
-        colour = "#c62828" if problems else "#2e7d32"
-        lines = [html.escape(n) for n in notes] + [html.escape(str(p)) for p in problems]
-        items = "".join(f"<li>{line}</li>" for line in lines)
-        self.params_status.value = (f"<div style='color:{colour}'>{html.escape(title)}"
-                                    + (f"<ul style='margin:2px 0'>{items}</ul>" if items else "")
-                                    + "</div>")
+        return self.params_file.save(path)
 
     # ------------------------------------------------------------------------ training
     def on_train(self, callback: Callable[[DreamBoothConfig], None]) -> None:
@@ -401,21 +363,6 @@ class ConfigForm:
         config = self.config
         for callback in self._train_callbacks:
             callback(config)
-
-
-def read_controls(controls: dict[str, FieldControl], specs: dict, prefix: str
-                  ) -> tuple[dict[str, Any], list[Problem]]:
-    """Every control's typed value (its field's default where a box cannot be parsed) and a
-    :class:`Problem` per box that cannot, named ``prefix + field``."""
-    values: dict[str, Any] = {}
-    problems: list[Problem] = []
-    for name, control in controls.items():
-        try:
-            values[name] = control.get()
-        except ValueError as exc:
-            values[name] = specs[name].default
-            problems.append(Problem(prefix + name, str(exc)))
-    return values, problems
 
 
 def _red_lines(messages: list[str]) -> str:

@@ -19,9 +19,10 @@ import ipywidgets as w
 from PIL import Image, ImageOps
 
 from colab_dreambooth.config.params import resolve_concepts
-from colab_dreambooth.config.prompts import PromptError, read_caption
+from colab_dreambooth.config.prompts import PromptError
 from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.config.validation import validate
+from colab_dreambooth.data.captions import read_caption
 from colab_dreambooth.data.dataset import DataError, collect_training_data
 from colab_dreambooth.data.images import crop_and_resize, load_image
 from colab_dreambooth.errors import ConfigError

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,7 +30,7 @@ from colab_dreambooth.publish.release import (
 from .compat import set_help
 from .controls import FieldControl, make_control
 from .form import read_controls
-from .jobs import jobs_in_foreground
+from .jobs import Job, jobs_in_foreground
 from .plot import png_bytes
 
 RELEASE_SPECS = field_specs(ReleaseSettings)
@@ -51,7 +50,7 @@ class ReleaseApp:
         self.samples = None  # the last SampleResult
         self.result: ReleaseResult | None = None
         self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
+        self.job = Job("release")
         self.fields: dict[str, FieldControl] = {n: make_control(s)
                                                 for n, s in RELEASE_SPECS.items()}
         for control in self.fields.values():
@@ -119,7 +118,7 @@ class ReleaseApp:
     @property
     def running(self) -> bool:
         """True while a button's work runs in the background."""
-        return self.thread is not None and self.thread.is_alive()
+        return self.job.in_background
 
     # ------------------------------------------------------------------------ work
     def sample(self, *, progress: bool = True):
@@ -178,16 +177,12 @@ class ReleaseApp:
                                      f"{html.escape(str(exc) or type(exc).__name__)}</pre></div>")
                 print(f"Failed: {exc}", file=sys.stderr)
 
-        if jobs_in_foreground():  # see widgets.jobs: Colab shows only this thread's updates
-            run()
-            return
-        self.thread = threading.Thread(target=run, name="release", daemon=True)
-        self.thread.start()
+        # See widgets.jobs: Colab redraws only what the kernel's own thread changes.
+        self.job.start(run, background=not jobs_in_foreground())
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for a button's background work to end."""
-        if self.thread is not None:
-            self.thread.join(timeout)
+        self.job.wait(timeout)
 
     @property
     def folder(self) -> Path:

@@ -10,6 +10,7 @@ trained so far and returns with ``stopped_early=True``.
 from __future__ import annotations
 
 import collections
+import functools
 import html
 import logging
 import math
@@ -30,7 +31,7 @@ from colab_dreambooth.training.optim import plan_steps
 from colab_dreambooth.training.train import TrainResult, train
 
 from .compat import set_help
-from .jobs import INTERRUPT_HINT
+from .jobs import INTERRUPT_HINT, Job
 from .plot import loss_curve, png_bytes
 
 StepCallback = Callable[[int, float, float], None]
@@ -62,7 +63,7 @@ class TrainingView:
         self.losses: list[float] = []
         self.result: TrainResult | None = None
         self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
+        self.job = Job("dreambooth-training")
         self._log_lines: collections.deque[str] = collections.deque(maxlen=log_lines)
         self._started = 0.0
         self._last_plot = 0.0
@@ -72,9 +73,7 @@ class TrainingView:
     @property
     def running(self) -> bool:
         """True while a run is going."""
-        return self.thread is not None and self.thread.is_alive() or self._foreground
-
-    _foreground = False
+        return self.job.running
 
     # ------------------------------------------------------------------------ control
     def run(self, config: DreamBoothConfig, *, background: bool = True,
@@ -93,21 +92,15 @@ class TrainingView:
         if self.running:
             raise RuntimeError("a training run is already going: stop it or wait for it first")
         self._reset(config, device)
-        args = (config, device, on_step, on_finish, resume)
+        work = functools.partial(self._work, config, device, on_step, on_finish, resume,
+                                 echo=not background, force=force)
         if background:
-            self.thread = threading.Thread(target=self._work, args=args,
-                                           kwargs={"echo": False, "force": force},
-                                           name="dreambooth-training", daemon=True)
-            self.thread.start()
+            self.job.start(work, background=True)
             return None
-        self._foreground = True
         self.stop_button.disabled = True  # no click reaches a busy kernel: interrupting stops
         self.status.value = html.escape(INTERRUPT_HINT) + (
             "; the current step finishes, then a checkpoint and the model are saved.")
-        try:
-            self._work(*args, echo=True, force=force)
-        finally:
-            self._foreground = False
+        self.job.start(work, background=False)
         if self.error is not None:
             raise self.error
         return self.result
@@ -121,8 +114,7 @@ class TrainingView:
 
     def wait(self, timeout: float | None = None) -> TrainResult | None:
         """Wait for a background run to end; return its result (None if it failed)."""
-        if self.thread is not None:
-            self.thread.join(timeout)
+        self.job.wait(timeout)
         return self.result
 
     # ------------------------------------------------------------------------ the run

@@ -3,7 +3,8 @@
 "Existing Prompt Contents" says what the captions already hold, and so how the instance token
 and class word are added to or removed from the caption on each side. After building, the
 instance prompt holds the instance token and a class word; the class prompt never holds the
-instance token.
+instance token. This module only works on text: captions are read from their files by
+:mod:`colab_dreambooth.data.captions`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import random
 import re
-from pathlib import Path
+from typing import Callable
 
 from colab_dreambooth.errors import UserError
 
@@ -25,14 +26,9 @@ DESCRIPTION, INSTANCE_DESCRIPTION, CLASS_DESCRIPTION, INSTANCE_CLASS_DESCRIPTION
     EXISTING_PROMPT_CONTENTS
 )
 
-_FILEWORDS = re.compile(r"\[filewords\]", re.IGNORECASE)
+FILEWORDS = re.compile(r"\[filewords\]", re.IGNORECASE)
 _ARTICLE = r"(?:a|an|the)"
 _LEADING_ARTICLE = re.compile(rf"^{_ARTICLE}\s+", re.IGNORECASE)
-# WebUI output names look like "00012-1234-prompt": index, seed, then the prompt.
-_WEBUI_PREFIX = re.compile(r"^\d+(?:-\d+)*-")
-# "woman_003", "woman-12", "woman.3", "woman (2)": numbering added by cameras, OSes, tools.
-_NUMBER_SUFFIX = re.compile(r"(?:[\s_.\-]+\d+|\s*\(\d+\))$")
-_NUMBERS_ONLY = re.compile(r"[\d\s_.\-()]*")
 _PathLike = str | os.PathLike[str]
 
 
@@ -57,8 +53,9 @@ def _phrase_pattern(phrase: str) -> str:
     return r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)"
 
 
-def _tidy(text: str) -> str:
-    """Collapse whitespace and drop the stray commas left where words were removed."""
+def tidy_prompt(text: str) -> str:
+    """Collapse whitespace and drop the stray commas left where words were removed or
+    ``[filewords]`` was filled."""
     text = " ".join(text.split())
     text = re.sub(r"\s+,", ",", text)
     text = re.sub(r",(?:\s*,)+", ",", text)
@@ -100,48 +97,14 @@ def contains_token(text: str, token: str) -> bool:
     return re.search(_phrase_pattern(token), text or "", re.IGNORECASE) is not None
 
 
-def caption_from_filename(path: _PathLike) -> str:
-    """The caption that an image's file name gives when it has no ``.txt`` caption.
+def remove_token(text: str, token: str) -> str:
+    """``text`` without the whole word (or phrase) ``token``, ignoring case; spaces tidied.
 
-    Drops the extension, WebUI ``index-seed-`` prefixes and numbering suffixes, turns ``_``
-    into spaces: ``00012-1234-a photo of x.png`` -> ``a photo of x``, ``woman_003.jpg`` ->
-    ``woman``. A name made only of numbers gives ``""``.
+    ``remove_token("a photo of sks dog, asks", "sks")`` -> ``"a photo of dog, asks"``.
     """
-    name = _WEBUI_PREFIX.sub("", Path(path).stem)
-    while True:  # repeated: "woman_003 (2)" carries two numberings
-        stripped = _NUMBER_SUFFIX.sub("", name)
-        if stripped == name or not stripped.strip(" _.-"):
-            break
-        name = stripped
-    if _NUMBERS_ONLY.fullmatch(name):
-        return ""
-    return " ".join(name.replace("_", " ").split())
-
-
-def read_caption(image_path: _PathLike, *, concept: str | None = None) -> str:
-    """The caption of one image: its same-stem ``.txt`` file, else its file name.
-
-    The text file is read as UTF-8 (a BOM is dropped), newlines become spaces and whitespace
-    is trimmed. An empty or blank ``.txt`` falls back to the file name, as if it were absent:
-    an empty caption would leave ``[filewords]`` with nothing to build on.
-    Raises PromptError when the ``.txt`` is not valid UTF-8.
-    """
-    image = Path(image_path)
-    for suffix in (".txt", ".TXT"):  # Windows tools often write upper-case extensions
-        caption_file = image.with_suffix(suffix)
-        if caption_file.is_file():
-            break
-    else:
-        return caption_from_filename(image)
-    try:
-        text = caption_file.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        message = (
-            f"the caption is not valid UTF-8 (bad byte at position {exc.start}). "
-            "Open it in a text editor and save it with UTF-8 encoding."
-        )
-        raise PromptError(message, concept=concept, caption_file=caption_file) from None
-    return " ".join(text.split()) or caption_from_filename(image)
+    if not token.split():
+        return tidy_prompt(text)
+    return tidy_prompt(re.sub(_phrase_pattern(token), " ", text, flags=re.IGNORECASE))
 
 
 def _canonical_mode(existing_prompt_contents: str, concept: str | None) -> str:
@@ -179,9 +142,9 @@ def build_prompts(
     mode = _canonical_mode(existing_prompt_contents, concept)
     token = " ".join((instance_token or "").split())
     listed = _listed_class_tokens(class_token)
-    caption = _tidy(caption or "")
-    instance, klass = _tidy(instance_prompt or ""), _tidy(class_prompt or "")
-    instance_fw, class_fw = bool(_FILEWORDS.search(instance)), bool(_FILEWORDS.search(klass))
+    caption = tidy_prompt(caption or "")
+    instance, klass = tidy_prompt(instance_prompt or ""), tidy_prompt(class_prompt or "")
+    instance_fw, class_fw = bool(FILEWORDS.search(instance)), bool(FILEWORDS.search(klass))
 
     def fail(message: str) -> PromptError:
         return PromptError(message, concept=concept, caption_file=caption_file)
@@ -198,41 +161,9 @@ def build_prompts(
         )
 
     if instance_fw:
-        text = caption
-        outside = _FILEWORDS.sub(" ", instance)
-        if mode in (DESCRIPTION, CLASS_DESCRIPTION):
-            # Insert only if neither the template nor the caption already holds the token.
-            if not contains_token(outside, token) and not contains_token(caption, token):
-                inserted = _insert_instance_token(caption, token, listed)
-                if inserted is None:
-                    where = f"none of the Class Tokens ({', '.join(listed)})" if listed else ""
-                    raise fail(
-                        f"the caption '{caption}' holds {where or 'no class word'}, so the "
-                        f"Instance Token '{token}' has no place. Add the class word to the caption"
-                        f"{'' if listed else ' and set the Class Token (e.g. woman)'}, or change "
-                        "Existing Prompt Contents to match what the captions hold."
-                    )
-                text = inserted
-        elif mode == INSTANCE_DESCRIPTION and listed:
-            text = _add_class_word(caption, token, listed)
-        instance = _tidy(_FILEWORDS.sub(lambda _: text, instance))
-        hint = (
-            f"Existing Prompt Contents is '{mode}'. Add it to the caption or to the instance "
-            "prompt, or change Existing Prompt Contents to match what the captions hold."
-        )
-        lacks = f"the instance prompt '{instance}' lacks"
-        words = list(dict.fromkeys(_class_word(t).lower() for t in listed))
-        if token and not contains_token(instance, token):
-            raise fail(f"{lacks} the Instance Token '{token}'. {hint}")
-        if words and not any(contains_token(instance, w) for w in words):
-            raise fail(f"{lacks} a class word ({'/'.join(words)}). {hint}")
-
+        instance = _fill_instance_prompt(instance, caption, token, listed, mode, fail)
     if class_fw:
-        text = caption
-        if mode in (INSTANCE_DESCRIPTION, INSTANCE_CLASS_DESCRIPTION):
-            word = _class_word(listed[0]) if mode == INSTANCE_DESCRIPTION and listed else ""
-            text = _replace_instance_token(caption, token, word, listed)
-        klass = _tidy(_FILEWORDS.sub(lambda _: text, klass))
+        klass = _fill_class_prompt(klass, caption, token, listed, mode)
     if token and contains_token(klass, token):
         hint = "remove it from the class prompt"
         if class_fw and contains_token(caption, token):
@@ -240,6 +171,52 @@ def build_prompts(
             hint += "'Instance Token' so that it is taken out of the class prompt"
         raise fail(f"the class prompt '{klass}' holds the Instance Token '{token}'; {hint}.")
     return instance, klass
+
+
+def _fill_instance_prompt(instance: str, caption: str, token: str, listed: list[str], mode: str,
+                          fail: Callable[[str], PromptError]) -> str:
+    """``instance`` with ``[filewords]`` replaced by the caption, rewritten as ``mode`` says so
+    that it holds the instance token and a class word; raises ``fail(...)`` when it cannot."""
+    text = caption
+    outside = FILEWORDS.sub(" ", instance)
+    if mode in (DESCRIPTION, CLASS_DESCRIPTION):
+        # Insert only if neither the template nor the caption already holds the token.
+        if not contains_token(outside, token) and not contains_token(caption, token):
+            inserted = _insert_instance_token(caption, token, listed)
+            if inserted is None:
+                where = f"none of the Class Tokens ({', '.join(listed)})" if listed else ""
+                raise fail(
+                    f"the caption '{caption}' holds {where or 'no class word'}, so the "
+                    f"Instance Token '{token}' has no place. Add the class word to the caption"
+                    f"{'' if listed else ' and set the Class Token (e.g. woman)'}, or change "
+                    "Existing Prompt Contents to match what the captions hold."
+                )
+            text = inserted
+    elif mode == INSTANCE_DESCRIPTION and listed:
+        text = _add_class_word(caption, token, listed)
+    instance = tidy_prompt(FILEWORDS.sub(lambda _: text, instance))
+    hint = (
+        f"Existing Prompt Contents is '{mode}'. Add it to the caption or to the instance "
+        "prompt, or change Existing Prompt Contents to match what the captions hold."
+    )
+    lacks = f"the instance prompt '{instance}' lacks"
+    words = list(dict.fromkeys(_class_word(t).lower() for t in listed))
+    if token and not contains_token(instance, token):
+        raise fail(f"{lacks} the Instance Token '{token}'. {hint}")
+    if words and not any(contains_token(instance, w) for w in words):
+        raise fail(f"{lacks} a class word ({'/'.join(words)}). {hint}")
+    return instance
+
+
+def _fill_class_prompt(klass: str, caption: str, token: str, listed: list[str], mode: str) -> str:
+    """``klass`` with ``[filewords]`` replaced by the caption; the two "Instance Token" modes
+    take the token out ("Instance Token + Description" puts the class word in its place
+    unless one follows it already)."""
+    text = caption
+    if mode in (INSTANCE_DESCRIPTION, INSTANCE_CLASS_DESCRIPTION):
+        word = _class_word(listed[0]) if mode == INSTANCE_DESCRIPTION and listed else ""
+        text = _replace_instance_token(caption, token, word, listed)
+    return tidy_prompt(FILEWORDS.sub(lambda _: text, klass))
 
 
 def _insert_instance_token(caption: str, token: str, listed: list[str]) -> str | None:
@@ -283,7 +260,7 @@ def _replace_instance_token(caption: str, token: str, word: str, listed: list[st
     if listed:
         followed = rf"{token_re}(?=\s+(?:{_class_words_pattern(listed)}))"
         caption = re.sub(followed, "", caption, flags=re.IGNORECASE)
-    return _tidy(re.sub(token_re, lambda _: word, caption, flags=re.IGNORECASE))
+    return tidy_prompt(re.sub(token_re, lambda _: word, caption, flags=re.IGNORECASE))
 
 
 def shuffle_tags(caption: str, keep_tokens: int, seed: int, epoch: int, index: int,

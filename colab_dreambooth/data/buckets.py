@@ -7,9 +7,10 @@ width from the smallest to the largest side, the tallest height whose area stays
 bucket nearest its aspect ratio and is resized to cover it; only the sliver that differs
 between the two aspect ratios is cropped, so the subject stays in the picture.
 
-:class:`BucketBatchSampler` draws every batch from one bucket, in an order that is a pure
-function of ``(seed, epoch)`` like :class:`colab_dreambooth.data.dataset.EpochBatchSampler`, so
-exact resume and accelerate's sharding of whole batches over processes keep working.
+:class:`colab_dreambooth.data.samplers.BucketBatchSampler` draws every batch from one bucket, in
+an order that is a pure function of ``(seed, epoch)`` like
+:class:`colab_dreambooth.data.samplers.EpochBatchSampler`, so exact resume and accelerate's
+sharding of whole batches over processes keep working.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from colab_dreambooth.config.prompts import PromptError, build_prompts, read_caption, shuffle_tags
+from colab_dreambooth.config.prompts import PromptError, build_prompts, shuffle_tags
+from colab_dreambooth.data.captions import image_caption
 from colab_dreambooth.data.images import (
     ImageProblem,
     check_images,
@@ -138,25 +139,15 @@ def _prompt_for(path: Path, concept: Any, label: str, problems: list[str], side:
     instance_prompt = concept.instance_prompt if side == "instance" else ""
     class_prompt = concept.class_prompt if side == "class" else ""
     try:
-        caption = read_caption(path, concept=label)
-        prompts = build_prompts(caption, instance_prompt, class_prompt,
+        caption = image_caption(path, concept=label)
+        prompts = build_prompts(caption.text, instance_prompt, class_prompt,
                                 concept.instance_token, concept.class_token,
-                                concept.file_prompt_contents, caption_file=_caption_file(path),
+                                concept.file_prompt_contents, caption_file=caption.source,
                                 concept=label)
     except PromptError as exc:
         problems.append(str(exc))
         return None
     return prompts[0] if side == "instance" else prompts[1]
-
-
-def _caption_file(path: Path) -> Path:
-    """The caption file :func:`read_caption` reads for ``path`` (same suffixes), else the
-    image itself (its name is the caption)."""
-    for suffix in (".txt", ".TXT"):
-        txt = path.with_suffix(suffix)
-        if txt.is_file():
-            return txt
-    return path
 
 
 def _sort_problems(found: list[ImageProblem], label: str, kind: str, problems: list[str],

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from colab_dreambooth.errors import UserError
 from colab_dreambooth.files import IMAGE_EXTENSIONS, visible_files
 
 # PIL format names each extension may hold. MPO is PIL's name for the multi-picture
@@ -49,14 +48,6 @@ class ImageProblem:
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}"
-
-
-class ImageDataError(UserError, ValueError):
-    """Raised with every problem found, so the user can fix them all in one go."""
-
-    def __init__(self, problems: Iterable[ImageProblem]) -> None:
-        self.problems: list[ImageProblem] = list(problems)
-        super().__init__("\n".join(map(str, self.problems)))
 
 
 def load_image(path: str | Path) -> Image.Image:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +32,12 @@ from typing import TYPE_CHECKING, Callable
 from tqdm.auto import tqdm
 
 from colab_dreambooth.config.params import resolve_concepts
-from colab_dreambooth.config.prompts import read_caption
+from colab_dreambooth.config.prompts import FILEWORDS, PromptError, remove_token, tidy_prompt
+from colab_dreambooth.data.captions import folder_captions
 from colab_dreambooth.data.dataset import DataError
 from colab_dreambooth.data.images import check_images
 from colab_dreambooth.models.loading import load_components
+from colab_dreambooth.models.pipelines import pipeline_from_components
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FILEWORDS = re.compile(r"\[filewords\]", re.IGNORECASE)
 NAME_PREFIX = "class"
 TMP_SUFFIX = ".cdb-tmp"  # our temporary files: hidden, and removed when a later run finds them
 
@@ -87,10 +87,10 @@ class _Plan:
         """The generation prompt of the folder's k-th image, and the caption saved with it."""
         template = self.concept.class_prompt
         if not self.captions:
-            prompt = _tidy(template)
+            prompt = tidy_prompt(template)
             return prompt, prompt
         caption = self.captions[k % len(self.captions)]
-        return _tidy(FILEWORDS.sub(lambda _: caption, template)), caption
+        return tidy_prompt(FILEWORDS.sub(lambda _: caption, template)), caption
 
 
 def generate_class_images(config: "DreamBoothConfig", *, progress: bool = True,
@@ -164,54 +164,29 @@ def _instance_captions(config: "DreamBoothConfig", index: int, problems: list[st
         problems.append(f"{label}: the Instance dataset directory is blank but {why}: set it, "
                         "or write the class prompt without [filewords]")
         return []
-    folder = Path(concept.instance_data_dir).expanduser()
-    images, _ = check_images(folder, config.resolution)
-    if not images:
+    try:
+        captions = folder_captions(concept.instance_data_dir, config.resolution, concept=label)
+    except PromptError as exc:  # a caption file that is not UTF-8
+        problems.append(str(exc))
+        return []
+    if not captions:
+        folder = Path(concept.instance_data_dir).expanduser()
         problems.append(f"{label}: the instance folder {folder} holds no usable image but "
                         f"{why}: fix the folder (see check-data), or write the class prompt "
                         "without [filewords]")
-        return []
-    try:
-        return [remove_token(read_caption(path, concept=label), concept.instance_token)
-                for path in images]
-    except ValueError as exc:  # PromptError: a caption file that is not UTF-8
-        problems.append(str(exc))
-        return []
-
-
-def remove_token(text: str, token: str) -> str:
-    """``text`` without the whole word (or phrase) ``token``, ignoring case; spaces tidied.
-
-    ``remove_token("a photo of sks dog, asks", "sks")`` -> ``"a photo of dog, asks"``.
-    """
-    words = token.split()
-    if not words:
-        return _tidy(text)
-    pattern = r"(?<!\w)" + r"\s+".join(map(re.escape, words)) + r"(?!\w)"
-    return _tidy(re.sub(pattern, " ", text, flags=re.IGNORECASE))
-
-
-def _tidy(text: str) -> str:
-    """Collapse whitespace and drop the stray commas a removed word leaves behind."""
-    text = re.sub(r"\s+,", ",", " ".join(text.split()))
-    return re.sub(r",(?:\s*,)+", ",", text).strip(" ,")
+    return [remove_token(caption.text, concept.instance_token) for caption in captions]
 
 
 # ----------------------------------------------------------------------------- generating
 def _pipeline(config: "DreamBoothConfig"):
     """A ``StableDiffusionPipeline`` of the base model, on the GPU unless Use CPU Only."""
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from colab_dreambooth.models.attention import set_memory_attention
 
     on_cuda = torch.cuda.is_available() and not config.use_cpu
     parts = load_components(config.base_model)
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-        unet=parts.unet, scheduler=parts.inference_scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = pipeline_from_components(parts)
     if on_cuda:
         set_memory_attention(parts.unet, config.attention, on_cuda)
         dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16

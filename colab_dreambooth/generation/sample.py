@@ -29,12 +29,13 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
+from colab_dreambooth.config.prompts import FILEWORDS, PromptError, build_prompts
+from colab_dreambooth.data.captions import Caption, folder_captions
+from colab_dreambooth.data.dataset import DataError
 from colab_dreambooth.models.pipelines import load_pipeline, load_trained_pipeline
 
 if TYPE_CHECKING:
     from colab_dreambooth.config.settings import DreamBoothConfig
-
-_FILEWORDS = "[filewords]"
 
 
 def generate_samples(pipe, prompt: str, *, n: int = 1, seed: int = -1,
@@ -131,8 +132,6 @@ def concept_sample_jobs(config: "DreamBoothConfig", index: int, *,
     caption ``i``), rewritten as in training. Sample Seed -1 draws one random seed (or takes
     ``seed``) and reports it in each job.
     """
-    from colab_dreambooth.config.prompts import PromptError
-
     concept = config.concepts_list[index]
     label = f"concept {index + 1}"
     templates = _template_prompts(concept.save_sample_template, label) \
@@ -148,11 +147,11 @@ def concept_sample_jobs(config: "DreamBoothConfig", index: int, *,
     for template in templates:
         for i in range(concept.n_save_sample):
             prompt = template
-            if _FILEWORDS in template.lower():
+            if FILEWORDS.search(template):
                 if captions is None:
                     captions = _instance_captions(config, index)
-                caption, caption_file = captions[i % len(captions)]
-                prompt = _build_instance_prompt(concept, caption, template, caption_file, label)
+                prompt = _build_instance_prompt(concept, captions[i % len(captions)], template,
+                                                label)
             jobs.append(SampleJob(prompt, base + i, concept.save_sample_negative_prompt.strip(),
                                   concept.save_guidance_scale, concept.save_infer_steps,
                                   config.resolution, config.resolution))
@@ -214,8 +213,6 @@ def run_samples(pipe, jobs: list[SampleJob], out_dir: str | Path, *, prefix: str
 
 def _template_prompts(template_file: str, label: str) -> list[str]:
     """The non-blank lines of a Sample Prompt Template File."""
-    from colab_dreambooth.config.prompts import PromptError
-
     path = Path(template_file).expanduser()
     try:
         text = path.read_bytes().decode("utf-8-sig")
@@ -232,37 +229,25 @@ def _template_prompts(template_file: str, label: str) -> list[str]:
     return prompts
 
 
-def _instance_captions(config: "DreamBoothConfig", index: int) -> list[tuple[str, Path]]:
-    """(caption, caption file or image) of each usable instance image of concept ``index``."""
-    from colab_dreambooth.config.prompts import read_caption
-    from colab_dreambooth.data.dataset import DataError
-    from colab_dreambooth.data.images import check_images
-
+def _instance_captions(config: "DreamBoothConfig", index: int) -> list[Caption]:
+    """The captions of concept ``index``'s usable instance images; DataError when none."""
     concept = config.concepts_list[index]
     label = f"concept {index + 1}"
-    images = []
+    captions = []
     if concept.instance_data_dir.strip():
-        folder = Path(concept.instance_data_dir).expanduser()
-        images = check_images(folder, config.resolution)[0]
-    if not images:
+        captions = folder_captions(concept.instance_data_dir, config.resolution, concept=label)
+    if not captions:
         raise DataError([f"{label}: the sample prompt holds [filewords] but the instance "
                          f"folder '{concept.instance_data_dir}' has no usable image to take "
                          "captions from: fix the folder or write the sample prompt out"])
-    out = []
-    for path in images:
-        caption_file = next((path.with_suffix(s) for s in (".txt", ".TXT")
-                             if path.with_suffix(s).is_file()), path)
-        out.append((read_caption(path, concept=label), caption_file))
-    return out
+    return captions
 
 
-def _build_instance_prompt(concept, caption: str, template: str, caption_file: Path,
-                           label: str) -> str:
-    from colab_dreambooth.config.prompts import build_prompts
-
-    return build_prompts(caption, template, "", concept.instance_token, concept.class_token,
-                         concept.file_prompt_contents, caption_file=caption_file,
-                         concept=label)[0]
+def _build_instance_prompt(concept, caption: Caption, template: str, label: str) -> str:
+    """``template`` with ``[filewords]`` filled from ``caption`` as training fills it."""
+    return build_prompts(caption.text, template, "", concept.instance_token,
+                         concept.class_token, concept.file_prompt_contents,
+                         caption_file=caption.source, concept=label)[0]
 
 
 def _free_prefix(out_dir: Path, prefix: str) -> str:

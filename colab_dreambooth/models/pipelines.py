@@ -1,21 +1,46 @@
-"""Pipelines from a model: a trained folder, a run's working folder, a LoRA run or a base model
-with a LoRA file applied, on the GPU when there is one."""
+"""Pipelines: from a model (a trained folder, a run's working folder, a LoRA run or a base model
+with a LoRA file applied, on the GPU when there is one), or from components already loaded.
+
+Every pipeline the package makes from loaded modules comes from :func:`pipeline_from_components`,
+so each has the same settings: no safety checker (DreamBooth models are the user's own) and
+no progress bar of its own.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from colab_dreambooth.errors import ModelLoadError
-from colab_dreambooth.models.loading import dtype_argument, resolve_model_folder
+from colab_dreambooth.models.loading import Components, dtype_argument, resolve_model_folder
 from colab_dreambooth.models.lora import lora_file_path, read_lora, state_for_diffusers
 
 if TYPE_CHECKING:
     from colab_dreambooth.config.settings import DreamBoothConfig
+
+
+def pipeline_from_components(parts: Components, *, unet: Any = None,
+                             text_encoder: Any = None) -> Any:
+    """A ``StableDiffusionPipeline`` of ``parts`` with its sampling scheduler, without safety
+    checker and with its progress bar off.
+
+    ``unet`` and ``text_encoder`` replace those of ``parts``: training passes the ones it is
+    training, to preview or save them. The pipeline holds the modules themselves (no copy),
+    where they are.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder if text_encoder is None else text_encoder,
+        tokenizer=parts.tokenizer, unet=parts.unet if unet is None else unet,
+        scheduler=parts.inference_scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def load_pipeline(model_dir: str | Path, device: str | None = None,
@@ -28,7 +53,6 @@ def load_pipeline(model_dir: str | Path, device: str | None = None,
     ``.safetensors``/``.ckpt`` file or a Hub id.
     """
     from diffusers import StableDiffusionPipeline
-
 
     folder = resolve_model(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -43,7 +67,6 @@ def load_pipeline(model_dir: str | Path, device: str | None = None,
 def load_trained_pipeline(config: "DreamBoothConfig", device: str | None = None):
     """The pipeline of what ``config``'s run trained: its ``model/`` folder, or, for a LoRA
     run, the base model with the run's LoRA file applied."""
-
     device = device or ("cpu" if config.use_cpu else None)
     if config.use_lora:
         file = lora_file_path(config)
@@ -78,7 +101,6 @@ def lora_run(folder: str | Path) -> tuple[str, Path] | None:
 
 def resolve_model(model: str | Path) -> Path:
     """The diffusers folder to sample from; see :func:`load_pipeline` for what is accepted."""
-
     path = Path(model).expanduser()
     if path.is_dir() and not (path / "model_index.json").is_file():
         if (path / "model" / "model_index.json").is_file():
@@ -101,7 +123,6 @@ def load_lora_pipeline(base_model: str, lora_file: str | os.PathLike, *,
                        device: str | None = None, scale: float = 1.0):
     """The base model's ``StableDiffusionPipeline`` with the LoRA file applied (diffusers'
     ``load_lora_weights``). ``scale`` is the WebUI's ``<lora:name:scale>`` multiplier."""
-
     pipe = load_pipeline(resolve_model_folder(base_model), device=device)
     pipe.load_lora_weights(state_for_diffusers(read_lora(lora_file)[0], pipe.text_encoder),
                            adapter_name="lora")

@@ -26,6 +26,7 @@ from PIL import Image
 
 from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.params import read_params, write_text_atomic
+from colab_dreambooth.config.prompts import FILEWORDS
 from colab_dreambooth.config.settings import TINY_MODEL, DreamBoothConfig
 from colab_dreambooth.config.validation import looks_like_local_path
 from colab_dreambooth.errors import UserError
@@ -38,7 +39,6 @@ LORA_TAGS = ("lora", "template:sd-lora")
 GRID_NAME = "samples.png"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
-_FILEWORDS = re.compile(r"\[filewords\]", re.IGNORECASE)
 # Words of an instance prompt that are never its trigger word.
 _COMMON_WORDS = frozenset("""a an the of in on at with and or by for to from photo photograph
     picture image portrait painting drawing style close up closeup shot high quality detailed
@@ -232,7 +232,7 @@ def trigger_word(concept: Concept) -> str:
     if token:
         return token
     known = {w.lower() for w in _words(concept.class_prompt + " " + concept.class_token)}
-    for word in _words(_FILEWORDS.sub(" ", concept.instance_prompt)):
+    for word in _words(FILEWORDS.sub(" ", concept.instance_prompt)):
         if word.lower() not in known and word.lower() not in _COMMON_WORDS:
             return word
     return ""
@@ -242,11 +242,11 @@ def card_prompt(concept: Concept) -> str:
     """A prompt that calls the concept: its instance prompt, or, when that is made from
     captions (``[filewords]``), the trigger word and the class word."""
     prompt = " ".join(concept.instance_prompt.split())
-    if not _FILEWORDS.search(prompt):
+    if not FILEWORDS.search(prompt):
         return prompt
     classes = [c.strip() for c in concept.class_token.split(",") if c.strip()]
     word = re.sub(r"^(?:a|an|the)\s+", "", min(classes, key=len), flags=re.I) if classes else ""
-    rest = _FILEWORDS.sub(" ", prompt).strip(" ,")
+    rest = FILEWORDS.sub(" ", prompt).strip(" ,")
     core = " ".join(part for part in (trigger_word(concept), word) if part)
     return " ".join(f"a photo of {core} {rest}".split()) if core else rest
 

@@ -13,7 +13,6 @@ from functools import lru_cache
 
 log = logging.getLogger(__name__)
 
-OPTIONAL = ("bitsandbytes", "xformers")
 INSTALL_HINT = "pip install 'colab-dreambooth[cuda]'"
 
 
@@ -26,11 +25,6 @@ def importable(name: str) -> bool:
         log.debug("%s does not import: %s", name, exc)
         return False
     return True
-
-
-def optional_packages() -> dict[str, bool]:
-    """Whether each optional package imports, e.g. ``{"bitsandbytes": False, "xformers": False}``."""
-    return {name: importable(name) for name in OPTIONAL}
 
 
 # The optimizers of the Optimizer field: module, class and pip package of each one that needs a
@@ -61,6 +55,5 @@ def optimizer_available(name: str) -> bool:
         return False
 
 
-__all__ = ["INSTALL_HINT", "OPTIONAL", "OPTIMIZER_PACKAGES", "importable",
-           "missing_package_message",
-           "optimizer_available", "optional_packages"]
+__all__ = ["INSTALL_HINT", "OPTIMIZER_PACKAGES", "importable", "missing_package_message",
+           "optimizer_available"]

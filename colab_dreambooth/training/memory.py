@@ -157,15 +157,24 @@ def estimate_peak_memory(config: "DreamBoothConfig", device: DeviceInfo, *,
         processes = int(os.environ.get("WORLD_SIZE", "1") or 1)
     precision = config.mixed_precision if on_gpu else "no"
     half = 2 if precision in ("fp16", "bf16") else 4
-    # Activations and LoRA sizes scale with the width; parameters with its square.
-    width = (sizes.unet / SD15.unet) ** 0.5
-    text_width = (sizes.text_encoder / SD15.text_encoder) ** 0.5
-    area = (config.resolution / 512) ** 2
-    prior = any(c.wants_prior_preservation for c in config.concepts_list)
-    rows = config.train_batch_size * (2 if prior else 1)
-    trains_text = bool(config.train_text_encoder)
     notes: list[str] = []
+    items = _trained_items(config, sizes, half, on_gpu, bitsandbytes, processes, notes)
+    items += _step_items(config, device, sizes, half, on_gpu)
+    if sizes.label not in (SD15.label, SD2.label):
+        notes.append(f"model sizes counted from {sizes.label}")
 
+    estimate = MemoryEstimate(items, device.usable_memory_gb if on_gpu else 0.0, on_gpu, notes)
+    if fixes and on_gpu:
+        found = memory_fixes(original, device, sizes=sizes, bitsandbytes=bitsandbytes,
+                             processes=processes)
+        estimate.advice = [str(f) for f in found if f.estimate_gb < estimate.total_gb - 0.05]
+    return estimate
+
+
+def _optimizer_state(config: "DreamBoothConfig", on_gpu: bool, half: int, bitsandbytes: bool,
+                     notes: list[str]) -> tuple[int, int, str]:
+    """``(weight bytes, optimizer state bytes, label)`` per trained weight of a full
+    fine-tune; notes when 8-bit Adam is asked for but cannot run."""
     name = config.optimizer if config.optimizer in ("Lion", "Prodigy", "Adafactor") else "AdamW"
     eight_bit = bool(config.use_8bit_adam) and on_gpu and name in ("AdamW", "Lion")
     if eight_bit and not bitsandbytes:
@@ -178,42 +187,62 @@ def estimate_peak_memory(config: "DreamBoothConfig", device: DeviceInfo, *,
     optimizer_bytes = OPTIMIZER_BYTES[name.lower() + ("8bit" if eight_bit else "")]
     if full_half and not eight_bit and name != "Adafactor":
         optimizer_bytes //= 2
-    optimizer_label = (f"8-bit {name}" if eight_bit else
-                       f"{name}, {'16-bit' if full_half and name != 'Adafactor' else 'fp32'}")
+    label = (f"8-bit {name}" if eight_bit else
+             f"{name}, {'16-bit' if full_half and name != 'Adafactor' else 'fp32'}")
+    return weight_bytes, optimizer_bytes, label
 
-    items: list[tuple[str, float]] = []
+
+def _trained_items(config: "DreamBoothConfig", sizes: ModelSizes, half: int, on_gpu: bool,
+                   bitsandbytes: bool, processes: int, notes: list[str]
+                   ) -> list[tuple[str, float]]:
+    """The weights, and the gradients and optimizer states of what trains (GiB)."""
+    # LoRA sizes scale with the width; parameters with its square.
+    width = (sizes.unet / SD15.unet) ** 0.5
+    text_width = (sizes.text_encoder / SD15.text_encoder) ** 0.5
+    trains_text = bool(config.train_text_encoder)
+    weight_bytes, optimizer_bytes, optimizer_label = _optimizer_state(
+        config, on_gpu, half, bitsandbytes, notes)
     if config.use_lora:
         adapters = round(config.lora_unet_rank * LORA_UNET_PER_RANK * width)
         if trains_text:
             adapters += round(config.lora_txt_rank * LORA_TEXT_PER_RANK * text_width)
-        items += [
+        return [
             (f"UNet weights ({_dtype(half)}, frozen)", sizes.unet * half / GIB),
             (f"text encoder weights ({_dtype(half)}, frozen)", sizes.text_encoder * half / GIB),
             ("LoRA adapters: fp32 weights, gradients, AdamW states",
              adapters * (4 + 4 + 8) / GIB)]
-        trained = adapters
-    else:
-        trained = sizes.unet + (sizes.text_encoder if trains_text else 0)
-        trained_dtype = _dtype(weight_bytes)
-        items.append((f"UNet weights ({trained_dtype}, trained)",
-                      sizes.unet * weight_bytes / GIB))
-        items.append((f"text encoder weights "
-                      f"({trained_dtype + ', trained' if trains_text else _dtype(half)})",
-                      sizes.text_encoder * (weight_bytes if trains_text else half) / GIB))
-        items.append((f"gradients ({trained_dtype})", trained * weight_bytes / GIB))
-        items.append((f"optimizer states ({optimizer_label})", trained * optimizer_bytes / GIB))
-        if processes > 1:
-            items.append(("gradient buckets of DistributedDataParallel",
-                          trained * weight_bytes / GIB))
+    trained = sizes.unet + (sizes.text_encoder if trains_text else 0)
+    trained_dtype = _dtype(weight_bytes)
+    items = [(f"UNet weights ({trained_dtype}, trained)", sizes.unet * weight_bytes / GIB),
+             (f"text encoder weights "
+              f"({trained_dtype + ', trained' if trains_text else _dtype(half)})",
+              sizes.text_encoder * (weight_bytes if trains_text else half) / GIB),
+             (f"gradients ({trained_dtype})", trained * weight_bytes / GIB),
+             (f"optimizer states ({optimizer_label})", trained * optimizer_bytes / GIB)]
+    if processes > 1:
+        items.append(("gradient buckets of DistributedDataParallel",
+                      trained * weight_bytes / GIB))
+    return items
 
+
+def _step_items(config: "DreamBoothConfig", device: DeviceInfo, sizes: ModelSizes, half: int,
+                on_gpu: bool) -> list[tuple[str, float]]:
+    """What a training step adds on top of the weights: activations, the VAE when latents are
+    not cached, the EMA copy and the CUDA context (GiB)."""
+    # Activations scale with the width and the image area.
+    width = (sizes.unet / SD15.unet) ** 0.5
+    text_width = (sizes.text_encoder / SD15.text_encoder) ** 0.5
+    area = (config.resolution / 512) ** 2
+    prior = any(c.wants_prior_preservation for c in config.concepts_list)
+    rows = config.train_batch_size * (2 if prior else 1)
     checkpointing = bool(config.gradient_checkpointing)
     per_row = ACTIVATIONS_CHECKPOINTED_GB if checkpointing else ACTIVATIONS_GB
     per_row *= ATTENTION_FACTOR.get(_attention(config.attention, device), 1.0)
     if half == 4:
         per_row *= FP32_ACTIVATION_FACTOR
-    items.append((f"activations ({rows} row(s) at {config.resolution} px"
-                  f"{', checkpointed' if checkpointing else ''})", rows * per_row * area * width))
-    if trains_text:
+    items = [(f"activations ({rows} row(s) at {config.resolution} px"
+              f"{', checkpointed' if checkpointing else ''})", rows * per_row * area * width)]
+    if config.train_text_encoder:
         text_rows = TEXT_ENCODER_ACTIVATIONS_GB * (0.2 if checkpointing else 1.0) * (4 / half)
         items.append(("text encoder activations", rows * text_rows * text_width))
     if not config.cache_latents:
@@ -223,15 +252,7 @@ def estimate_peak_memory(config: "DreamBoothConfig", device: DeviceInfo, *,
         items.append(("EMA copy of the UNet (fp32)", sizes.unet * 4 / GIB))
     if on_gpu:
         items.append(("CUDA context, workspaces, allocator slack", CUDA_OVERHEAD_GB))
-    if sizes.label not in (SD15.label, SD2.label):
-        notes.append(f"model sizes counted from {sizes.label}")
-
-    estimate = MemoryEstimate(items, device.usable_memory_gb if on_gpu else 0.0, on_gpu, notes)
-    if fixes and on_gpu:
-        found = memory_fixes(original, device, sizes=sizes, bitsandbytes=bitsandbytes,
-                             processes=processes)
-        estimate.advice = [str(f) for f in found if f.estimate_gb < estimate.total_gb - 0.05]
-    return estimate
+    return items
 
 
 def warn_if_too_big(config: "DreamBoothConfig", device: DeviceInfo, *,
