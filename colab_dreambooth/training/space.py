@@ -209,7 +209,8 @@ def plan_space(config: "DreamBoothConfig", *, total_steps: int, steps_per_epoch:
     """What ``config`` (blank fields filled) will write where, grouped by disk, with each
     disk's free space from ``free(folder)`` (:func:`free_space` by default). ``eight_bit``: 8-bit optimizer states will
     really be used (bitsandbytes imports)."""
-    from colab_dreambooth.training.checkpoints import checkpoint_root, list_checkpoints
+    from colab_dreambooth.training.checkpoints import list_checkpoints
+    from colab_dreambooth.training.resume import checkpoint_root
 
     sizes = sizes or model_sizes(config.base_model)
     free = free or free_space
