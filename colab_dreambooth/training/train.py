@@ -271,14 +271,7 @@ def _loop(config: DreamBoothConfig, plan: StepPlan, run: Progress, batches: Trai
     trains_text = config.train_text_encoder and run.step < text_stops_at
     if config.train_text_encoder and not trains_text:
         accelerator.unwrap_model(step.text_encoder).requires_grad_(False)
-    micro: list[torch.Tensor] = []  # the losses of this step's accumulated micro-batches
-    unlogged: list[torch.Tensor] = []  # step losses not yet copied to the host (a GPU sync)
-
-    def log_losses() -> None:
-        if unlogged:
-            run.losses.extend(torch.stack(unlogged).tolist())
-            unlogged.clear()
-
+    losses = _StepLosses(run.losses)
     progress = tqdm(total=plan.total_steps, initial=run.step, desc="Training", unit="step",
                     disable=not bar)
     shown = time.monotonic()
@@ -293,12 +286,11 @@ def _loop(config: DreamBoothConfig, plan: StepPlan, run: Progress, batches: Trai
             for batch in batches.loader:
                 run.batch_in_epoch += 1
                 clean = False
-                micro.append(step(batch, trains_text))
+                losses.micro.append(step(batch, trains_text))
                 if not accelerator.sync_gradients:
                     continue
                 run.step += 1
-                unlogged.append(accelerator.gather(torch.stack(micro).mean()).mean())
-                micro.clear()
+                losses.end_step(accelerator)
                 clean = True
                 if ema:
                     ema.update(step.unet.parameters())
@@ -308,7 +300,7 @@ def _loop(config: DreamBoothConfig, plan: StepPlan, run: Progress, batches: Trai
                 progress.update(1)
                 lr = step.lr_scheduler.get_last_lr()[0]
                 if on_step or (bar and time.monotonic() - shown >= BAR_LOSS_EVERY_S):
-                    log_losses()
+                    losses.to_host()
                     shown = time.monotonic()
                     progress.set_postfix(loss=f"{run.losses[-1]:.4f}", lr=f"{lr:.2e}",
                                          epoch=epoch + 1, refresh=False)
@@ -318,7 +310,7 @@ def _loop(config: DreamBoothConfig, plan: StepPlan, run: Progress, batches: Trai
                     _sync_stop(stop, accelerator)
                 if config.save_every_steps and run.step % config.save_every_steps == 0 \
                         and run.step < plan.total_steps and not stop.is_set():
-                    log_losses()
+                    losses.to_host()
                     checkpoints.save(run)
                 finished = run.step >= plan.total_steps or stop.is_set()
                 every = config.save_preview_every_steps
@@ -335,7 +327,7 @@ def _loop(config: DreamBoothConfig, plan: StepPlan, run: Progress, batches: Trai
             if finished:
                 break
             if config.save_every_epochs and (epoch + 1) % config.save_every_epochs == 0:
-                log_losses()
+                losses.to_host()
                 checkpoints.save(run)
     except KeyboardInterrupt:
         stop.set()
@@ -343,8 +335,29 @@ def _loop(config: DreamBoothConfig, plan: StepPlan, run: Progress, batches: Trai
     finally:
         restore_ctrl_c()
         progress.close()
-        log_losses()
+        losses.to_host()
     return clean
+
+
+class _StepLosses:
+    """Each optimizer step's loss: the mean over its accumulated micro-batches (and processes),
+    kept on the device until :meth:`to_host` appends them to ``logged`` (a GPU sync)."""
+
+    def __init__(self, logged: list[float]):
+        self.logged = logged
+        self.micro: list[torch.Tensor] = []  # this step's micro-batch losses
+        self._unlogged: list[torch.Tensor] = []
+
+    def end_step(self, accelerator) -> None:
+        """Close the step: its loss is the mean of its micro-batches' over all processes."""
+        self._unlogged.append(accelerator.gather(torch.stack(self.micro).mean()).mean())
+        self.micro.clear()
+
+    def to_host(self) -> None:
+        """Append the losses not yet copied to the host to ``logged``."""
+        if self._unlogged:
+            self.logged.extend(torch.stack(self._unlogged).tolist())
+            self._unlogged.clear()
 
 
 def _ctrl_c_sets(stop: threading.Event) -> Callable[[], None]:
