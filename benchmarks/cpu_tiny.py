@@ -12,8 +12,10 @@ What it measures
       the final save are all excluded; "median" is the median step time;
     * images/s: steps/s times the images each step trains on (batch size instance images plus
       as many class images, since prior preservation is on);
-    * first step: seconds from calling ``train()`` to the end of the first step (config checks,
-      model load, latent caching, first step);
+    * the one-off costs, apart from the steps: "1st step s", seconds from calling ``train()``
+      to the end of the first step (config checks, model load, latent caching, first step),
+      and "save s", seconds from the last step's end to ``train()``'s return (the final
+      checkpoint and the model);
     * peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of a fresh Python process that
       runs only that configuration, so each figure is that configuration's own peak. It
       includes the ~370 MiB of torch/diffusers/transformers the process imports; "over
@@ -121,6 +123,8 @@ def run_one(name: str, data_root: Path, out_root: Path, steps: int, warmup: int,
         "s_per_step": span / measured, "median_s_per_step": gaps[len(gaps) // 2],
         "images_per_s": measured * rows_per_step / span,
         "first_step_s": stamps[0] - started, "total_s": total,
+        # One-off cost after the loop: the final checkpoint and the model (or LoRA file).
+        "save_s": started + total - stamps[-1],
         "peak_rss_mib": peak_kib / 1024, "rss_before_train_mib": rss_before_kib / 1024,
         "final_loss": result.losses[-1],
     }
@@ -217,12 +221,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(results: list[dict]) -> None:
     header = ("config", "res", "batch", "img/step", "latents", "TE", "thr", "steps/s", "s/step",
-              "median", "img/s", "1st step s", "peak MiB", "over imports")
+              "median", "img/s", "1st step s", "save s", "peak MiB", "over imports")
     rows = [(r["name"], r["resolution"], r["batch"], r["rows_per_step"],
              "cached" if r["cache_latents"] else "VAE", "train" if r["train_text_encoder"]
              else "frozen", r["threads"], f"{r['steps_per_s']:.2f}", f"{r['s_per_step']:.3f}",
              f"{r['median_s_per_step']:.3f}", f"{r['images_per_s']:.2f}",
-             f"{r['first_step_s']:.1f}", f"{r['peak_rss_mib']:.0f}",
+             f"{r['first_step_s']:.1f}", f"{r['save_s']:.1f}", f"{r['peak_rss_mib']:.0f}",
              f"+{r['peak_rss_mib'] - r['rss_before_train_mib']:.0f}") for r in results]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
     for row in [header, *rows]:

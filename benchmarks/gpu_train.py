@@ -6,11 +6,16 @@ What it measures
     encoder and VAE from the shipped ``colab_dreambooth/models/single_file/configs/sd1.json`` with
     random weights (nothing is downloaded), applies the preset's settings to a DreamBooth
     configuration at 512 px with prior preservation (each step trains on ``batch`` instance rows
-    plus as many class rows), and runs real training steps the way ``train()`` does: the same
-    Accelerator mixed precision, :func:`set_memory_attention`, gradient checkpointing,
-    :func:`make_optimizer` (8-bit AdamW or torch AdamW), gradient clipping,
-    :func:`dreambooth_loss`, EMA when on, LoRA adapters with ``--lora``. Latents and token ids
-    are random (as cached latents would be) unless the preset encodes with the VAE each step.
+    plus as many class rows), and runs real training steps through ``train()``'s own phases:
+    :func:`~colab_dreambooth.training.placement.place_models` (freezing, dtypes, Half model,
+    LoRA adapters with ``--lora``, memory attention, gradient checkpointing),
+    :func:`~colab_dreambooth.training.optim.make_training_optimizer` (8-bit AdamW or torch's
+    fused AdamW), the same Accelerator, and
+    :class:`~colab_dreambooth.training.step.TrainingStep` (latents scaled by the VAE's own
+    factor, the DreamBooth loss, clipping, the schedule), EMA when on. The batches are random,
+    collated as the loader collates them: cached latent distributions, or pixels the step
+    encodes with the VAE when the preset does not cache latents; the SD 1.5 shapes use a
+    stand-in tokenizer.
     It prints per preset:
 
     * s/step (mean over ``--steps`` steps after ``--warmup``), images/s (rows per second);
@@ -88,9 +93,21 @@ def step_flops(rows: int, resolution: int, unet_params: int, text_params: int, *
     return rows * (unet_forward * unet_passes + text_forward * text_passes)
 
 
+class _StandInTokenizer:
+    """Fixed token ids per prompt, for the SD 1.5 shapes (no tokenizer is downloaded)."""
+
+    bos_token_id, eos_token_id, pad_token_id = 49406, 49407, 49407
+
+    def __call__(self, prompts: list[str], **_):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=[[hash((p, i)) % 49406 for i in range(8)]
+                                          for p in prompts])
+
+
 def build_models(tiny: bool, device):
-    """UNet, text encoder, VAE and the noise scheduler: SD 1.5 shapes with random weights
-    (created directly on ``device``), or the tiny model."""
+    """UNet, text encoder, VAE, noise scheduler and tokenizer: SD 1.5 shapes with random
+    weights (created directly on ``device``) and a stand-in tokenizer, or the tiny model."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -99,8 +116,8 @@ def build_models(tiny: bool, device):
         from colab_dreambooth.models.loading import load_components
 
         parts = load_components("tiny")
-        return (parts.unet.to(device), parts.text_encoder.to(device), parts.vae.to(device),
-                parts.noise_scheduler)
+        return (parts.unet, parts.text_encoder, parts.vae, parts.noise_scheduler,
+                parts.tokenizer)
     configs = json.loads((REPO / "colab_dreambooth" / "models" / "single_file" / "configs"
                           / "sd1.json").read_text())
     text_config = {k: v for k, v in configs["text_encoder"].items() if k != "architectures"}
@@ -108,7 +125,8 @@ def build_models(tiny: bool, device):
         unet = UNet2DConditionModel.from_config(configs["unet"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
         vae = AutoencoderKL.from_config(configs["vae"])
-    return unet, text_encoder, vae, DDPMScheduler.from_config(configs["scheduler"])
+    return (unet, text_encoder, vae, DDPMScheduler.from_config(configs["scheduler"]),
+            _StandInTokenizer())
 
 
 def run_preset(name: str, args: argparse.Namespace) -> dict:
@@ -184,86 +202,78 @@ def _tiny_folder() -> Path:
 
 
 def _train_steps(config, args, on_cuda: bool, rows: int, sizes) -> dict:
-    """The training loop of ``train()`` on random inputs; returns the timings."""
+    """``train()``'s own setup phases and step on random inputs; returns the timings."""
     import torch
-    from accelerate import Accelerator
 
-    from colab_dreambooth.models.attention import set_memory_attention
-    from colab_dreambooth.models.lora import add_lora
-    from colab_dreambooth.training.optim import EMA, make_optimizer
-    from colab_dreambooth.training.train import dreambooth_loss
+    from colab_dreambooth.runtime.device import DeviceInfo, detect_device
+    from colab_dreambooth.training.noise import make_noise_scheduler
+    from colab_dreambooth.training.numerics import (
+        allow_fp16_gradient_unscale,
+        apply_numerics,
+    )
+    from colab_dreambooth.training.optim import EMA, make_training_optimizer
+    from colab_dreambooth.training.placement import make_accelerator, place_models
+    from colab_dreambooth.training.step import PromptStates, TrainingStep
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision if on_cuda else "no",
-                              cpu=not on_cuda)
-    device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        accelerator.mixed_precision, torch.float32)
-    unet, text_encoder, vae, noise_scheduler = build_models(args.tiny, device)
+    # One optimizer step per timed step.
+    config = config.copy(gradient_accumulation_steps=1, use_cpu=not on_cuda)
+    device = detect_device() if on_cuda else DeviceInfo.cpu()
+    accelerator = make_accelerator(config, device)
+    unet, text_encoder, vae, noise_scheduler, tokenizer = build_models(args.tiny,
+                                                                       accelerator.device)
+    numerics = apply_numerics(tf32=config.allow_tf32, deterministic=config.deterministic)
+    models = place_models(unet, text_encoder, vae, config, accelerator)
     trains_text = bool(config.train_text_encoder)
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(trains_text)
-    if config.use_lora:
-        for module in (unet, text_encoder):
-            module.to(device, dtype=weight_dtype)
-        add_lora(unet, text_encoder, config)
-    unet.train()
-    text_encoder.train(trains_text)
-    set_memory_attention(unet, config.attention, on_cuda)
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if trains_text:
-            text_encoder.gradient_checkpointing_enable()
-    for module in [vae] + ([] if trains_text else [text_encoder]):
-        module.to(device, dtype=weight_dtype)
     if config.cache_latents:
-        vae.to("cpu")  # as train() does once the latents are cached
-
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": 1e-6}]
+        models.vae.to("cpu")  # as train() does once the latents are cached
+    optimizer, lr_scheduler = make_training_optimizer(
+        config, models.unet, models.text_encoder, total_steps=args.warmup + args.steps,
+        on_cuda=on_cuda)
+    unet = torch.compile(models.unet) if args.compile else models.unet
     if trains_text:
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
-                       "lr": 1e-6})
-    if args.fused_adamw and on_cuda and not config.use_8bit_adam:
-        unet.to(device)
-        text_encoder.to(device)
-        optimizer = torch.optim.AdamW(groups, weight_decay=1e-2, fused=True)
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(
+            unet, models.text_encoder, optimizer, lr_scheduler)
     else:
-        optimizer = make_optimizer(groups, use_8bit=config.use_8bit_adam, on_cuda=on_cuda,
-                                   betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    if args.compile:
-        unet = torch.compile(unet)
-    if trains_text:
-        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
-    else:
-        unet, optimizer = accelerator.prepare(unet, optimizer)
-    ema = EMA(unet.parameters(), 0.9999, "cpu" if config.ema_on_cpu else None) \
+        text_encoder = models.text_encoder
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if models.half == torch.float16:
+        allow_fp16_gradient_unscale(accelerator)
+    ema = EMA(unet.parameters(), config.ema_decay, "cpu" if config.ema_on_cpu else None) \
         if config.use_ema else None
-    trained = [p for group in groups for p in group["params"]]
+    step = TrainingStep(
+        accelerator, unet, text_encoder, models.vae,
+        PromptStates(tokenizer, text_encoder, pad_tokens=config.pad_tokens,
+                     max_token_length=config.max_token_length, clip_skip=config.clip_skip),
+        make_noise_scheduler(config.noise_scheduler, noise_scheduler.config),
+        optimizer, lr_scheduler, models.weight_dtype, config.prior_loss_weight,
+        config.offset_noise, config.min_snr_gamma, config.max_grad_norm)
 
     side = config.resolution // 8
     generator = torch.Generator(device="cpu").manual_seed(0)
+    prompts = (["photo of sks dog"] * config.train_batch_size
+               + ["photo of a dog"] * (rows - config.train_batch_size))
     stamps = []
-    for step in range(args.warmup + args.steps):
-        if config.cache_latents:
-            latents = torch.randn(rows, 4, side, side, generator=generator).to(device) * 0.18215
-        else:
-            pixels = torch.rand(rows, 3, config.resolution, config.resolution,
-                                generator=generator).to(device, weight_dtype) * 2 - 1
-            with torch.no_grad():
-                latents = vae.encode(pixels).latent_dist.sample().float() * 0.18215
-        input_ids = torch.randint(0, 49407, (rows, TOKENS), generator=generator).to(device)
-        with torch.set_grad_enabled(trains_text):
-            text_states = text_encoder(input_ids)[0]
-        loss = dreambooth_loss(unet, noise_scheduler, latents, text_states,
-                               config.train_batch_size, 1.0)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(trained, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema:
-            ema.update(unet.parameters())
-        if on_cuda:
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
+    try:
+        for _ in range(args.warmup + args.steps):
+            # A collated batch as the loader gives it: cached latent distributions, or pixels
+            # that the step encodes with the VAE.
+            if config.cache_latents:
+                mean = torch.randn(rows, 4, side, side, generator=generator)
+                batch = {"pixels": None, "latent_mean": mean,
+                         "latent_std": torch.full_like(mean, 0.01)}
+            else:
+                pixels = torch.rand(rows, 3, config.resolution, config.resolution,
+                                    generator=generator) * 2 - 1
+                batch = {"pixels": pixels, "latent_mean": None, "latent_std": None}
+            batch.update(prompts=prompts, num_instance=config.train_batch_size)
+            loss = step(batch, trains_text)
+            if ema:
+                ema.update(unet.parameters())
+            if on_cuda:
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+    finally:
+        numerics.restore()
     timed = stamps[args.warmup - 1:] if args.warmup else stamps
     if len(timed) < 2:
         return {"loss": float(loss)}
@@ -336,7 +346,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-cap", action="store_true", help="never cap the GPU memory")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     p.add_argument("--fused-adamw", action="store_true", help="torch's fused AdamW kernel "
-                   "(when the preset does not use 8-bit Adam)")
+                   "(when the preset does not use 8-bit Adam; now always so on a GPU)")
     p.add_argument("--no-text-encoder", action="store_true", help="train the UNet only")
     p.add_argument("--no-prior", action="store_true", help="no class rows (half the rows)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters")

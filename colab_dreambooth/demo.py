@@ -16,7 +16,11 @@ from typing import TYPE_CHECKING
 from PIL import Image, ImageDraw
 
 from colab_dreambooth.config.concept import Concept
+from colab_dreambooth.config.params import save_params
 from colab_dreambooth.config.settings import DreamBoothConfig
+from colab_dreambooth.generation.sample import generate_samples, image_grid, save_images
+from colab_dreambooth.models.pipelines import load_pipeline
+from colab_dreambooth.training.train import train
 
 if TYPE_CHECKING:
     from colab_dreambooth.training.train import TrainResult
@@ -106,10 +110,6 @@ def run_demo(out: str | Path = "demo-output", *, steps: int = 150, save_every: i
     Returns the training result (``stopped_early`` when it was stopped)."""
     import time
 
-    from colab_dreambooth.config.params import save_params
-    from colab_dreambooth.generation.sample import generate_samples, image_grid, save_images
-    from colab_dreambooth.models.pipelines import load_pipeline
-    from colab_dreambooth.training.train import train
 
     started = time.time()
     root = Path(out).resolve()

@@ -236,7 +236,7 @@ def test_stop_and_resume_with_buckets_and_shuffled_tags_is_exact(tiny_config, sh
 
     from test_resume import assert_same_weights
 
-    import colab_dreambooth.training.train as train_module
+    import colab_dreambooth.data.loader as loader_module
     from colab_dreambooth.data.dataset import collate
 
     inst, cls = shapes
@@ -257,7 +257,7 @@ def test_stop_and_resume_with_buckets_and_shuffled_tags_is_exact(tiny_config, sh
         prompts.extend(batch["prompts"])
         return batch
 
-    monkeypatch.setattr(train_module, "collate", spy)
+    monkeypatch.setattr(loader_module, "collate", spy)
     whole = train(config("whole"), progress=False)
     instance = [p for p in prompts if p.startswith("zwx toy")]
     assert len(set(instance)) > 1 and all(p.startswith("zwx toy, ") for p in instance)

@@ -124,15 +124,19 @@ def test_gpus_by_name(name, memory):
     assert gpu_by_name(name).memory_gb == memory
 
 
-def test_torch_adamw_is_fused_on_a_gpu():
+def test_torch_adamw_is_fused():
     """torch's default (foreach) AdamW step holds a temporary the size of the weights, which
-    the estimate does not count: on a GPU the fused kernel runs instead."""
+    the estimate does not count: on a GPU the fused kernel runs instead. On the CPU too where
+    torch has the kernel (2.4+; 4x faster than foreach there), else foreach."""
     weights = [torch.nn.Parameter(torch.zeros(3))]
     gpu = make_optimizer([{"params": weights, "lr": 1e-3}], use_8bit=False, on_cuda=True,
                          betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
     cpu = make_optimizer([{"params": weights, "lr": 1e-3}], use_8bit=False, on_cuda=False,
                          betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
-    assert gpu.defaults["fused"] is True and not cpu.defaults["fused"]
+    assert gpu.defaults["fused"] is True
+    assert cpu.defaults["fused"] is True or cpu.defaults["foreach"] is True
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4):
+        assert cpu.defaults["fused"] is True
 
 
 def test_the_gpus_free_memory_is_the_budget(monkeypatch):

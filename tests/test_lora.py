@@ -41,6 +41,7 @@ from colab_dreambooth.models.lora import (
 from colab_dreambooth.models.pipelines import load_lora_pipeline
 from colab_dreambooth.models.tiny import tiny_model_path
 from colab_dreambooth.runtime.device import DeviceInfo
+from colab_dreambooth.training import saving as saving_module
 from colab_dreambooth.training import train as train_module
 from colab_dreambooth.training.train import train
 
@@ -145,7 +146,7 @@ def run(demo_root, tmp_path_factory):
     base_before = files_digest(tiny_model_path())
     captured: dict = {}
     saves: list[int] = []
-    original = train_module._save_lora
+    original = saving_module.save_lora_model
 
     def spy(config, parts, unet, text_encoder, step, *rest):
         saves.append(step)
@@ -163,7 +164,7 @@ def run(demo_root, tmp_path_factory):
         return original(config, parts, unet, text_encoder, step, *rest)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "_save_lora", spy)
+        mp.setattr(saving_module, "save_lora_model", spy)
         mp.setenv("HF_TOKEN", FAKE_TOKEN)  # must never reach a file
         result = train(config, progress=False)
     state, meta = read_lora(result.lora_file)

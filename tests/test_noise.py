@@ -14,7 +14,8 @@ from colab_dreambooth.training.noise import (
     sample_noise,
     velocity,
 )
-from colab_dreambooth.training.train import dreambooth_loss, train
+from colab_dreambooth.training.step import dreambooth_loss
+from colab_dreambooth.training.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -133,7 +133,7 @@ def test_optimizers_train_the_tiny_model_differently(tiny_config):
 
 
 def test_text_encoder_weight_decay_reaches_the_loop(tiny_config, monkeypatch):
-    from colab_dreambooth.training import train as train_module
+    from colab_dreambooth.training import optim as optim_module
 
     made = []
 
@@ -141,7 +141,7 @@ def test_text_encoder_weight_decay_reaches_the_loop(tiny_config, monkeypatch):
         made.append((groups, kw))
         return make_optimizer(groups, name, **kw)
 
-    monkeypatch.setattr(train_module, "make_optimizer", spy)
+    monkeypatch.setattr(optim_module, "make_optimizer", spy)
     train(tiny_config.copy(max_train_steps=1, weight_decay=0.02, tenc_weight_decay=0.3),
           progress=False)
     (groups, kw), = made

@@ -317,7 +317,7 @@ def test_lora_run_resumes_exactly_with_small_checkpoints(tiny_config, tmp_path):
 def test_resume_on_another_gpu_keeps_the_runs_auto_choices(tiny_config, tmp_path):
     """Blank (auto) batch size etc. come from the GPU preset; a resume on a machine whose
     preset differs keeps what the checkpoint's run used instead of refusing."""
-    from colab_dreambooth.training.checkpoints import keep_checkpoint_choices
+    from colab_dreambooth.training.resume import keep_checkpoint_choices
 
     config = resumable(tiny_config, tmp_path, "m", max_train_steps=2, use_ema=False,
                        gradient_accumulation_steps=1, train_batch_size=2)

@@ -21,7 +21,8 @@ from colab_dreambooth.models.tiny import tiny_model_path
 from colab_dreambooth.runtime.device import DeviceInfo
 from colab_dreambooth.training import train as train_module
 from colab_dreambooth.training.optim import EMA, make_optimizer, plan_steps
-from colab_dreambooth.training.train import dreambooth_loss, train
+from colab_dreambooth.training.step import dreambooth_loss
+from colab_dreambooth.training.train import train
 
 CPU = DeviceInfo.cpu()
 

@@ -11,17 +11,20 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
+from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.fields import coerce, field_specs
 from colab_dreambooth.config.prompts import contains_token
+from colab_dreambooth.config.settings import TINY_MODEL, DreamBoothConfig
 from colab_dreambooth.errors import ConfigError, Problem
+from colab_dreambooth.runtime import environment as runtime
 from colab_dreambooth.runtime.packages import (
     OPTIMIZER_PACKAGES,
     missing_package_message,
     optimizer_available,
 )
+from colab_dreambooth.runtime.storage import HubRepo, StorageError, parse_destination
 
 if TYPE_CHECKING:
-    from colab_dreambooth.config.settings import DreamBoothConfig
     from colab_dreambooth.runtime.device import DeviceInfo
 
 # Prodigy estimates its own step size and multiplies it by the learning rate: about 1.0.
@@ -35,8 +38,6 @@ def validate(config: "DreamBoothConfig", device: "DeviceInfo | None" = None, *,
     ``device`` is the GPU (or CPU) it will run on (detected when omitted); ``check_paths``
     checks that local folders and files exist.
     """
-    from colab_dreambooth.config.concept import Concept
-    from colab_dreambooth.config.settings import DreamBoothConfig
 
     if device is None:
         from colab_dreambooth.runtime.device import detect_device
@@ -69,15 +70,9 @@ def validate(config: "DreamBoothConfig", device: "DeviceInfo | None" = None, *,
     if check_paths:
         problems += _unmounted_drive_problems(config)
     problems += _hub_repo_problems(_text(config.checkpoint_hub_repo))
-    from colab_dreambooth.config.validation import (
-        optimizer_problems,  # imported here: it imports torch
-    )
 
     problems += optimizer_problems(config)
 
-    from colab_dreambooth.config.validation import (
-        lora_problems,  # imported here: lora imports this module
-    )
 
     problems += lora_problems(config)
     concepts_path = _text(config.concepts_path)
@@ -108,7 +103,6 @@ def check_config(config: "DreamBoothConfig", device: "DeviceInfo | None" = None)
 
 
 def _concept_problems(concept, prefix: str, check_paths: bool) -> list[Problem]:
-    from colab_dreambooth.config.concept import Concept
 
     problems = list(_field_problems(concept, Concept, prefix))
     token = _text(concept.instance_token)
@@ -206,7 +200,6 @@ def looks_like_local_path(name: str) -> bool:
 
 
 def _hub_repo_problems(hub: str) -> list[Problem]:
-    from colab_dreambooth.runtime.storage import HubRepo, StorageError, parse_destination
 
     try:
         ok = not hub or isinstance(parse_destination(hub), HubRepo)
@@ -219,7 +212,6 @@ def _hub_repo_problems(hub: str) -> list[Problem]:
 def _unmounted_drive_problems(config) -> list[Problem]:
     """Folders on Google Drive while Drive is not mounted: writing there would fill the
     runtime's own disk (lost at the next disconnect) and block mounting Drive later."""
-    from colab_dreambooth.runtime import environment as runtime
 
     if runtime.drive_mounted():
         return []
@@ -237,7 +229,6 @@ def _unmounted_drive_problems(config) -> list[Problem]:
 
 
 def _base_model_problems(config) -> list[Problem]:
-    from colab_dreambooth.config.settings import TINY_MODEL
 
     src = _text(config.src)
     field = "src" if src else "pretrained_model_name_or_path"
@@ -254,7 +245,6 @@ def _base_model_problems(config) -> list[Problem]:
 
 def optimizer_problems(config) -> list:
     """What stops ``config``'s optimizer from training well, found before any model loads."""
-    from colab_dreambooth.errors import Problem
 
     name = config.optimizer
     problems = []

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from colab_dreambooth.config.prompts import PromptError, build_prompts, shuffle_tags
+from colab_dreambooth.data.buckets import fit_to_bucket
 from colab_dreambooth.data.captions import image_caption
 from colab_dreambooth.data.images import (
     ImageProblem,
@@ -260,7 +261,6 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         if self.bucket_of is None:
             return to_tensor(crop_and_resize(load_image(image), self.resolution,
                                              self.center_crop, rng))
-        from colab_dreambooth.data.buckets import fit_to_bucket
 
         return to_tensor(fit_to_bucket(load_image(image), size or self.bucket_of[image],
                                        self.center_crop, rng))

@@ -36,6 +36,7 @@ from colab_dreambooth.config.prompts import FILEWORDS, PromptError, remove_token
 from colab_dreambooth.data.captions import folder_captions
 from colab_dreambooth.data.dataset import DataError
 from colab_dreambooth.data.images import check_images
+from colab_dreambooth.models.attention import set_memory_attention
 from colab_dreambooth.models.loading import load_components
 from colab_dreambooth.models.pipelines import pipeline_from_components
 
@@ -182,7 +183,6 @@ def _pipeline(config: "DreamBoothConfig"):
     """A ``StableDiffusionPipeline`` of the base model, on the GPU unless Use CPU Only."""
     import torch
 
-    from colab_dreambooth.models.attention import set_memory_attention
 
     on_cuda = torch.cuda.is_available() and not config.use_cpu
     parts = load_components(config.base_model)

@@ -29,10 +29,12 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
+from colab_dreambooth.config.params import resolve_concepts
 from colab_dreambooth.config.prompts import FILEWORDS, PromptError, build_prompts
 from colab_dreambooth.data.captions import Caption, folder_captions
 from colab_dreambooth.data.dataset import DataError
 from colab_dreambooth.models.pipelines import load_pipeline, load_trained_pipeline
+from colab_dreambooth.models.text_encoding import encode_prompts
 
 if TYPE_CHECKING:
     from colab_dreambooth.config.settings import DreamBoothConfig
@@ -67,7 +69,6 @@ def _prompt_embeds(pipe, prompt: str, negative_prompt: str, clip_skip: int,
                    max_token_length: int) -> dict:
     """Prompt and negative-prompt states as training makes them (75-token chunks, clip
     skip), padded to the same length so classifier-free guidance can pair them."""
-    from colab_dreambooth.models.text_encoding import encode_prompts
 
     positive, negative = (encode_prompts(pipe.tokenizer, pipe.text_encoder, [text],
                                          max_token_length=max_token_length,
@@ -168,7 +169,6 @@ def sample_concepts(config: "DreamBoothConfig", model: str | Path | None = None,
     free ``sample-NNN`` prefix. All prompts are built (and their errors raised) before the
     model is loaded; a ``pipe`` already loaded may be passed instead.
     """
-    from colab_dreambooth.config.params import resolve_concepts
 
     config = resolve_concepts(config)
     jobs = [job for index in range(len(config.concepts_list))

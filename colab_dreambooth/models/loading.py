@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from colab_dreambooth.config.settings import TINY_MODEL
+from colab_dreambooth.config.validation import looks_like_local_path
 from colab_dreambooth.console import quiet_known_warnings
 from colab_dreambooth.errors import ModelLoadError
+from colab_dreambooth.models.single_file.convert import convert_single_file
 from colab_dreambooth.models.tiny import tiny_model_path
 
 log = logging.getLogger(__name__)
@@ -92,7 +94,6 @@ def resolve_model_folder(name: str) -> Path:
     if path.exists():
         raise ModelLoadError(f"{name} is neither a diffusers folder nor a .safetensors/.ckpt "
                              "file")
-    from colab_dreambooth.config.validation import looks_like_local_path
 
     if looks_like_local_path(name):
         # "models/dreambooth/x/modle", "./base", "~/sd": a local path that is not there, not
@@ -127,7 +128,6 @@ def _convert_single_file(path: Path) -> Path:
     target = path.with_name(path.stem + "-diffusers")
     if (target / "model_index.json").is_file():
         return target
-    from colab_dreambooth.models.single_file.convert import convert_single_file
 
     log.info("Converting %s to the diffusers layout in %s", path, target)
     convert_single_file(path, target)  # its ModelFileError is a ModelLoadError

@@ -31,6 +31,8 @@ from colab_dreambooth.config.settings import TINY_MODEL, DreamBoothConfig
 from colab_dreambooth.config.validation import looks_like_local_path
 from colab_dreambooth.errors import UserError
 from colab_dreambooth.files import copy_file_atomic
+from colab_dreambooth.generation.sample import save_image_atomic
+from colab_dreambooth.models.lora import lora_file_path
 
 LICENSE = "creativeml-openrail-m"
 TAGS = ("stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "dreambooth",
@@ -145,7 +147,6 @@ def card_text(config: DreamBoothConfig, info: dict[str, Any] | None = None, *,
 def _lora_usage(config: DreamBoothConfig, info: dict[str, Any], base: str,
                 hub_base: str | None, repo_id: str | None, prompt: str) -> list[str]:
     """Loading snippets of a LoRA: diffusers' ``load_lora_weights`` on the base, the WebUI."""
-    from colab_dreambooth.models.lora import lora_file_path
 
     file = str(info.get("lora_file") or lora_file_path(config).name)
     base_id = hub_base or ("<the base model: " + _display_model(base) + ">")
@@ -293,7 +294,6 @@ def _cell(text: str) -> str:
 
 def _copy_grid(grid: Image.Image | str | Path, folder: Path) -> str:
     """Put the sample grid next to the card as ``samples.png``; return its name."""
-    from colab_dreambooth.generation.sample import save_image_atomic
 
     target = folder / GRID_NAME
     if isinstance(grid, Image.Image):

@@ -26,8 +26,15 @@ from typing import Callable, Optional
 from colab_dreambooth.config.commands import DehydrateSettings, ExportSettings
 from colab_dreambooth.config.fields import same_setting, setting
 from colab_dreambooth.config.settings import DreamBoothConfig, safe_name
+from colab_dreambooth.errors import ModelLoadError
 from colab_dreambooth.files import copy_file_atomic
+from colab_dreambooth.generation.sample import SampleJob, run_samples, sample_concepts
 from colab_dreambooth.models.lora import lora_file_path
+from colab_dreambooth.models.pipelines import load_trained_pipeline
+from colab_dreambooth.models.single_file.dehydrate import dehydrate, human_size
+from colab_dreambooth.models.single_file.export import export_single_file
+from colab_dreambooth.publish.model_card import write_model_card
+from colab_dreambooth.runtime.storage import HubRepo, StorageError, parse_destination, publish
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +96,6 @@ def release_folder(config: DreamBoothConfig) -> Path:
 def trained_model(config: DreamBoothConfig) -> Path:
     """The folder training saved: the diffusers folder, or for a LoRA run the folder of its
     LoRA file (with its params and training info); a clear error when there is none yet."""
-    from colab_dreambooth.errors import ModelLoadError
 
     if config.use_lora:
         file = lora_file_path(config)
@@ -106,7 +112,6 @@ def trained_model(config: DreamBoothConfig) -> Path:
 
 def check_release(settings: ReleaseSettings) -> list[str]:
     """Problems with ``settings``, before any work (an empty list when there is none)."""
-    from colab_dreambooth.runtime.storage import StorageError, parse_destination
 
     problems = []
     name = settings.export_name.strip()
@@ -131,10 +136,6 @@ def make_release(config: DreamBoothConfig, settings: ReleaseSettings, *,
     ``on_status(line)`` hears each step as it starts. Raises ``ValueError`` for bad settings
     before anything is written.
     """
-    from colab_dreambooth.models.single_file.dehydrate import dehydrate, human_size
-    from colab_dreambooth.models.single_file.export import export_single_file
-    from colab_dreambooth.publish.model_card import write_model_card
-    from colab_dreambooth.runtime.storage import HubRepo, parse_destination, publish
 
     problems = check_release(settings)
     if problems:
@@ -203,8 +204,6 @@ def sample_model(config: DreamBoothConfig, prompt: str = "", *, pipe=None,
     """Sample the trained model: each concept's sample settings, or ``prompt`` (when not
     blank) with the first concept's number, seed, CFG scale and steps. Returns the
     :class:`~colab_dreambooth.generation.sample.SampleResult` (shown inline as its grid)."""
-    from colab_dreambooth.generation.sample import SampleJob, run_samples, sample_concepts
-    from colab_dreambooth.models.pipelines import load_trained_pipeline
 
     if pipe is None:
         pipe = load_trained_pipeline(config)

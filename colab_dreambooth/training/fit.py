@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from colab_dreambooth.config.presets import Choice, Preset, apply_preset, format_choices, preset_for
+from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.errors import ConfigError, Problem
 from colab_dreambooth.runtime.device import DeviceInfo, detect_device
 from colab_dreambooth.runtime.environment import Runtime, detect_runtime, package_versions
@@ -28,9 +28,6 @@ from colab_dreambooth.training.memory import (
     estimate_peak_memory,
     memory_fixes,
 )
-
-if TYPE_CHECKING:
-    from colab_dreambooth.config.settings import DreamBoothConfig
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +202,6 @@ def environment_report(config=None, device: DeviceInfo | None = None,
     package versions, the preset's choices for ``config`` (the defaults when None) fitted to
     the GPU, and the estimate of peak GPU memory with what to change when it will not fit.
     ``planned``: ``device`` is a GPU the user does not have yet (``env --gpu``)."""
-    from colab_dreambooth.config.settings import DreamBoothConfig
-    from colab_dreambooth.training.fit import plan_memory
 
     config = config if config is not None else DreamBoothConfig()
     device = device or (DeviceInfo.cpu() if config.use_cpu else detect_device())

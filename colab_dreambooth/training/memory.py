@@ -35,6 +35,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from colab_dreambooth.config.presets import apply_preset
+from colab_dreambooth.config.settings import TINY_MODEL
 from colab_dreambooth.runtime.device import DeviceInfo
 from colab_dreambooth.runtime.packages import INSTALL_HINT, importable
 
@@ -146,7 +148,6 @@ def estimate_peak_memory(config: "DreamBoothConfig", device: DeviceInfo, *,
     compared with the GPU's usable (free) memory; with ``fixes`` its ``advice`` lists the
     changes that lower it, each with the estimate once made (see :func:`memory_fixes`).
     """
-    from colab_dreambooth.config.presets import apply_preset
 
     original, config = config, apply_preset(config, device)[0]
     sizes = sizes or model_sizes(config.base_model)
@@ -286,7 +287,6 @@ def memory_fixes(config: "DreamBoothConfig", device: DeviceInfo, *,
     would try them (cheapest in quality first), with the estimate once it is made. Blank
     fields are filled by the preset first; Use LORA is estimated with the preset's LoRA
     values."""
-    from colab_dreambooth.config.presets import apply_preset
 
     if bitsandbytes is None:
         bitsandbytes = importable("bitsandbytes")
@@ -344,7 +344,6 @@ def model_sizes(base_model: str) -> ModelSizes:
     """Parameter counts of ``base_model``: counted from its configs when they are on this
     machine (the tiny model, a local diffusers folder, a Hub model already downloaded), else
     those of SD 2.x for a name that says so and of SD 1.x otherwise. Loads no weights."""
-    from colab_dreambooth.config.settings import TINY_MODEL
 
     name = base_model.strip()
     try:

@@ -1,4 +1,4 @@
-"""Optimizer, learning-rate schedule, EMA and memory-attention choices for the training loop."""
+"""The optimizer and learning-rate schedule of a run, its step plan, and the EMA of the weights."""
 
 from __future__ import annotations
 
@@ -6,12 +6,21 @@ import importlib.util
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 
 from colab_dreambooth.errors import UserError
-from colab_dreambooth.runtime.packages import OPTIMIZER_PACKAGES, missing_package_message
+from colab_dreambooth.runtime.packages import (
+    INSTALL_HINT,
+    OPTIMIZER_PACKAGES,
+    importable,
+    missing_package_message,
+)
+from colab_dreambooth.training.memory import GIB, OPTIMIZER_BYTES
+
+if TYPE_CHECKING:
+    from colab_dreambooth.config.settings import DreamBoothConfig
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +96,18 @@ def make_optimizer(param_groups: list[dict], name: str = "AdamW", *, use_8bit: b
     if name == "AdamW":
         # On a GPU the fused kernel: torch's default (foreach) step holds a temporary as large
         # as the trained weights (~3.2 GB for SD 1.5's UNet), which the memory estimate does
-        # not count and a T4 does not have; fused is also the fastest.
-        fused = {"fused": True} if on_cuda else {}
-        return cls(param_groups, betas=betas, weight_decay=weight_decay, eps=eps, **fused)
+        # not count and a T4 does not have; fused is also the fastest. On the CPU too (torch
+        # 2.4+): one pass over the weights instead of foreach's ten, 4x faster for the tiny
+        # model (its optimizer step was a third of the training step), equal to within float
+        # rounding. Where this torch has no fused kernel for the CPU, foreach.
+        try:
+            return cls(param_groups, betas=betas, weight_decay=weight_decay, eps=eps,
+                       fused=True)
+        except RuntimeError:
+            if on_cuda:
+                raise
+            return cls(param_groups, betas=betas, weight_decay=weight_decay, eps=eps,
+                       foreach=True)
     if name == "Lion":
         # lion-pytorch's decay is lr x weight_decay like AdamW's, so the same value means the
         # same pull; Lion's own paper uses 3-10x the AdamW decay with a 3-10x smaller lr.
@@ -107,8 +125,6 @@ def make_optimizer(param_groups: list[dict], name: str = "AdamW", *, use_8bit: b
 
 
 def _eight_bit_usable(name: str, use_8bit: bool | None, on_cuda: bool, trained: int) -> bool:
-    from colab_dreambooth.runtime.packages import INSTALL_HINT, importable
-    from colab_dreambooth.training.memory import GIB, OPTIMIZER_BYTES
 
     have_bnb = importable("bitsandbytes")
     if use_8bit is None:
@@ -124,6 +140,38 @@ def _eight_bit_usable(name: str, use_8bit: bool | None, on_cuda: bool, trained: 
                     "32-bit %s instead, whose states take %.1f GB more GPU memory for these "
                     "%.0fM weights", label, INSTALL_HINT, name, extra, trained / 1e6)
     return bool(use_8bit) and on_cuda and have_bnb
+
+
+def make_training_optimizer(config: "DreamBoothConfig", unet: torch.nn.Module,
+                            text_encoder: torch.nn.Module, *, total_steps: int, processes: int = 1,
+                            on_cuda: bool = False):
+    """The run's optimizer over what trains (the UNet's weights, and the text encoder's with
+    Train Text Encoder, each group with its own learning rate and the text encoder's own
+    weight decay) and its learning-rate schedule. Returns ``(optimizer, lr_scheduler)``.
+
+    Scale learning rate multiplies the rates by processes x accumulation x batch size. The
+    schedule counts every process's scheduler steps (accelerate steps it once per process).
+    """
+    scale = (processes * config.gradient_accumulation_steps
+             * config.train_batch_size) if config.scale_lr else 1
+    unet_lr, text_lr = ((config.lora_learning_rate, config.lora_txt_learning_rate)
+                        if config.use_lora else
+                        (config.learning_rate, config.text_encoder_learning_rate))
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad],
+               "lr": unet_lr * scale}]
+    if config.train_text_encoder:
+        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
+                       "lr": text_lr * scale})
+        if config.tenc_weight_decay is not None:
+            groups[-1]["weight_decay"] = config.tenc_weight_decay
+    optimizer = make_optimizer(groups, config.optimizer, use_8bit=config.use_8bit_adam,
+                               on_cuda=on_cuda, betas=(config.adam_beta1, config.adam_beta2),
+                               weight_decay=config.weight_decay, eps=config.adam_epsilon,
+                               warmup_steps=config.lr_warmup_steps)
+    lr_scheduler = make_lr_scheduler(
+        config.lr_scheduler, optimizer, warmup_steps=config.lr_warmup_steps * processes,
+        total_steps=total_steps * processes, cycles=config.lr_cycles, power=config.lr_power)
+    return optimizer, lr_scheduler
 
 
 def make_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int,

@@ -23,6 +23,7 @@ from colab_dreambooth.errors import ConfigError, Problem
 from colab_dreambooth.files import IMAGE_EXTENSIONS
 from colab_dreambooth.runtime.packages import INSTALL_HINT
 from colab_dreambooth.runtime.storage import on_google_drive
+from colab_dreambooth.training.checkpoints import list_checkpoints
 from colab_dreambooth.training.memory import (
     LORA_TEXT_PER_RANK,
     LORA_UNET_PER_RANK,
@@ -31,6 +32,7 @@ from colab_dreambooth.training.memory import (
     ModelSizes,
     model_sizes,
 )
+from colab_dreambooth.training.resume import checkpoint_root
 
 if TYPE_CHECKING:
     from colab_dreambooth.config.settings import DreamBoothConfig
@@ -209,7 +211,6 @@ def plan_space(config: "DreamBoothConfig", *, total_steps: int, steps_per_epoch:
     """What ``config`` (blank fields filled) will write where, grouped by disk, with each
     disk's free space from ``free(folder)`` (:func:`free_space` by default). ``eight_bit``: 8-bit optimizer states will
     really be used (bitsandbytes imports)."""
-    from colab_dreambooth.training.checkpoints import checkpoint_root, list_checkpoints
 
     sizes = sizes or model_sizes(config.base_model)
     free = free or free_space

@@ -1,19 +1,21 @@
-"""The DreamBooth training run: config -> data -> models -> loop -> saved diffusers folder.
+"""The DreamBooth training run, top to bottom: prepare, models, data, optimizer, loop, save.
 
-The loop body is the paper's step in one place: encode images to latents, add noise at random
-timesteps, predict the noise (or velocity), take the MSE on the instance half of the batch plus
-Prior Loss Weight times the MSE on the class half, backward, step. With Use LORA the same step
-trains only LoRA adapters (:mod:`colab_dreambooth.models.lora`) and the run saves one LoRA file.
+:func:`train` first checks everything that can be checked before a model loads and generates
+missing class images; then places the models for training
+(:func:`~colab_dreambooth.training.placement.place_models`), builds the loader
+(:func:`~colab_dreambooth.data.loader.build_loader`), the optimizer and schedule
+(:func:`~colab_dreambooth.training.optim.make_training_optimizer`), and runs the loop, whose
+body is the paper's step (:class:`~colab_dreambooth.training.step.TrainingStep`: noise,
+predict, instance loss + prior loss, step). Checkpoints are written along the way and the
+model (with Use LORA: one LoRA file) at the end.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
-import shutil
 import signal
 import threading
 import time
@@ -22,68 +24,49 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from colab_dreambooth.config.params import resolve_concepts, save_params, write_text_atomic
+from colab_dreambooth.config.params import resolve_concepts
 from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.config.validation import check_config, check_lora
-from colab_dreambooth.data.buckets import assign_buckets, bucket_report
-from colab_dreambooth.data.dataset import (
-    DreamBoothDataset,
-    TrainingData,
-    collate,
-    collect_training_data,
-)
-from colab_dreambooth.data.samplers import BucketBatchSampler, EpochBatchSampler
-from colab_dreambooth.errors import ConfigError, Problem
-from colab_dreambooth.files import save_folder_atomic
+from colab_dreambooth.data.dataset import TrainingData, collect_training_data
+from colab_dreambooth.data.loader import TrainingBatches, build_loader
 from colab_dreambooth.generation.class_images import generate_class_images
-from colab_dreambooth.models.attention import set_memory_attention
 from colab_dreambooth.models.loading import Components, load_components
-from colab_dreambooth.models.lora import (
-    add_lora,
-    kohya_state_dict,
-    lora_file_path,
-    lora_metadata,
-    save_lora,
-)
-from colab_dreambooth.models.text_encoding import (
-    encode_prompts,
-    freeze_final_layer_norm,
-    num_text_layers,
-)
+from colab_dreambooth.models.lora import lora_file_path
 from colab_dreambooth.runtime.device import DeviceInfo, detect_device
 from colab_dreambooth.training.checkpoints import (
-    Checkpointer,
     Progress,
     TrainingState,
     check_compatible,
-    find_resume_checkpoint,
-    hub_uploader,
-    keep_checkpoint_choices,
     load_checkpoint,
-    refuse_to_bury_unfinished_run,
-    saved_seed,
 )
 from colab_dreambooth.training.fit import enforce, plan_memory
-from colab_dreambooth.training.noise import (
-    add_noise,
-    make_noise_scheduler,
-    min_snr_weights,
-    sample_noise,
-    velocity,
-)
+from colab_dreambooth.training.noise import make_noise_scheduler
 from colab_dreambooth.training.numerics import (
     allow_fp16_gradient_unscale,
     apply_numerics,
-    half_model_dtype,
     warn_fp16_optimizer_state,
 )
-from colab_dreambooth.training.optim import EMA, make_lr_scheduler, make_optimizer, plan_steps
+from colab_dreambooth.training.optim import EMA, StepPlan, make_training_optimizer, plan_steps
+from colab_dreambooth.training.placement import make_accelerator, place_models
+from colab_dreambooth.training.previews import preview_samples
+from colab_dreambooth.training.resume import (
+    Checkpointer,
+    find_resume_checkpoint,
+    hub_uploader,
+    keep_checkpoint_choices,
+    refuse_to_bury_unfinished_run,
+    saved_seed,
+)
+from colab_dreambooth.training.saving import save_model
 from colab_dreambooth.training.space import check_space
+from colab_dreambooth.training.step import PromptStates, TrainingStep
 
 log = logging.getLogger(__name__)
+
+# Seconds between progress-bar loss updates: each one copies the loss to the host (a GPU sync).
+BAR_LOSS_EVERY_S = 1.0
 
 
 @dataclass
@@ -111,12 +94,13 @@ def train(config: DreamBoothConfig, *, device: DeviceInfo | None = None,
 
     Everything that can be checked is checked before a model is loaded; class images a
     concept lacks are then generated with the base model. Checkpoints of the full training
-    state go to :func:`~colab_dreambooth.training.checkpoints.checkpoint_root` every Save checkpoint
+    state go to :func:`~colab_dreambooth.training.resume.checkpoint_root` every Save checkpoint
     every N steps/epochs, at the end and on stop; ``resume=True`` continues from the newest
     complete one (downloaded from Checkpoint Hub repo when there is none locally) exactly as
     if the run had never stopped. ``stop`` (set from another thread or a Stop button) or Ctrl-C
     end the run cleanly after the current step with a checkpoint and the model saved.
-    ``on_step(step, loss, lr)`` is called after each optimizer step.
+    ``on_step(step, loss, lr)`` is called after each optimizer step, with the loss averaged
+    over the step's accumulated micro-batches (what :attr:`TrainResult.losses` records).
 
     Blank (auto) fields take the GPU preset's values, lowered until the memory estimate fits
     (:func:`~colab_dreambooth.training.fit.plan_memory`); a run whose own fields do not fit raises
@@ -137,11 +121,89 @@ def _train(config: DreamBoothConfig, cleanup: contextlib.ExitStack, *, device: D
            on_step: Callable[[int, float, float], None] | None, resume: bool,
            force: bool = False) -> TrainResult:
     """The body of :func:`train`; ``cleanup`` undoes global changes when the run ends."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    # ---- configuration and data, checked before any model is loaded
+    # ---- prepare: every check before any model loads, the class images, the seed
     device = device or (DeviceInfo.cpu() if config.use_cpu else detect_device())
+    config, data, seed, resume_from = _prepare(config, device, resume=resume, force=force,
+                                               progress=progress)
+    accelerator = make_accelerator(config, device)
+    if resume_from is not None:  # before any model is loaded
+        check_compatible(resume_from, config, accelerator.num_processes)
+    set_seed(seed)
+    main_bar = progress and accelerator.is_local_main_process
+
+    # ---- the models, placed for training (global torch flags put back when the run ends)
+    parts = load_components(config.base_model)
+    cleanup.callback(apply_numerics(tf32=config.allow_tf32,
+                                    deterministic=config.deterministic).restore)
+    models = place_models(parts.unet, parts.text_encoder, parts.vae, config, accelerator)
+
+    # ---- the data, with the VAE run once up front when caching latents
+    batches = build_loader(data, config, seed, vae=models.vae, device=accelerator.device,
+                           dtype=models.weight_dtype, progress=main_bar)
+    if config.cache_latents:
+        models.vae.to("cpu")  # no longer needed on the GPU
+
+    # ---- optimizer and schedule
+    processes = accelerator.num_processes
+    plan = plan_steps(math.ceil(len(batches.loader) / processes),
+                      config.gradient_accumulation_steps, config.max_train_steps,
+                      config.num_train_epochs)
+    optimizer, lr_scheduler = make_training_optimizer(
+        config, models.unet, models.text_encoder, total_steps=plan.total_steps,
+        processes=processes, on_cuda=accelerator.device.type == "cuda")
+    unet, text_encoder = models.unet, models.text_encoder
+    if config.train_text_encoder:
+        unet, text_encoder, optimizer, batches.loader, lr_scheduler = accelerator.prepare(
+            unet, text_encoder, optimizer, batches.loader, lr_scheduler)
+    else:
+        unet, optimizer, batches.loader, lr_scheduler = accelerator.prepare(
+            unet, optimizer, batches.loader, lr_scheduler)
+    if models.half == torch.float16:
+        allow_fp16_gradient_unscale(accelerator)
+        warn_fp16_optimizer_state(optimizer, models.half)
+
+    # ---- where the run starts: step 0, or exactly where a checkpoint left it
+    run, ema, checkpoints = _start(config, plan, accelerator, unet, text_encoder, optimizer,
+                                   lr_scheduler, seed, resume_from, len(batches.loader))
+    log.info("%d instance images, %d class images, %d steps (%d epochs of %d steps)",
+             len(data.instance), sum(map(len, data.classes.values())), plan.total_steps,
+             plan.epochs, plan.steps_per_epoch)
+
+    # ---- the loop, then a checkpoint and the model
+    step = TrainingStep(
+        accelerator, unet, text_encoder, models.vae,
+        PromptStates(parts.tokenizer, text_encoder, pad_tokens=config.pad_tokens,
+                     max_token_length=config.max_token_length, clip_skip=config.clip_skip),
+        make_noise_scheduler(config.noise_scheduler, parts.noise_scheduler.config),
+        optimizer, lr_scheduler, models.weight_dtype, config.prior_loss_weight,
+        config.offset_noise, config.min_snr_gamma, config.max_grad_norm)
+    stop = stop if stop is not None else threading.Event()
+    clean = _loop(config, plan, run, batches, step, ema, checkpoints, parts, stop=stop,
+                  bar=main_bar, on_step=on_step)
+    if run.step < plan.total_steps:
+        log.warning("Stopped at step %d of %d: writing a checkpoint and the model; continue "
+                    "with resume (train --resume, or the notebook's RESUME switch)", run.step,
+                    plan.total_steps)
+    if clean:  # a checkpoint taken in the middle of a step would not resume exactly
+        checkpoints.save(run)
+    model_dir = save_model(accelerator, config, parts, unet, text_encoder, ema, run.step, seed,
+                           plan, data)
+    if checkpoints.uploader is not None:
+        checkpoints.uploader.close(timeout=3600)
+    accelerator.end_training()
+    return TrainResult(model_dir, run.step, plan.total_steps, plan.epochs, seed, run.losses,
+                       run.step < plan.total_steps,
+                       lora_file_path(config) if config.use_lora else None,
+                       checkpoints.last, resume_from)
+
+
+def _prepare(config: DreamBoothConfig, device: DeviceInfo, *, resume: bool, force: bool,
+             progress: bool) -> tuple[DreamBoothConfig, TrainingData, int, Path | None]:
+    """Check everything that can be checked before a model loads, generate the class images
+    a concept lacks, and choose the seed. Returns the run's config (blank fields filled),
+    its data, its seed and the checkpoint it resumes (or None)."""
     resume_from = find_resume_checkpoint(config) if resume else None
     if not resume:
         refuse_to_bury_unfinished_run(config)
@@ -173,118 +235,16 @@ def _train(config: DreamBoothConfig, cleanup: contextlib.ExitStack, *, device: D
     else:
         seed = config.seed if config.seed is not None else random.randrange(2**32)
     log.info("Seed %d", seed)
+    return config, data, seed, resume_from
 
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config, device),
-                              gradient_accumulation_steps=config.gradient_accumulation_steps,
-                              cpu=config.use_cpu)
-    if resume_from is not None:  # before any model is loaded
-        check_compatible(resume_from, config, accelerator.num_processes)
-    set_seed(seed)
-    on_cuda = accelerator.device.type == "cuda"
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        accelerator.mixed_precision, torch.float32)
 
-    # ---- models: frozen parts in the compute dtype, trained parts kept in fp32
-    parts = load_components(config.base_model)
-    unet, text_encoder, vae = parts.unet, parts.text_encoder, parts.vae
-    if config.clip_skip > num_text_layers(text_encoder):
-        raise ConfigError([Problem("clip_skip", f"{config.clip_skip} is more than the "
-                                   f"{num_text_layers(text_encoder)} layers of this model's "
-                                   "text encoder: lower it (1 = the last layer)")])
-    # Global torch flags, put back when the run ends (so a later run without them is without).
-    cleanup.callback(apply_numerics(tf32=config.allow_tf32,
-                                    deterministic=config.deterministic).restore)
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(config.train_text_encoder)
-    if config.train_text_encoder and config.freeze_clip_normalization:
-        freeze_final_layer_norm(text_encoder)
-    half = None if config.use_lora else half_model_dtype(config.full_fp16,
-                                                         accelerator.mixed_precision)
-    for module in (unet, text_encoder) if half else ():
-        module.to(dtype=half)  # Half model: the trained weights themselves in fp16/bf16
-    if config.use_lora:
-        # The frozen base can sit in the compute dtype; only the fp32 adapters train.
-        for module in (unet, text_encoder):
-            module.to(accelerator.device)
-            if weight_dtype != torch.float32:
-                module.to(dtype=weight_dtype)
-        add_lora(unet, text_encoder, config)
-    unet.train()
-    text_encoder.train(config.train_text_encoder)
-    set_memory_attention(unet, config.attention, on_cuda)
-    checkpointing = config.gradient_checkpointing
-    if checkpointing if checkpointing is not None else on_cuda:
-        unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-    frozen = [vae] + ([] if config.train_text_encoder else [text_encoder])
-    for module in frozen:
-        module.to(accelerator.device)
-        if weight_dtype != torch.float32:
-            module.to(dtype=weight_dtype)
-
-    # ---- data loader, with the VAE run once up front when caching latents
-    bucket_of = None
-    if config.enable_bucket:
-        instance = [e.image for e in data.instance]
-        classes = [e.image for pool in data.classes.values() for e in pool]
-        bucket_of = assign_buckets(dict.fromkeys(instance + classes), config.resolution,
-                                   config.min_bucket_reso, config.max_bucket_reso)
-        log.info("%s", bucket_report(instance, classes, bucket_of))
-    dataset = DreamBoothDataset(data, config.resolution, config.center_crop, config.hflip, seed,
-                                shuffle_tags=config.shuffle_tags, keep_tokens=config.keep_tokens,
-                                bucket_of=bucket_of)
-    if config.cache_latents:
-        dataset.use_latents(cache_latents(dataset, vae, accelerator.device, weight_dtype,
-                                          progress and accelerator.is_local_main_process))
-        vae.to("cpu")  # no longer needed on the GPU
-    # Batch order is a function of (seed, epoch) and the loader draws from its own generator,
-    # never the global one, so a resumed run sees the same batches and the same noise.
-    if bucket_of is not None:  # every batch from one bucket
-        sampler = BucketBatchSampler([bucket_of[e.image] for e in data.instance],
-                                     config.train_batch_size, seed)
-    else:
-        sampler = EpochBatchSampler(len(dataset), config.train_batch_size, seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                         generator=torch.Generator().manual_seed(seed))
-
-    # ---- optimizer and schedule
-    plan = plan_steps(math.ceil(len(loader) / accelerator.num_processes),
-                      config.gradient_accumulation_steps, config.max_train_steps,
-                      config.num_train_epochs)
-    scale = (accelerator.num_processes * config.gradient_accumulation_steps
-             * config.train_batch_size) if config.scale_lr else 1
-    unet_lr, text_lr = ((config.lora_learning_rate, config.lora_txt_learning_rate)
-                        if config.use_lora else
-                        (config.learning_rate, config.text_encoder_learning_rate))
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad],
-               "lr": unet_lr * scale}]
-    if config.train_text_encoder:
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
-                        "lr": text_lr * scale})
-        if config.tenc_weight_decay is not None:
-            groups[-1]["weight_decay"] = config.tenc_weight_decay
-    optimizer = make_optimizer(groups, config.optimizer, use_8bit=config.use_8bit_adam,
-                               on_cuda=on_cuda, betas=(config.adam_beta1, config.adam_beta2),
-                               weight_decay=config.weight_decay, eps=config.adam_epsilon,
-                               warmup_steps=config.lr_warmup_steps)
-    lr_scheduler = make_lr_scheduler(
-        config.lr_scheduler, optimizer, warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-        total_steps=plan.total_steps * accelerator.num_processes, cycles=config.lr_cycles,
-        power=config.lr_power)
-    if config.train_text_encoder:
-        unet, text_encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
-            unet, text_encoder, optimizer, loader, lr_scheduler)
-    else:
-        unet, optimizer, loader, lr_scheduler = accelerator.prepare(
-            unet, optimizer, loader, lr_scheduler)
-    if half == torch.float16:
-        allow_fp16_gradient_unscale(accelerator)
-        warn_fp16_optimizer_state(optimizer, half)
+def _start(config: DreamBoothConfig, plan: StepPlan, accelerator, unet, text_encoder, optimizer,
+           lr_scheduler, seed: int, resume_from: Path | None, batches_per_epoch: int
+           ) -> tuple[Progress, EMA | None, Checkpointer]:
+    """Where the run starts (step 0, or the checkpoint's position with every state restored),
+    the EMA of the UNet, and the checkpointer of the run's state."""
     ema = EMA(unet.parameters(), config.ema_decay,
               "cpu" if config.ema_on_cpu else None) if config.use_ema else None
-
-    # ---- where the run starts: step 0, or exactly where a checkpoint left it
     state = TrainingState(accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder),
                           optimizer, lr_scheduler, accelerator.scaler, ema,
                           config.train_text_encoder, config.use_lora)
@@ -294,115 +254,110 @@ def _train(config: DreamBoothConfig, cleanup: contextlib.ExitStack, *, device: D
         run.total_steps = plan.total_steps
         log.info("Resuming from %s: step %d of %d (epoch %d, batch %d)", resume_from, run.step,
                  plan.total_steps, run.epoch + 1, run.batch_in_epoch)
-    uploader = hub_uploader(config, accelerator)
-    checkpoints = Checkpointer(config, state, accelerator, uploader, len(loader))
+    checkpoints = Checkpointer(config, state, accelerator, hub_uploader(config, accelerator),
+                               batches_per_epoch)
     checkpoints.last = resume_from
+    return run, ema, checkpoints
 
-    noise_scheduler = make_noise_scheduler(config.noise_scheduler, parts.noise_scheduler.config)
-    text_encoder_stops_at = math.floor(config.stop_text_encoder * plan.total_steps)
-    trains_text = config.train_text_encoder and run.step < text_encoder_stops_at
+
+def _loop(config: DreamBoothConfig, plan: StepPlan, run: Progress, batches: TrainingBatches,
+          step: TrainingStep, ema: EMA | None, checkpoints: Checkpointer, parts: Components, *,
+          stop: threading.Event, bar: bool,
+          on_step: Callable[[int, float, float], None] | None) -> bool:
+    """Train from ``run`` (advanced in place) until the plan's last step or ``stop``; return
+    whether the run stands between two steps (a checkpoint of it resumes exactly)."""
+    accelerator = step.accelerator
+    text_stops_at = math.floor(config.stop_text_encoder * plan.total_steps)
+    trains_text = config.train_text_encoder and run.step < text_stops_at
     if config.train_text_encoder and not trains_text:
-        text_encoder.requires_grad_(False)
-    log.info("%d instance images, %d class images, %d steps (%d epochs of %d steps)",
-             len(data.instance), sum(map(len, data.classes.values())), plan.total_steps,
-             plan.epochs, plan.steps_per_epoch)
-
-    # ---- the loop
-    stop = stop if stop is not None else threading.Event()
-    step, losses, clean = run.step, run.losses, True
-    bar = tqdm(total=plan.total_steps, initial=step, desc="Training", unit="step",
-               disable=not (progress and accelerator.is_local_main_process))
+        accelerator.unwrap_model(step.text_encoder).requires_grad_(False)
+    losses = _StepLosses(run.losses)
+    progress = tqdm(total=plan.total_steps, initial=run.step, desc="Training", unit="step",
+                    disable=not bar)
+    shown = time.monotonic()
+    clean = True
     restore_ctrl_c = _ctrl_c_sets(stop)
     try:
-        for epoch in range(run.epoch, plan.epochs if step < plan.total_steps else 0):
+        for epoch in range(run.epoch, plan.epochs if run.step < plan.total_steps else 0):
             # Resuming mid-epoch: the batches already trained are skipped, not loaded.
             skip = run.batch_in_epoch if epoch == run.epoch else 0
-            for each in (sampler, dataset, loader):
-                each.set_epoch(epoch)
-            sampler.skip_next(skip * accelerator.num_processes)
+            batches.start_epoch(epoch, skip * accelerator.num_processes)
             run.epoch, run.batch_in_epoch = epoch, skip
-            for batch in loader:
+            for batch in batches.loader:
                 run.batch_in_epoch += 1
                 clean = False
-                with accelerator.accumulate(unet, text_encoder):
-                    latents = encode_latents(batch, vae, accelerator.device, weight_dtype)
-                    with torch.set_grad_enabled(trains_text):
-                        text_states = encode_prompts(
-                            parts.tokenizer, text_encoder, batch["prompts"],
-                            pad_tokens=config.pad_tokens,
-                            max_token_length=config.max_token_length, clip_skip=config.clip_skip)
-                    loss = dreambooth_loss(unet, noise_scheduler, latents, text_states,
-                                           batch["num_instance"], config.prior_loss_weight,
-                                           offset_noise=config.offset_noise,
-                                           min_snr_gamma=config.min_snr_gamma)
-
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_grad_norm > 0:
-                        trained = list(unet.parameters())
-                        if trains_text:
-                            trained += list(text_encoder.parameters())
-                        accelerator.clip_grad_norm_(trained, config.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-
+                losses.micro.append(step(batch, trains_text))
                 if not accelerator.sync_gradients:
                     continue
-                step += 1
+                run.step += 1
+                losses.end_step(accelerator)
+                clean = True
                 if ema:
-                    ema.update(unet.parameters())
-                if trains_text and step >= text_encoder_stops_at:
+                    ema.update(step.unet.parameters())
+                if trains_text and run.step >= text_stops_at:
                     trains_text = False  # Step Ratio of Text Encoder Training reached
-                    accelerator.unwrap_model(text_encoder).requires_grad_(False)
-                losses.append(accelerator.gather(loss.detach()).mean().item())
-                run.step, clean = step, True
-                lr = lr_scheduler.get_last_lr()[0]
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", epoch=epoch + 1)
+                    accelerator.unwrap_model(step.text_encoder).requires_grad_(False)
+                progress.update(1)
+                lr = step.lr_scheduler.get_last_lr()[0]
+                if on_step or (bar and time.monotonic() - shown >= BAR_LOSS_EVERY_S):
+                    losses.to_host()
+                    shown = time.monotonic()
+                    progress.set_postfix(loss=f"{run.losses[-1]:.4f}", lr=f"{lr:.2e}",
+                                         epoch=epoch + 1, refresh=False)
                 if on_step:
-                    on_step(step, losses[-1], lr)
+                    on_step(run.step, run.losses[-1], lr)
                 if accelerator.num_processes > 1:
                     _sync_stop(stop, accelerator)
-                if config.save_every_steps and step % config.save_every_steps == 0 \
-                        and step < plan.total_steps and not stop.is_set():
+                if config.save_every_steps and run.step % config.save_every_steps == 0 \
+                        and run.step < plan.total_steps and not stop.is_set():
+                    losses.to_host()
                     checkpoints.save(run)
-                finished = step >= plan.total_steps or stop.is_set()
+                finished = run.step >= plan.total_steps or stop.is_set()
                 every = config.save_preview_every_steps
-                if every and (step % every == 0 or finished):
-                    preview_samples(accelerator, config, data, parts, unet, text_encoder,
-                                    f"step-{step:06d}")
+                if every and (run.step % every == 0 or finished):
+                    preview_samples(accelerator, config, parts, step.unet, step.text_encoder,
+                                    f"step-{run.step:06d}")
                 if finished:
                     break
-            finished = step >= plan.total_steps or stop.is_set()
+            finished = run.step >= plan.total_steps or stop.is_set()
             if config.save_preview_every and ((epoch + 1) % config.save_preview_every == 0
                                               or finished):
-                preview_samples(accelerator, config, data, parts, unet, text_encoder,
+                preview_samples(accelerator, config, parts, step.unet, step.text_encoder,
                                 f"epoch-{epoch + 1:04d}")
             if finished:
                 break
             if config.save_every_epochs and (epoch + 1) % config.save_every_epochs == 0:
+                losses.to_host()
                 checkpoints.save(run)
     except KeyboardInterrupt:
         stop.set()
-        log.warning("Interrupted at step %d: saving the model trained so far", step)
+        log.warning("Interrupted at step %d: saving the model trained so far", run.step)
     finally:
         restore_ctrl_c()
-        bar.close()
+        progress.close()
+        losses.to_host()
+    return clean
 
-    stopped = step < plan.total_steps
-    if stopped:
-        log.warning("Stopped at step %d of %d: writing a checkpoint and the model; continue "
-                    "with resume (train --resume, or the notebook's RESUME switch)", step,
-                    plan.total_steps)
-    if clean:  # a checkpoint taken in the middle of a step would not resume exactly
-        checkpoints.save(run)
-    model_dir = _save(accelerator, config, parts, unet, text_encoder, ema, step, seed, plan, data)
-    if uploader is not None:
-        uploader.close(timeout=3600)
-    accelerator.end_training()
-    return TrainResult(model_dir, step, plan.total_steps, plan.epochs, seed, losses, stopped,
-                       lora_file_path(config) if config.use_lora else None,
-                       checkpoints.last, resume_from)
+
+class _StepLosses:
+    """Each optimizer step's loss: the mean over its accumulated micro-batches (and processes),
+    kept on the device until :meth:`to_host` appends them to ``logged`` (a GPU sync)."""
+
+    def __init__(self, logged: list[float]):
+        self.logged = logged
+        self.micro: list[torch.Tensor] = []  # this step's micro-batch losses
+        self._unlogged: list[torch.Tensor] = []
+
+    def end_step(self, accelerator) -> None:
+        """Close the step: its loss is the mean of its micro-batches' over all processes."""
+        self._unlogged.append(accelerator.gather(torch.stack(self.micro).mean()).mean())
+        self.micro.clear()
+
+    def to_host(self) -> None:
+        """Append the losses not yet copied to the host to ``logged``."""
+        if self._unlogged:
+            self.logged.extend(torch.stack(self._unlogged).tolist())
+            self._unlogged.clear()
 
 
 def _ctrl_c_sets(stop: threading.Event) -> Callable[[], None]:
@@ -431,199 +386,4 @@ def _sync_stop(stop: threading.Event, accelerator) -> None:
         stop.set()
 
 
-def dreambooth_loss(unet, noise_scheduler, latents: torch.Tensor, text_states: torch.Tensor,
-                    num_instance: int, prior_loss_weight: float, *, offset_noise: float = 0.0,
-                    min_snr_gamma: float = 0.0) -> torch.Tensor:
-    """The DreamBooth objective on one batch (instance rows first, then class rows).
-
-    Noise the latents at random timesteps (plus Offset Noise), predict the noise (or the
-    velocity for v-prediction models, as the model's scheduler config says), and return the
-    instance MSE plus Prior Loss Weight times the MSE on the class rows (prior
-    preservation). With Min SNR Gamma each row's MSE is first weighted by its timestep's
-    min-SNR weight (:func:`colab_dreambooth.training.noise.min_snr_weights`).
-    """
-    noise = sample_noise(latents, offset_noise)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
-                              (latents.shape[0],), device=latents.device)
-    noisy_latents = add_noise(noise_scheduler, latents, noise, timesteps)
-    prediction = unet(noisy_latents, timesteps, text_states).sample
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = velocity(noise_scheduler, latents, noise, timesteps)
-    else:
-        target = noise
-
-    n = num_instance
-    if min_snr_gamma:
-        rows = F.mse_loss(prediction.float(), target.float(), reduction="none")
-        rows = rows.mean(dim=tuple(range(1, rows.dim())))
-        rows = rows * min_snr_weights(noise_scheduler, timesteps, min_snr_gamma)
-        loss = rows[:n].mean()
-        if rows.shape[0] > n:
-            loss = loss + prior_loss_weight * rows[n:].mean()
-        return loss
-    loss = F.mse_loss(prediction[:n].float(), target[:n].float())
-    if prediction.shape[0] > n:
-        prior_loss = F.mse_loss(prediction[n:].float(), target[n:].float())
-        loss = loss + prior_loss_weight * prior_loss
-    return loss
-
-
-@torch.no_grad()
-def encode_latents(batch: dict, vae, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Scaled latents of a batch: sampled from the cached distribution or from the VAE."""
-    if batch["latent_mean"] is not None:
-        mean = batch["latent_mean"].to(device)
-        latents = mean + batch["latent_std"].to(device) * torch.randn_like(mean)
-    else:
-        pixels = batch["pixels"].to(device, dtype=dtype)
-        latents = vae.encode(pixels).latent_dist.sample().float()
-    return latents * vae.config.scaling_factor
-
-
-@torch.no_grad()
-def cache_latents(dataset: DreamBoothDataset, vae, device: torch.device, dtype: torch.dtype,
-                  progress: bool = True) -> dict:
-    """Run the VAE once over every image (and its mirror image when flipping); keep the latent
-    distributions on the CPU."""
-    cache = {}
-    flips = (False, True) if dataset.flip else (False,)
-    for image, size in tqdm(dataset.cache_entries(), desc="Caching latents",
-                            disable=not progress):
-        pixels = dataset.pixels(image, size=size)
-        for flipped in flips:
-            x = (pixels.flip(-1) if flipped else pixels)[None].to(device, dtype=dtype)
-            dist = vae.encode(x).latent_dist
-            cache[dataset.latent_key(image, size, flipped)] = (dist.mean[0].float().cpu(),
-                                                               dist.std[0].float().cpu())
-    return cache
-
-
-@torch.no_grad()
-def preview_samples(accelerator, config: DreamBoothConfig, data: TrainingData, parts: Components,
-                    unet, text_encoder, tag: str) -> Path | None:
-    """Sample each concept with the model as it is now; save PNGs and a labelled grid under
-    ``<model dir>/samples`` named after ``tag`` (e.g. ``epoch-0003``). Returns the grid's path."""
-    from diffusers import StableDiffusionPipeline
-
-    from colab_dreambooth.generation.sample import (
-        concept_sample_jobs,
-        generate_samples,
-        image_grid,
-        save_images,
-    )
-
-    if not accelerator.is_main_process:
-        return None
-    unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
-    was_training = unet.training, text_encoder.training
-    vae_device = next(parts.vae.parameters()).device
-    parts.vae.to(accelerator.device)
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=text_encoder, tokenizer=parts.tokenizer, unet=unet,
-        scheduler=parts.inference_scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    images, labels = [], []
-    autocast = torch.autocast(accelerator.device.type,
-                              enabled=accelerator.mixed_precision != "no",
-                              dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16"
-                              else torch.float16)
-    for index in range(len(config.concepts_list)):
-        # The same prompts, seeds and rules as the sample stage after training.
-        for job in concept_sample_jobs(config, index):
-            with autocast:
-                images += generate_samples(
-                    pipe, job.prompt, n=1, seed=job.seed, negative_prompt=job.negative_prompt,
-                    guidance_scale=job.guidance_scale, steps=job.steps,
-                    height=job.height or config.resolution, width=job.width or config.resolution,
-                    progress=False, clip_skip=config.clip_skip,
-                    max_token_length=config.max_token_length)
-            labels.append(job.prompt)
-    unet.train(was_training[0])
-    text_encoder.train(was_training[1])
-    parts.vae.to(vae_device)
-    if not images:
-        return None
-    out = config.model_dir / "samples"
-    save_images(images, out, tag)
-    grid = out / f"{tag}-grid.png"
-    image_grid(images, labels).save(grid)
-    log.info("Preview samples (%s): %s", tag, grid)
-    return grid
-
-
-def _mixed_precision(config: DreamBoothConfig, device: DeviceInfo) -> str:
-    if config.mixed_precision != "no" and (config.use_cpu or device.kind != "cuda"):
-        log.warning("Mixed precision %s needs a GPU: training on the CPU in fp32",
-                    config.mixed_precision)
-        return "no"
-    return config.mixed_precision
-
-
-def _save(accelerator, config: DreamBoothConfig, parts: Components, unet, text_encoder,
-          ema: EMA | None, step: int, seed: int, plan, data: TrainingData) -> Path:
-    """Write the model as a diffusers folder, ``<model dir>/model``, atomically (with Use
-    LORA: the LoRA file and its params into ``<model dir>/lora``)."""
-    from diffusers import StableDiffusionPipeline
-
-    target = config.model_dir / ("lora" if config.use_lora else "model")
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return target
-    unet = accelerator.unwrap_model(unet)
-    text_encoder = accelerator.unwrap_model(text_encoder)
-    if config.use_lora:
-        return _save_lora(config, parts, unet, text_encoder, step, seed, plan, data)
-
-    def write(folder: Path) -> None:
-        pipe = StableDiffusionPipeline(
-            vae=parts.vae, text_encoder=text_encoder, tokenizer=parts.tokenizer, unet=unet,
-            scheduler=parts.inference_scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
-        pipe.save_pretrained(folder)
-        # Frozen parts cast to fp16/bf16 for training are saved as the base's exact files.
-        frozen = ["vae"] + ([] if config.train_text_encoder else ["text_encoder"])
-        for name in frozen if parts.vae.dtype != torch.float32 else []:
-            shutil.rmtree(folder / name)
-            shutil.copytree(Path(parts.source) / name, folder / name)
-        if ema is not None:
-            ema_unet = type(unet).from_config(unet.config)
-            ema.copy_to(ema_unet.parameters())
-            ema_unet.save_pretrained(folder / "unet_ema")
-        save_params(config, folder / "params.json")
-        info = _training_info(config, step, seed, plan, ema=ema is not None)
-        (folder / "training_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
-
-    save_folder_atomic(write, target)
-    log.info("Saved the model at step %d to %s", step, target)
-    return target
-
-
-def _save_lora(config: DreamBoothConfig, parts: Components, unet, text_encoder, step: int,
-               seed: int, plan, data: TrainingData) -> Path:
-    """Write the LoRA file, its params and training info into ``<model dir>/lora``, each
-    file atomically (the folder may hold the user's other files, so it is not swapped)."""
-    path = lora_file_path(config)
-    state = kohya_state_dict(unet, text_encoder if config.train_text_encoder else None)
-    meta = lora_metadata(config, unet, steps=step, epochs=plan.epochs, seed=seed,
-                         instance_prompts=[e.prompt for e in data.instance],
-                         num_class_images=sum(map(len, data.classes.values())),
-                         prediction_type=parts.prediction_type)
-    save_lora(path, state, meta)
-    save_params(config, path.parent / "params.json")
-    info = _training_info(config, step, seed, plan, ema=False)
-    info["lora_file"] = path.name
-    write_text_atomic(path.parent / "training_info.json", json.dumps(info, indent=2))
-    log.info("Saved the LoRA at step %d to %s (%.1f MB)", step, path, path.stat().st_size / 1e6)
-    return path.parent
-
-
-def _training_info(config: DreamBoothConfig, step: int, seed: int, plan, *, ema: bool) -> dict:
-    return {"base_model": config.base_model, "steps": step, "total_steps": plan.total_steps,
-            "epochs": plan.epochs, "seed": seed, "ema": ema, "lora": config.use_lora,
-            "instance_prompts": [c.instance_prompt for c in config.concepts_list],
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-__all__ = ["train", "TrainResult", "TrainingData", "dreambooth_loss", "encode_latents",
-           "cache_latents"]
+__all__ = ["TrainResult", "train"]

@@ -24,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    save = train_module._save
+    save = train_module.save_model
 
     def save_with_digest(accelerator, config, parts, unet, *rest):
         digest = hashlib.sha256()
@@ -34,7 +34,7 @@ def main() -> None:
         (args.digests / f"rank{accelerator.process_index}.txt").write_text(digest.hexdigest())
         return save(accelerator, config, parts, unet, *rest)
 
-    train_module._save = save_with_digest
+    train_module.save_model = save_with_digest
     stop = threading.Event()
 
     def on_step(step: int, loss: float, lr: float) -> None:
