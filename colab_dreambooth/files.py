@@ -84,6 +84,22 @@ def give_ordinary_permissions(folder: Path) -> None:
                 os.chmod(path, files)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to a temporary file beside ``path``, then rename it over ``path``:
+    a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = temp_file_beside(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def save_folder_atomic(write: Callable[[Path], object], target: Path) -> Path:
     """Call ``write(tmp_folder)``, then move the folder into place at ``target``.
 
@@ -126,5 +142,5 @@ def visible_files(folder: Path) -> list[Path]:
 
 
 __all__ = ["IMAGE_EXTENSIONS", "list_image_files", "visible_files", "copy_file_atomic",
-           "save_folder_atomic", "file_mode", "folder_mode", "give_ordinary_permissions",
+           "write_text_atomic", "save_folder_atomic", "file_mode", "folder_mode", "give_ordinary_permissions",
            "temp_file_beside", "temp_folder_beside"]

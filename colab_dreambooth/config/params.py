@@ -31,7 +31,7 @@ from colab_dreambooth.config.extension_import import (
 from colab_dreambooth.config.fields import FieldSpec, coerce_into, field_specs
 from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.errors import ConfigError, Problem
-from colab_dreambooth.files import temp_file_beside
+from colab_dreambooth.files import write_text_atomic
 from colab_dreambooth.runtime.environment import mount_drive_if_needed
 
 log = logging.getLogger(__name__)
@@ -70,24 +70,9 @@ def params_template() -> DreamBoothConfig:
 def save_params(config: DreamBoothConfig, path: str | os.PathLike) -> Path:
     """Write ``config`` as JSON to ``path`` atomically (a crash never leaves half a file)."""
     path = Path(path)
+    mount_drive_if_needed(path)  # never a folder under an unmounted /content/drive
     write_text_atomic(path, json.dumps(params_to_dict(config), indent=2) + "\n")
     return path
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    mount_drive_if_needed(path)  # never a folder under an unmounted /content/drive
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file_beside(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- loading

@@ -25,14 +25,15 @@ from typing import Any
 from PIL import Image
 
 from colab_dreambooth.config.concept import Concept
-from colab_dreambooth.config.params import read_params, write_text_atomic
+from colab_dreambooth.config.params import read_params
 from colab_dreambooth.config.prompts import FILEWORDS
 from colab_dreambooth.config.settings import TINY_MODEL, DreamBoothConfig
 from colab_dreambooth.config.validation import looks_like_local_path
 from colab_dreambooth.errors import UserError
-from colab_dreambooth.files import copy_file_atomic
+from colab_dreambooth.files import copy_file_atomic, write_text_atomic
 from colab_dreambooth.generation.sample import save_image_atomic
 from colab_dreambooth.models.lora import lora_file_path
+from colab_dreambooth.runtime.environment import mount_drive_if_needed
 
 LICENSE = "creativeml-openrail-m"
 TAGS = ("stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "dreambooth",
@@ -85,6 +86,7 @@ def write_model_card(model_dir: str | Path, out_path: str | Path | None = None, 
     if grid is not None:
         grid_name = _copy_grid(grid, out_path.parent)
     text = card_text(config, info, grid_name=grid_name, repo_id=repo_id)
+    mount_drive_if_needed(out_path)  # never a folder under an unmounted /content/drive
     write_text_atomic(out_path, text)
     return out_path
 

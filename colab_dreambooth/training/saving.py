@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from colab_dreambooth.config.params import save_params, write_text_atomic
+from colab_dreambooth.config.params import save_params
 from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.data.dataset import TrainingData
-from colab_dreambooth.files import save_folder_atomic
+from colab_dreambooth.files import save_folder_atomic, write_text_atomic
 from colab_dreambooth.models.loading import Components
 from colab_dreambooth.models.lora import (
     kohya_state_dict,
