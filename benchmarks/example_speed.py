@@ -17,7 +17,10 @@ What it measures
     per step = (T(2N) - T(N)) / N holds no one-off cost (imports, model load, latent caching,
     the final save, our end-of-run checkpoint), and one-off = T(N) - N * per step.
     ``--repeat k`` takes the fastest of k runs of each (runs interleaved across sides, so a
-    change in the machine's load hits all of them). Ratio = example s/step / side s/step (above
+    change in the machine's load hits all of them). Two tables: wall time, and the children's
+    CPU time (user + system, from ``getrusage(RUSAGE_CHILDREN)``), which other jobs on a
+    shared machine disturb much less than wall time with one thread per child (they still
+    share caches and memory bandwidth). Ratio = example s/step / side s/step (above
     1: that side is faster). Nothing is asserted; the load average is printed before and after.
 
 Getting the example (not part of this repository)
@@ -50,6 +53,7 @@ import argparse
 import dataclasses
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -193,30 +197,34 @@ def child_env(root: Path, code: Path, threads: int) -> dict[str, str]:
 
 
 def timed_run(side: str, steps: int, args: argparse.Namespace, root: Path,
-              env: dict[str, str]) -> float | None:
-    """Wall seconds of one fresh child that trains ``side`` for ``steps`` steps (None: failed)."""
+              env: dict[str, str]) -> tuple[float, float] | None:
+    """Wall and CPU (user + system) seconds of one fresh child that trains ``side`` for
+    ``steps`` steps (None: it failed)."""
     if side == "example":
         command = example_command(args.example, root, steps, args.resolution)
     else:
         command = [sys.executable, str(Path(__file__).resolve()), "--child", side,
                    "--root", str(root), "--steps", str(steps),
                    "--resolution", str(args.resolution), "--threads", str(args.threads)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, cwd=root, env=env)
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     if proc.returncode:
         print(f"  {side} {steps} steps failed (exit {proc.returncode}):\n"
               f"{proc.stderr[-3000:]}", file=sys.stderr)
         return None
-    print(f"  {side:9s} {steps:4d} steps {seconds:7.1f} s", flush=True)
-    return seconds
+    print(f"  {side:9s} {steps:4d} steps {seconds:7.1f} s wall {cpu:7.1f} s CPU", flush=True)
+    return seconds, cpu
 
 
-def report(best: dict[str, dict[int, float]], n: int) -> None:
-    """The table: per-step figures from T(2N) - T(N), one-off costs, ratio to the example."""
+def report(best: dict[str, dict[int, float]], n: int, clock: str) -> None:
+    """The table for one clock: per step from T(2N) - T(N), one-off costs, ratio to the example."""
     per_step = {side: (t[2 * n] - t[n]) / n for side, t in best.items() if len(t) == 2}
-    print(f"\n{'side':9s} {'T(N) s':>8s} {'T(2N) s':>8s} {'s/step':>8s} {'steps/s':>8s} "
-          f"{'one-off s':>9s} {'example/side':>12s}")
+    print(f"\n{clock} time\n{'side':9s} {'T(N) s':>8s} {'T(2N) s':>8s} {'s/step':>8s} "
+          f"{'steps/s':>8s} {'one-off s':>9s} {'example/side':>12s}")
     for side, t in best.items():
         if side not in per_step:
             print(f"{side:9s} (failed)")
@@ -274,15 +282,17 @@ def main(argv: list[str] | None = None) -> int:
               f"encoder trained, {args.threads} thread(s), best of {args.repeat}; torch "
               f"{torch.__version__}, diffusers {diffusers.__version__}; ours from {where}")
         print(f"load average before: {_load()}")
-        best: dict[str, dict[int, float]] = {side: {} for side in args.sides}
+        best = {clock: {side: {} for side in args.sides} for clock in ("wall", "CPU")}
         for _ in range(args.repeat):
             for side in args.sides:
                 for steps in (args.steps, 2 * args.steps):
-                    seconds = timed_run(side, steps, args, root, env)
-                    if seconds is not None:
-                        best[side][steps] = min(seconds, best[side].get(steps, seconds))
+                    times = timed_run(side, steps, args, root, env)
+                    for clock, seconds in zip(("wall", "CPU"), times or ()):
+                        kept = best[clock][side]
+                        kept[steps] = min(seconds, kept.get(steps, seconds))
         print(f"load average after: {_load()}")
-        report(best, args.steps)
+        for clock, figures in best.items():
+            report(figures, args.steps, clock)
     finally:
         if args.keep:
             print(f"kept {root}")
