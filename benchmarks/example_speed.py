@@ -68,6 +68,7 @@ if str(CODE) not in sys.path:
     sys.path.insert(0, str(CODE))
 
 SIDES = ("example", "ours", "ours-vae")
+WARMUP = 5  # steps left out of the in-process step timing
 INSTANCE_PROMPT, CLASS_PROMPT = "a photo of zwx toy", "a photo of a toy"
 LEARNING_RATE, SEED = 1e-3, 1234
 
@@ -96,8 +97,11 @@ def run_ours(root: Path, steps: int, resolution: int, cache_latents: bool,
         text_encoder_learning_rate=LEARNING_RATE, lr_scheduler="constant", lr_warmup_steps=0,
         center_crop=True, hflip=False, seed=SEED, cache_latents=cache_latents,
         save_every_steps=0, concepts_list=[concept])
-    result = train(config, progress=False, force=True)
+    stamps: list[float] = []
+    result = train(config, progress=False, force=True,
+                   on_step=lambda *_: stamps.append(time.perf_counter()))
     assert result.steps == steps, (result.steps, steps)
+    Path(os.environ["EXAMPLE_SPEED_STAMPS"]).write_text(" ".join(map(repr, stamps)))
 
 
 def example_command(example: Path, root: Path, steps: int, resolution: int) -> list[str]:
@@ -135,6 +139,25 @@ if {patch_version}:
     diffusers.utils.check_min_version = lambda *args: None
 if {shim!r}:
     sys.path.insert(0, {shim!r})
+# One progress-bar update per optimizer step: its timestamps time the steps from inside.
+import atexit
+import os
+import time
+
+import tqdm.auto
+
+stamps = []
+update = tqdm.auto.tqdm.update
+
+
+def stamped_update(self, n=1):
+    stamps.append(time.perf_counter())
+    return update(self, n)
+
+
+tqdm.auto.tqdm.update = stamped_update
+atexit.register(lambda: open(os.environ["EXAMPLE_SPEED_STAMPS"], "w").write(
+    " ".join(map(repr, stamps))))
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -197,9 +220,9 @@ def child_env(root: Path, code: Path, threads: int) -> dict[str, str]:
 
 
 def timed_run(side: str, steps: int, args: argparse.Namespace, root: Path,
-              env: dict[str, str]) -> tuple[float, float] | None:
+              env: dict[str, str]) -> tuple[float, float, float] | None:
     """Wall and CPU (user + system) seconds of one fresh child that trains ``side`` for
-    ``steps`` steps (None: it failed)."""
+    ``steps`` steps, and its mean step from its own step timestamps (None: it failed)."""
     if side == "example":
         command = example_command(args.example, root, steps, args.resolution)
     else:
@@ -208,7 +231,9 @@ def timed_run(side: str, steps: int, args: argparse.Namespace, root: Path,
                    "--resolution", str(args.resolution), "--threads", str(args.threads)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=root, env=env)
+    stamps_file = root / f"stamps-{side}-{steps}.txt"
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=root,
+                          env=dict(env, EXAMPLE_SPEED_STAMPS=str(stamps_file)))
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
@@ -216,8 +241,12 @@ def timed_run(side: str, steps: int, args: argparse.Namespace, root: Path,
         print(f"  {side} {steps} steps failed (exit {proc.returncode}):\n"
               f"{proc.stderr[-3000:]}", file=sys.stderr)
         return None
-    print(f"  {side:9s} {steps:4d} steps {seconds:7.1f} s wall {cpu:7.1f} s CPU", flush=True)
-    return seconds, cpu
+    stamps = [float(x) for x in stamps_file.read_text().split()]
+    skip = min(WARMUP, len(stamps) - 2)
+    inside = (stamps[-1] - stamps[skip]) / (len(stamps) - 1 - skip)
+    print(f"  {side:9s} {steps:4d} steps {seconds:7.1f} s wall {cpu:7.1f} s CPU, "
+          f"{inside:.4f} s/step inside ({len(stamps)} stamps)", flush=True)
+    return seconds, cpu, inside
 
 
 def report(best: dict[str, dict[int, float]], n: int, clock: str) -> None:
@@ -283,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{torch.__version__}, diffusers {diffusers.__version__}; ours from {where}")
         print(f"load average before: {_load()}")
         best = {clock: {side: {} for side in args.sides} for clock in ("wall", "CPU")}
+        inside: dict[str, float] = {}
         for _ in range(args.repeat):
             for side in args.sides:
                 for steps in (args.steps, 2 * args.steps):
@@ -290,9 +320,15 @@ def main(argv: list[str] | None = None) -> int:
                     for clock, seconds in zip(("wall", "CPU"), times or ()):
                         kept = best[clock][side]
                         kept[steps] = min(seconds, kept.get(steps, seconds))
+                    if times:
+                        inside[side] = min(times[2], inside.get(side, times[2]))
         print(f"load average after: {_load()}")
         for clock, figures in best.items():
             report(figures, args.steps, clock)
+        print(f"\nin-process mean step after {WARMUP} warm-up steps (best run)")
+        for side, s in inside.items():
+            ratio = inside["example"] / s if "example" in inside else float("nan")
+            print(f"{side:9s} {s:8.4f} s/step {1 / s:8.2f} steps/s  example/side {ratio:.2f}")
     finally:
         if args.keep:
             print(f"kept {root}")
