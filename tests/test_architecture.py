@@ -127,3 +127,23 @@ def test_config_and_data_never_import_models_or_training(graph, lower):
              for t in targets
              if t.startswith((f"{PACKAGE}.training", f"{PACKAGE}.models", f"{PACKAGE}.generation"))]
     assert not wrong
+
+
+def test_the_package_imports_itself_at_the_top():
+    """No cycle needs an import hidden in a function, so the package's own imports sit at the
+    top of each module where a reader sees them; only the command line defers them (its
+    ``--help`` stays quick)."""
+    hidden = []
+    for path in sorted((REPO / PACKAGE).rglob("*.py")):
+        if path.relative_to(REPO / PACKAGE).parts[0] == "cli":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        skipped = _type_checking_nodes(tree)
+        for function in ast.walk(tree):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            hidden += [f"{_module_name(path)}.{function.name}: {node.module}"
+                       for node in ast.walk(function) if id(node) not in skipped
+                       and isinstance(node, ast.ImportFrom) and node.level == 0
+                       and (node.module or "").startswith(PACKAGE)]
+    assert not hidden, "imports inside functions:\n" + "\n".join(hidden)

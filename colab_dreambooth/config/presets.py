@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from colab_dreambooth.config.fields import preset_fields
 from colab_dreambooth.config.settings import DreamBoothConfig
-from colab_dreambooth.runtime.device import DeviceInfo
+from colab_dreambooth.runtime.device import DeviceInfo, detect_device
 
 # The fields a preset decides, in the order its table shows them (each declares its column).
 PRESET_FIELDS = preset_fields(DreamBoothConfig)
@@ -196,8 +196,6 @@ def resolve_auto(config: DreamBoothConfig, device: DeviceInfo | None = None
                  ) -> DreamBoothConfig:
     """``config`` with its blank preset fields filled for ``device`` (detected when None)."""
     if device is None:
-        from colab_dreambooth.runtime.device import detect_device
-
         device = DeviceInfo.cpu() if config.use_cpu else detect_device()
     return apply_preset(config, device)[0]
 

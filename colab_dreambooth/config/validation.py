@@ -17,6 +17,7 @@ from colab_dreambooth.config.prompts import contains_token
 from colab_dreambooth.config.settings import TINY_MODEL, DreamBoothConfig
 from colab_dreambooth.errors import ConfigError, Problem
 from colab_dreambooth.runtime import environment as runtime
+from colab_dreambooth.runtime.device import detect_device
 from colab_dreambooth.runtime.packages import (
     OPTIMIZER_PACKAGES,
     missing_package_message,
@@ -40,8 +41,6 @@ def validate(config: "DreamBoothConfig", device: "DeviceInfo | None" = None, *,
     """
 
     if device is None:
-        from colab_dreambooth.runtime.device import detect_device
-
         device = detect_device()
     problems = list(_field_problems(config, DreamBoothConfig, ""))
 

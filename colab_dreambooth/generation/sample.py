@@ -33,6 +33,7 @@ from colab_dreambooth.config.params import resolve_concepts
 from colab_dreambooth.config.prompts import FILEWORDS, PromptError, build_prompts
 from colab_dreambooth.data.captions import Caption, folder_captions
 from colab_dreambooth.data.dataset import DataError
+from colab_dreambooth.errors import ConfigError, Problem
 from colab_dreambooth.models.pipelines import load_pipeline, load_trained_pipeline
 from colab_dreambooth.models.text_encoding import encode_prompts
 
@@ -174,8 +175,6 @@ def sample_concepts(config: "DreamBoothConfig", model: str | Path | None = None,
     jobs = [job for index in range(len(config.concepts_list))
             for job in concept_sample_jobs(config, index)]
     if not jobs:
-        from colab_dreambooth.errors import ConfigError, Problem
-
         raise ConfigError([Problem("n_save_sample", "no sample to generate: every concept's "
                                    "Number of Samples to Generate is 0")])
     if pipe is None:

@@ -32,7 +32,7 @@ from colab_dreambooth.config.validation import looks_like_local_path
 from colab_dreambooth.errors import UserError
 from colab_dreambooth.files import copy_file_atomic, write_text_atomic
 from colab_dreambooth.generation.sample import save_image_atomic
-from colab_dreambooth.models.lora import lora_file_path
+from colab_dreambooth.models.lora import effective_alpha, lora_file_path
 from colab_dreambooth.runtime.environment import mount_drive_if_needed
 
 LICENSE = "creativeml-openrail-m"
@@ -181,8 +181,6 @@ def training_settings(config: DreamBoothConfig, info: dict[str, Any]) -> list[tu
     rows = [("Base model", _display_model(str(info.get("base_model") or config.base_model))),
             ("Training steps", step_text), ("Epochs", str(epochs or "-"))]
     if lora:
-        from colab_dreambooth.models.lora import effective_alpha
-
         rows.append(("LoRA rank / alpha (UNet)", f"{config.lora_unet_rank} / "
                      f"{effective_alpha(config.lora_alpha, config.lora_unet_rank):g}"))
         if config.train_text_encoder:

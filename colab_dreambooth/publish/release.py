@@ -26,7 +26,7 @@ from typing import Callable, Optional
 from colab_dreambooth.config.commands import DehydrateSettings, ExportSettings
 from colab_dreambooth.config.fields import same_setting, setting
 from colab_dreambooth.config.settings import DreamBoothConfig, safe_name
-from colab_dreambooth.errors import ModelLoadError
+from colab_dreambooth.errors import ConfigError, ModelLoadError, Problem
 from colab_dreambooth.files import copy_file_atomic
 from colab_dreambooth.generation.sample import SampleJob, run_samples, sample_concepts
 from colab_dreambooth.models.lora import lora_file_path
@@ -139,8 +139,6 @@ def make_release(config: DreamBoothConfig, settings: ReleaseSettings, *,
 
     problems = check_release(settings)
     if problems:
-        from colab_dreambooth.errors import ConfigError, Problem
-
         raise ConfigError([Problem("release", problem) for problem in problems])
     model = trained_model(config)
     folder = release_folder(config)

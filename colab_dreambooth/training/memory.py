@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from colab_dreambooth.config.presets import apply_preset
 from colab_dreambooth.config.settings import TINY_MODEL
+from colab_dreambooth.models.tiny import tiny_model_path
 from colab_dreambooth.runtime.device import DeviceInfo
 from colab_dreambooth.runtime.packages import INSTALL_HINT, importable
 
@@ -348,8 +349,6 @@ def model_sizes(base_model: str) -> ModelSizes:
     name = base_model.strip()
     try:
         if name == TINY_MODEL:
-            from colab_dreambooth.models.tiny import tiny_model_path
-
             return count_parameters(tiny_model_path(), "the tiny model")
         folder = _local_folder(name)
         if folder is not None:
