@@ -79,11 +79,9 @@ def same_setting(cls: type, name: str) -> Any:
     """Declare a field exactly as field ``name`` of ``cls`` is declared (default and
     :class:`Setting`), for a form that offers a command's option: their defaults cannot
     disagree."""
-    spec = field_specs(cls)[name]
-    s = spec.setting
-    return setting(spec.default, s.label, s.help, s.group, choices=s.choices,
-                   minimum=s.minimum, maximum=s.maximum, path=s.path,
-                   preset_column=s.preset_column, must_match=s.must_match)
+    original = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return dataclasses.field(default=original.default, default_factory=original.default_factory,
+                             metadata=original.metadata)
 
 
 @dataclass(frozen=True)
