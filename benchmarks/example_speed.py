@@ -206,9 +206,8 @@ def _imports(module: str) -> bool:
 
 
 def _needs_version_patch(example: Path) -> bool:
-    from packaging.version import Version
-
     import diffusers
+    from packaging.version import Version
     match = re.search(r'check_min_version\(\s*"([^"]+)"', example.read_text(encoding="utf-8"))
     return bool(match) and Version(diffusers.__version__) < Version(match.group(1))
 

@@ -84,6 +84,27 @@ def give_ordinary_permissions(folder: Path) -> None:
                 os.chmod(path, files)
 
 
+def fsync_file(path: Path) -> None:
+    """Make the kernel hand ``path``'s data to the disk (on a Drive mount: to Drive's
+    uploader) before we go on; a runtime that vanishes later keeps it."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it), where the OS allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems (FUSE mounts) refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to a temporary file beside ``path``, then rename it over ``path``:
     a crash never leaves half a file."""
@@ -142,5 +163,5 @@ def visible_files(folder: Path) -> list[Path]:
 
 
 __all__ = ["IMAGE_EXTENSIONS", "list_image_files", "visible_files", "copy_file_atomic",
-           "write_text_atomic", "save_folder_atomic", "file_mode", "folder_mode", "give_ordinary_permissions",
-           "temp_file_beside", "temp_folder_beside"]
+           "write_text_atomic", "save_folder_atomic", "fsync_file", "fsync_folder", "file_mode",
+           "folder_mode", "give_ordinary_permissions", "temp_file_beside", "temp_folder_beside"]

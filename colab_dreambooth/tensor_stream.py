@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
+from colab_dreambooth.files import fsync_file
 from colab_dreambooth.safetensors_stream import SafetensorsReader, TensorSpec, write_safetensors
 
 _TENSOR = "__tensor__"  # marks a tensor's place in the optimizer's JSON
@@ -101,30 +102,8 @@ def load_optimizer(optimizer: Any, folder: Path, stem: str = "optimizer") -> Non
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def fsync_file(path: Path) -> None:
-    """Make the kernel hand ``path``'s data to the disk (on a Drive mount: to Drive's
-    uploader) before we go on; a runtime that vanishes later keeps it."""
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_folder(folder: Path) -> None:
-    """Flush a folder's entries (a rename into it), where the OS allows it."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems (FUSE mounts) refuse fsync on folders
-        pass
-    finally:
-        os.close(fd)
-
-
 def _to_cpu(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.detach().to("cpu", dtype).contiguous()
 
 
-__all__ = ["save_tensors", "load_into", "save_optimizer", "load_optimizer", "fsync_file",
-           "fsync_folder"]
+__all__ = ["save_tensors", "load_into", "save_optimizer", "load_optimizer"]

@@ -36,16 +36,9 @@ from colab_dreambooth.config.fields import must_match_fields
 from colab_dreambooth.config.params import params_to_dict
 from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.errors import UserError
-from colab_dreambooth.files import give_ordinary_permissions
+from colab_dreambooth.files import fsync_file, fsync_folder, give_ordinary_permissions
 from colab_dreambooth.runtime.storage import free_bytes, on_google_drive
-from colab_dreambooth.tensor_stream import (
-    fsync_file,
-    fsync_folder,
-    load_into,
-    load_optimizer,
-    save_optimizer,
-    save_tensors,
-)
+from colab_dreambooth.tensor_stream import load_into, load_optimizer, save_optimizer, save_tensors
 
 if TYPE_CHECKING:
     from colab_dreambooth.training.optim import EMA
