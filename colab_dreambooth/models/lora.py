@@ -102,13 +102,21 @@ def kohya_state_dict(unet, text_encoder=None) -> dict[str, torch.Tensor]:
         if model is None:
             continue
         for name, (down, up, alpha) in _adapters(model).items():
-            if prefix == TEXT_ENCODER_PREFIX and not name.startswith("text_model."):
-                name = "text_model." + name  # transformers 5 flattened CLIPTextModel
-            key = prefix + name.replace(".", "_")
+            key = kohya_key(prefix, name)
             state[f"{key}.lora_down.weight"] = down
             state[f"{key}.lora_up.weight"] = up
             state[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return state
+
+
+def kohya_key(prefix: str, module_name: str) -> str:
+    """kohya's name of a module: ``lora_unet_`` or ``lora_te_`` + its dotted name with ``_``.
+
+    Text-encoder names keep CLIP's ``text_model.`` level, which transformers 5 flattened away.
+    """
+    if prefix == TEXT_ENCODER_PREFIX and not module_name.startswith("text_model."):
+        module_name = "text_model." + module_name
+    return prefix + module_name.replace(".", "_")
 
 
 def _adapters(model) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
@@ -263,6 +271,6 @@ def state_for_diffusers(state: dict[str, torch.Tensor], text_encoder) -> dict[st
     return {k.replace("lora_te_text_model_", "lora_te_", 1): v for k, v in state.items()}
 
 
-__all__ = ["UNET_TARGET_MODULES", "TEXT_ENCODER_TARGET_MODULES", 
-           "effective_alpha", "lora_file_path", "add_lora", "kohya_state_dict", "lora_metadata",
-           "save_lora", "read_lora", "state_for_diffusers"]
+__all__ = ["UNET_TARGET_MODULES", "TEXT_ENCODER_TARGET_MODULES", "UNET_PREFIX",
+           "TEXT_ENCODER_PREFIX", "kohya_key", "effective_alpha", "lora_file_path", "add_lora",
+           "kohya_state_dict", "lora_metadata", "save_lora", "read_lora", "state_for_diffusers"]
