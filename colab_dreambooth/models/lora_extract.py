@@ -1,0 +1,519 @@
+"""Extract a LoRA from a fully fine-tuned model: its difference from the base, by SVD.
+
+What kohya's ``networks/extract_lora_from_models.py`` does, on the models this package loads
+(a diffusers folder, a run's folder, a ``.safetensors``/``.ckpt`` file, a Hub id or ``tiny``):
+
+* the layers are kohya's LoRA targets: every ``Linear`` and 1x1 ``Conv2d`` inside the UNet's
+  ``Transformer2DModel`` blocks (``proj_in``, ``proj_out``, ``to_q/k/v``, ``to_out.0``,
+  ``ff.net.0.proj``, ``ff.net.2``) and the text encoder's ``CLIPAttention``/``CLIPMLP``; with a
+  conv rank also the layers of ``ResnetBlock2D``/``Downsample2D``/``Upsample2D`` (their 3x3
+  convolutions at the conv rank, kohya's LoCon; their ``Linear``/1x1 layers at the rank);
+* per layer ``delta = tuned - base`` (a 3x3 kernel flattened to ``out x in*9``), its SVD
+  truncated to the rank (capped at the layer's smaller side, then zero-padded back so that
+  every layer of a kind has one rank and alpha), ``up = U * S``, ``down = Vh``, both clamped
+  to the ``clamp_quantile`` of their values, ``alpha`` = the rank (scale 1);
+* the text encoder is left out when no weight of it changed by more than ``min_diff`` (a
+  UNet-only fine-tune), as in kohya.
+
+The file is in kohya's key layout (``lora_unet_..._attn1_to_q.lora_down.weight`` ...), which the
+WebUI, ComfyUI and diffusers' ``load_lora_weights`` read, with kohya's ``ss_*`` and SAI's
+``modelspec.*`` metadata. Only names of models go into it, never this machine's paths.
+
+Host memory stays small: the layer list comes from the models' configs (modules built on
+torch's ``meta`` device, no weights), and the weights are read one tensor at a time from the
+safetensors files, so at most one layer of each model and its SVD are in memory (plus the
+LoRA being built: ~40 MB at rank 32 for SD 1.5).
+
+Example::
+
+    report = extract_lora("stable-diffusion-v1-5/stable-diffusion-v1-5",
+                          "models/dreambooth/my-dog", rank=32)
+    print(report.summary())
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from colab_dreambooth.errors import ModelLoadError, UserError
+from colab_dreambooth.models.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_key, save_lora
+from colab_dreambooth.models.pipelines import resolve_model
+from colab_dreambooth.safetensors_stream import SafetensorsReader, read_layout
+
+log = logging.getLogger(__name__)
+
+# kohya's LoRANetwork target classes (networks/lora.py).
+UNET_BLOCKS = ("Transformer2DModel",)
+UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+               "float": torch.float32}  # "float": kohya's name for fp32
+UNET = "unet"
+TEXT_ENCODER = "text_encoder"
+
+
+class ExtractError(UserError, ValueError):
+    """The extraction cannot be done as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer to extract: where its weight is and what kohya calls it."""
+
+    part: str  # "unet" or "text_encoder" (the diffusers sub-folder)
+    weight: str  # the weight's name in that sub-folder's files (text_model. stripped)
+    key: str  # kohya's name, e.g. lora_unet_..._attn1_to_q
+    conv3x3: bool  # a 3x3 convolution (takes the conv rank)
+
+
+@dataclass
+class ExtractReport:
+    """What :func:`extract_lora` wrote, and how well the LoRA reproduces the fine-tuning."""
+
+    path: Path
+    rank: int
+    conv_rank: int
+    save_precision: str
+    layers: dict[str, int]  # layers written per part
+    unchanged: dict[str, int]  # layers left out because tuned == base there
+    text_encoder: bool  # whether the text encoder is in the file
+    text_encoder_max_diff: float  # its largest weight change (compared with min_diff)
+    min_diff: float
+    # ||delta - up @ down|| / ||delta|| per kohya key, with the factors as saved.
+    errors: dict[str, float] = field(default_factory=dict)
+    file_bytes: int = 0
+    seconds: float = 0.0
+
+    def error_summary(self, part: str | None = None) -> tuple[float, float, str]:
+        """``(mean, max, worst layer)`` of the relative errors of ``part`` (all when None)."""
+        prefix = {UNET: UNET_PREFIX, TEXT_ENCODER: TEXT_ENCODER_PREFIX}.get(part or "", "")
+        errors = {k: e for k, e in self.errors.items() if k.startswith(prefix)}
+        if not errors:
+            return 0.0, 0.0, ""
+        worst = max(errors, key=errors.__getitem__)
+        return sum(errors.values()) / len(errors), errors[worst], worst
+
+    def summary(self) -> str:
+        """A few lines for people: the file, its layers, and the error that guides the rank."""
+        conv = f", conv rank {self.conv_rank}" if self.conv_rank else ""
+        lines = [f"Wrote {self.path} ({self.file_bytes / 1e6:.1f} MB, rank {self.rank}{conv}, "
+                 f"{self.save_precision}) in {self.seconds:.1f} s."]
+        for part in (UNET, TEXT_ENCODER):
+            if not self.layers.get(part):
+                continue
+            mean, worst, key = self.error_summary(part)
+            line = (f"  {part:12} {self.layers[part]:4} layers, reconstruction error mean "
+                    f"{mean:.1%}, max {worst:.1%} ({key})")
+            if self.unchanged.get(part):
+                line += f"; {self.unchanged[part]} unchanged layers left out"
+            lines.append(line)
+        if not self.text_encoder:
+            lines.append(f"  text_encoder left out: its largest change, "
+                         f"{self.text_encoder_max_diff:.3g}, is not above min_diff "
+                         f"{self.min_diff:g} (lower --min-diff to include it)")
+        lines.append("  (error: ||change - LoRA|| / ||change|| per layer; a higher rank lowers "
+                     "it, a clamp quantile below 1 raises it)")
+        return "\n".join(lines)
+
+
+def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike,
+                 out: str | os.PathLike | None = None, *, rank: int = 32, conv_rank: int = 0,
+                 clamp_quantile: float = 0.99, min_diff: float = 0.01,
+                 save_precision: str = "fp16", overwrite: bool = False,
+                 device: str | None = None, progress: bool = True) -> ExtractReport:
+    """Write ``tuned - base`` as a kohya-layout LoRA file and return what was written.
+
+    ``base`` and ``tuned`` are anything :func:`colab_dreambooth.models.pipelines.resolve_model`
+    loads; both must have the same architecture. ``out`` defaults to
+    :func:`default_output` (beside the tuned model) and is never replaced unless ``overwrite``.
+    ``rank`` applies to the Linear and 1x1 layers, ``conv_rank`` (0: none) to the 3x3
+    convolutions; ``clamp_quantile`` 1.0 turns kohya's clamping off. ``save_precision`` is
+    ``fp16``, ``bf16`` or ``fp32``. The SVDs run in fp32 on ``device`` (default: CUDA when
+    available).
+    """
+    start = time.monotonic()
+    _check_numbers(rank, conv_rank, clamp_quantile, min_diff, save_precision)
+    base_folder, tuned_folder = resolve_model(base), resolve_model(tuned)
+    if base_folder.resolve() == tuned_folder.resolve():
+        raise ExtractError(f"the base and the tuned model are the same model ({base_folder}): "
+                           "nothing to extract")
+    out = Path(out).expanduser() if out else default_output(tuned, rank, conv_rank)
+    _check_output(out, overwrite, (base_folder, tuned_folder))
+    layers = target_layers(base_folder, conv=conv_rank > 0)
+    base_weights, tuned_weights = FolderWeights(base_folder), FolderWeights(tuned_folder)
+    try:
+        _check_same_shapes(layers, base_weights, tuned_weights, base, tuned)
+        te_layers = [layer for layer in layers if layer.part == TEXT_ENCODER]
+        te_diff = _max_change(te_layers, base_weights, tuned_weights, stop_above=min_diff)
+        with_te = te_diff > min_diff
+        if not with_te and te_layers:
+            log.info("The text encoder changed by at most %.3g (min_diff %g): extracting the "
+                     "UNet only", te_diff, min_diff)
+        chosen = [layer for layer in layers if layer.part == UNET or with_te]
+        work = torch.device(device) if device else _default_device()
+        state, errors, unchanged = _extract(chosen, base_weights, tuned_weights, rank=rank,
+                                            conv_rank=conv_rank, clamp_quantile=clamp_quantile,
+                                            dtype=SAVE_DTYPES[save_precision], device=work,
+                                            progress=progress)
+    finally:
+        base_weights.close()
+        tuned_weights.close()
+    if not state:
+        hint = (f" (its text encoder changed by {te_diff:.3g}, not above min_diff {min_diff:g}: "
+                "lower --min-diff to extract it)" if te_diff > 0 else "")
+        raise ExtractError(f"{tuned} does not differ from {base} in any layer a LoRA holds"
+                           f"{hint}: nothing to extract. Is it the fine-tuned model?")
+    written = {part: sum(1 for k in errors if k.startswith(prefix))
+               for part, prefix in ((UNET, UNET_PREFIX), (TEXT_ENCODER, TEXT_ENCODER_PREFIX))}
+    metadata = extract_metadata(base, tuned, tuned_folder, out, rank=rank, conv_rank=conv_rank,
+                                clamp_quantile=clamp_quantile, text_encoder=with_te)
+    save_lora(out, state, metadata)
+    report = ExtractReport(
+        path=out, rank=rank, conv_rank=conv_rank, save_precision=save_precision, layers=written,
+        unchanged=unchanged, text_encoder=with_te, text_encoder_max_diff=te_diff,
+        min_diff=min_diff, errors=errors, file_bytes=out.stat().st_size,
+        seconds=time.monotonic() - start)
+    log.info("%s", report.summary())
+    return report
+
+
+def default_output(tuned: str | os.PathLike, rank: int, conv_rank: int = 0) -> Path:
+    """``<name>_extracted_r<rank>[_c<conv rank>].safetensors`` beside the tuned model: beside
+    its file, beside its diffusers folder, inside a run's folder (next to ``model/``), or in
+    the current folder for a Hub id."""
+    suffix = f"_extracted_r{rank}" + (f"_c{conv_rank}" if conv_rank else "") + ".safetensors"
+    path = Path(tuned).expanduser()
+    if path.is_file():
+        return path.with_name(path.stem + suffix)
+    if path.is_dir():
+        path = path.resolve()
+        if not (path / "model_index.json").is_file() and (path / "model").is_dir():
+            return path / (path.name + suffix)  # a run's working folder
+        if path.name == "model":
+            return path.parent / (path.parent.name + suffix)  # <run>/model: into <run>
+        return path.parent / (path.name + suffix)
+    return Path.cwd() / (re.split(r"[/\\]", str(tuned).rstrip("/\\"))[-1] + suffix)  # Hub id
+
+
+# ----------------------------------------------------------------------------- the layers
+
+
+def target_layers(folder: Path, *, conv: bool) -> list[Layer]:
+    """kohya's LoRA targets in the model ``folder``, from its configs (no weights loaded)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    try:
+        with torch.device("meta"):  # modules without memory: only their names and types
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(
+                folder, subfolder="unet"))
+            text_encoder = (CLIPTextModel(CLIPTextConfig.from_pretrained(folder / TEXT_ENCODER))
+                            if (folder / TEXT_ENCODER).is_dir() else None)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{folder} is not a Stable Diffusion diffusers folder with a UNet "
+                             f"and a text encoder: {exc}") from exc
+    blocks = UNET_BLOCKS + (UNET_CONV_BLOCKS if conv else ())
+    layers = _layers(unet, UNET, UNET_PREFIX, blocks)
+    if text_encoder is not None:
+        layers += _layers(text_encoder, TEXT_ENCODER, TEXT_ENCODER_PREFIX, TEXT_ENCODER_BLOCKS)
+    return layers
+
+
+def _layers(model: torch.nn.Module, part: str, prefix: str, blocks: tuple[str, ...]) -> list[Layer]:
+    found: dict[str, Layer] = {}
+    for name, block in model.named_modules():
+        if type(block).__name__ not in blocks:
+            continue
+        for child_name, child in block.named_modules():
+            linear = isinstance(child, torch.nn.Linear)
+            conv = isinstance(child, torch.nn.Conv2d)
+            if not (linear or conv):
+                continue
+            module = f"{name}.{child_name}" if name else child_name
+            found.setdefault(module, Layer(
+                part=part, weight=_plain(f"{module}.weight"), key=kohya_key(prefix, module),
+                conv3x3=conv and tuple(child.kernel_size) != (1, 1)))
+    return list(found.values())
+
+
+def _plain(name: str) -> str:
+    """A text-encoder weight name without CLIP's ``text_model.`` level, which transformers 5
+    dropped: files saved by 4.x and by 5.x then match."""
+    return name.removeprefix("text_model.")
+
+
+class FolderWeights:
+    """A diffusers folder's weights by sub-folder and name, read one tensor at a time."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._index: dict[str, dict[str, tuple[SafetensorsReader, str, list[int]]]] = {}
+        self._readers: list[SafetensorsReader] = []
+
+    def index(self, part: str) -> dict[str, tuple[SafetensorsReader, str, list[int]]]:
+        """``{weight name: (reader, name in the file, shape)}`` of sub-folder ``part`` (empty
+        if it has none)."""
+        if part not in self._index:
+            files = sorted((self.folder / part).glob("*.safetensors"))
+            # "model.fp16.safetensors" is a variant of "model.safetensors"; shards have no dot.
+            plain = [f for f in files if "." not in f.name[:-len(".safetensors")]] or files
+            entries: dict[str, tuple[SafetensorsReader, str, list[int]]] = {}
+            for path in plain:
+                reader = SafetensorsReader(path, read_layout(path))
+                self._readers.append(reader)
+                for name, info in reader.layout.tensors:
+                    entries[_plain(name)] = (reader, name, list(info["shape"]))
+            if not entries and (self.folder / part).is_dir():
+                raise ModelLoadError(f"{self.folder / part} holds no .safetensors weights: "
+                                     "re-save the model with safetensors (diffusers' "
+                                     "save_pretrained does by default)")
+            self._index[part] = entries
+        return self._index[part]
+
+    def shape(self, layer: Layer) -> list[int] | None:
+        """The weight's shape from the file header, or None if the model has no such weight."""
+        entry = self.index(layer.part).get(layer.weight)
+        return entry[2] if entry else None
+
+    def get(self, layer: Layer) -> torch.Tensor:
+        """The layer's weight as stored (its own dtype), on the CPU."""
+        reader, name, _ = self.index(layer.part)[layer.weight]
+        return reader.get(name)
+
+    def close(self) -> None:
+        """Close the files opened so far."""
+        for reader in self._readers:
+            reader.close()
+        self._readers.clear()
+
+
+def _check_same_shapes(layers: list[Layer], base: FolderWeights, tuned: FolderWeights,
+                       base_name, tuned_name) -> None:
+    """Refuse two models of different architectures (SD 1.x vs 2.x), naming the first layer."""
+    for layer in layers:
+        base_shape, tuned_shape = base.shape(layer), tuned.shape(layer)
+        if base_shape is None or base_shape != tuned_shape:
+            raise ModelLoadError(
+                f"{tuned_name} and {base_name} are not the same architecture: {layer.part} "
+                f"layer {layer.weight} is {_shape(tuned_shape)} in the tuned model and "
+                f"{_shape(base_shape)} in the base (SD 1.x vs 2.x?). Extract against the base "
+                "model it was fine-tuned from")
+
+
+def _shape(shape: list[int] | None) -> str:
+    return "missing" if shape is None else "x".join(map(str, shape))
+
+
+def _max_change(layers: list[Layer], base: FolderWeights, tuned: FolderWeights, *,
+                stop_above: float) -> float:
+    """The largest absolute weight change over ``layers`` (stops once above ``stop_above``)."""
+    largest = 0.0
+    for layer in layers:
+        delta = tuned.get(layer).float() - base.get(layer).float()
+        largest = max(largest, float(delta.abs().max()) if delta.numel() else 0.0)
+        if largest > stop_above:
+            break
+    return largest
+
+
+# ----------------------------------------------------------------------------- the SVD
+
+
+def _extract(layers: list[Layer], base: FolderWeights, tuned: FolderWeights, *, rank: int,
+             conv_rank: int, clamp_quantile: float, dtype: torch.dtype, device: torch.device,
+             progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, int]]:
+    state: dict[str, torch.Tensor] = {}
+    errors: dict[str, float] = {}
+    unchanged = {UNET: 0, TEXT_ENCODER: 0}
+    with torch.no_grad():
+        for layer in tqdm(layers, desc="extract LoRA", unit="layer", disable=not progress):
+            delta = (tuned.get(layer).to(device, torch.float32)
+                     - base.get(layer).to(device, torch.float32))
+            if not delta.any():
+                unchanged[layer.part] += 1  # a frozen layer: nothing a loader would add
+                continue
+            layer_rank = conv_rank if layer.conv3x3 else rank
+            up, down = low_rank_factors(delta, layer_rank, clamp_quantile)
+            up, down = _pad_rank(up.to(dtype), down.to(dtype), layer_rank)
+            errors[layer.key] = relative_error(delta, up, down)
+            state[f"{layer.key}.lora_down.weight"] = down.cpu().contiguous()
+            state[f"{layer.key}.lora_up.weight"] = up.cpu().contiguous()
+            # alpha = the layer's rank: scale 1, as kohya writes it.
+            state[f"{layer.key}.alpha"] = torch.tensor(down.shape[0], dtype=dtype)
+            del delta, up, down
+    return state, errors, unchanged
+
+
+def low_rank_factors(delta: torch.Tensor, rank: int, clamp_quantile: float = 0.99
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(up, down)`` with ``up @ down`` ~ ``delta``, as kohya computes them (in fp32).
+
+    ``delta`` is a Linear weight change (out x in) or a Conv2d one (out x in x kh x kw; then
+    ``up`` is out x r x 1 x 1 and ``down`` r x in x kh x kw, kohya's LoCon layout). The rank is
+    capped at the layer's smaller side; both factors are clamped to ``[-q, q]`` where ``q`` is
+    the ``clamp_quantile`` of their values (1.0: no clamping).
+    """
+    out_dim, in_dim = delta.shape[:2]
+    conv = delta.dim() == 4
+    matrix = delta.reshape(out_dim, -1).float()
+    rank = min(rank, in_dim, out_dim)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    up = u[:, :rank] * s[:rank]  # U @ diag(S) without the diagonal matrix
+    down = vh[:rank]
+    if clamp_quantile < 1.0:
+        high = _quantile(torch.cat([up.flatten(), down.flatten()]), clamp_quantile)
+        up, down = up.clamp(-high, high), down.clamp(-high, high)
+    if conv:
+        up = up.reshape(out_dim, rank, 1, 1)
+        down = down.reshape(rank, *delta.shape[1:])
+    return up.contiguous(), down.contiguous()
+
+
+def _pad_rank(up: torch.Tensor, down: torch.Tensor, rank: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad factors whose rank was capped (a layer narrower than ``rank``) up to ``rank``.
+
+    ``up @ down`` is unchanged; every layer of a kind then has the same rank and alpha. kohya
+    writes the capped rank as that layer's alpha, but diffusers' kohya loader (0.42) drops the
+    alphas of attention layers that differ from the most common one and scales them wrongly.
+    """
+    missing = rank - down.shape[0]
+    if missing <= 0:
+        return up, down
+    up = torch.cat([up, up.new_zeros(up.shape[0], missing, *up.shape[2:])], dim=1)
+    down = torch.cat([down, down.new_zeros(missing, *down.shape[1:])], dim=0)
+    return up, down
+
+
+def relative_error(delta: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> float:
+    """``||delta - up @ down|| / ||delta||`` (Frobenius), in fp32."""
+    matrix = delta.reshape(delta.shape[0], -1).float()
+    approx = up.reshape(up.shape[0], -1).float() @ down.reshape(down.shape[0], -1).float()
+    norm = float(torch.linalg.matrix_norm(matrix))
+    return float(torch.linalg.matrix_norm(matrix - approx)) / norm if norm else 0.0
+
+
+def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile`` (linear interpolation), also above its 16M-element limit."""
+    if values.numel() <= 2**24:
+        return torch.quantile(values, q)
+    position = q * (values.numel() - 1)
+    low = math.floor(position)
+    ordered = values.sort().values
+    upper = ordered[min(low + 1, values.numel() - 1)]
+    return ordered[low] + (upper - ordered[low]) * (position - low)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------- the file
+
+
+def extract_metadata(base: str | os.PathLike, tuned: str | os.PathLike, tuned_folder: Path,
+                     out: Path, *, rank: int, conv_rank: int, clamp_quantile: float,
+                     text_encoder: bool) -> dict[str, str]:
+    """kohya's minimal ``ss_*`` keys (as its extractor writes them) and SAI's ``modelspec.*``,
+    plus what it was extracted from (model names only, never paths of this machine)."""
+    unet_config = _read_json(tuned_folder / UNET / "config.json")
+    scheduler = _read_json(tuned_folder / "scheduler" / "scheduler_config.json")
+    v2 = unet_config.get("cross_attention_dim", 768) == 1024  # OpenCLIP ViT-H: SD 2.x
+    v_pred = scheduler.get("prediction_type") == "v_prediction"
+    args = {"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_rank))} if conv_rank else {}
+    resolution = 768 if v2 and v_pred else 512
+    now = time.time()
+    base_name, tuned_name = _model_name(str(base)), _model_name(str(tuned))
+    return {
+        "ss_v2": str(v2),
+        "ss_base_model_version": ("sd_v2" if v2 else "sd_v1") + ("_v" if v_pred else ""),
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(rank)),
+        "ss_network_args": json.dumps(args),
+        "ss_network_train_unet_only": str(not text_encoder),
+        "ss_sd_model_name": base_name,
+        "ss_output_name": out.stem,
+        "ss_training_comment": (f"extracted by colab-dreambooth extract-lora: {tuned_name} minus "
+                                f"{base_name}, SVD rank {rank}"
+                                + (f", conv rank {conv_rank}" if conv_rank else "")
+                                + f", clamp quantile {clamp_quantile:g}"),
+        "colab_dreambooth.extracted_from": tuned_name,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": ("stable-diffusion-v2-768-v" if v2 and v_pred else
+                                   "stable-diffusion-v2-512" if v2 else
+                                   "stable-diffusion-v1") + "/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": out.stem,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)),
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+    }
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _model_name(model: str) -> str:
+    """A model's name without this machine's folders: a Hub id as it is, else the last part of
+    the path (a run's name rather than its ``model`` folder)."""
+    model = model.strip().rstrip("/\\")
+    if re.match(r"^[\w.-]+/[\w.-]+$", model) and not Path(model).expanduser().exists():
+        return model  # a Hub id
+    parts = [p for p in re.split(r"[/\\]", model) if p]
+    if len(parts) > 1 and parts[-1] == "model":
+        return parts[-2]
+    return parts[-1] if parts else model
+
+
+def _check_numbers(rank, conv_rank, clamp_quantile, min_diff, save_precision) -> None:
+    problems = []
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        problems.append(f"rank must be a whole number of at least 1, got {rank!r}")
+    if isinstance(conv_rank, bool) or not isinstance(conv_rank, int) or conv_rank < 0:
+        problems.append(f"conv rank must be a whole number, 0 for none, got {conv_rank!r}")
+    if not 0.0 < clamp_quantile <= 1.0:
+        problems.append(f"clamp quantile must be above 0 and at most 1 (1: no clamping), got "
+                        f"{clamp_quantile!r}")
+    if not min_diff >= 0.0:
+        problems.append(f"min diff must be 0 or more, got {min_diff!r}")
+    if save_precision not in SAVE_DTYPES:
+        problems.append(f"save precision must be one of {', '.join(SAVE_DTYPES)}, got "
+                        f"{save_precision!r}")
+    if problems:
+        raise ExtractError("; ".join(problems))
+
+
+def _check_output(out: Path, overwrite: bool, model_folders: tuple[Path, ...]) -> None:
+    if out.suffix.lower() != ".safetensors":
+        raise ExtractError(f"{out}: the LoRA is written as .safetensors; name the file so")
+    if out.is_dir():
+        raise ExtractError(f"{out} is a folder: name the .safetensors file to write")
+    if out.exists() and not overwrite:
+        raise ExtractError(f"{out} already exists: choose another name with --out, or pass "
+                           "--overwrite (overwrite=True) to replace it")
+    for folder in model_folders:
+        resolved, inside = out.resolve(), folder.resolve()
+        if resolved == inside or inside in resolved.parents:
+            raise ExtractError(f"{out} is inside the model folder {folder}: write it elsewhere, "
+                               "the models are never modified")
+
+
+__all__ = ["extract_lora", "ExtractReport", "ExtractError", "default_output", "target_layers",
+           "low_rank_factors", "relative_error", "extract_metadata", "Layer", "FolderWeights",
+           "SAVE_DTYPES"]
