@@ -267,6 +267,8 @@ def test_refuses_an_existing_output_and_bad_numbers(tuned, work):
     with pytest.raises(ExtractError, match="already exists"):
         extract_lora("tiny", tuned, out, progress=False)
     assert out.read_bytes() == b"keep me"
+    with pytest.raises(ExtractError, match="already exists"):  # before loading anything
+        extract_lora("tiny", work / "no" / "such-model", out, progress=False)
     with pytest.raises(ExtractError, match="rank must be"):
         extract_lora("tiny", tuned, work / "x.safetensors", rank=0)
     with pytest.raises(ExtractError, match="clamp quantile"):

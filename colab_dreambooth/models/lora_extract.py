@@ -144,12 +144,16 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike,
     """
     start = time.monotonic()
     _check_numbers(rank, conv_rank, clamp_quantile, min_diff, save_precision)
+    out = Path(out).expanduser() if out else default_output(tuned, rank, conv_rank)
+    _check_output(out, overwrite)  # before any download or conversion
     base_folder, tuned_folder = resolve_model(base), resolve_model(tuned)
     if base_folder.resolve() == tuned_folder.resolve():
         raise ExtractError(f"the base and the tuned model are the same model ({base_folder}): "
                            "nothing to extract")
-    out = Path(out).expanduser() if out else default_output(tuned, rank, conv_rank)
-    _check_output(out, overwrite, (base_folder, tuned_folder))
+    for folder in (base_folder, tuned_folder):
+        if folder.resolve() in out.resolve().parents:
+            raise ExtractError(f"{out} is inside the model folder {folder}: write it elsewhere, "
+                               "the models are never modified")
     layers = target_layers(base_folder, conv=conv_rank > 0)
     base_weights, tuned_weights = FolderWeights(base_folder), FolderWeights(tuned_folder)
     try:
@@ -184,7 +188,7 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike,
         unchanged=unchanged, text_encoder=with_te, text_encoder_max_diff=te_diff,
         min_diff=min_diff, errors=errors, file_bytes=out.stat().st_size,
         seconds=time.monotonic() - start)
-    log.info("%s", report.summary())
+    log.debug("%s", report.summary())  # the caller shows it (the CLI prints it)
     return report
 
 
@@ -499,7 +503,7 @@ def _check_numbers(rank, conv_rank, clamp_quantile, min_diff, save_precision) ->
         raise ExtractError("; ".join(problems))
 
 
-def _check_output(out: Path, overwrite: bool, model_folders: tuple[Path, ...]) -> None:
+def _check_output(out: Path, overwrite: bool) -> None:
     if out.suffix.lower() != ".safetensors":
         raise ExtractError(f"{out}: the LoRA is written as .safetensors; name the file so")
     if out.is_dir():
@@ -507,11 +511,6 @@ def _check_output(out: Path, overwrite: bool, model_folders: tuple[Path, ...]) -
     if out.exists() and not overwrite:
         raise ExtractError(f"{out} already exists: choose another name with --out, or pass "
                            "--overwrite (overwrite=True) to replace it")
-    for folder in model_folders:
-        resolved, inside = out.resolve(), folder.resolve()
-        if resolved == inside or inside in resolved.parents:
-            raise ExtractError(f"{out} is inside the model folder {folder}: write it elsewhere, "
-                               "the models are never modified")
 
 
 __all__ = ["extract_lora", "ExtractReport", "ExtractError", "default_output", "target_layers",
