@@ -21,6 +21,7 @@ from colab_dreambooth.models.lora_extract import (
     low_rank_factors,
     relative_error,
     target_layers,
+    top_singular,
 )
 from colab_dreambooth.models.tiny import tiny_model_path
 
@@ -140,6 +141,20 @@ def test_rank_is_capped_per_layer_and_clamping_follows_kohya():
     assert up.shape == (6, 4, 1, 1) and down.shape == (4, 4, 3, 3)  # min(out, in) as kohya
 
 
+@pytest.mark.parametrize("shape", [(40, 300), (300, 40), (64, 64)])
+def test_cpu_singular_triplets_match_lapacks(shape):
+    """The CPU path (float64 Gram eigenvectors) gives LAPACK's best rank-k approximation."""
+    g = torch.Generator().manual_seed(2)
+    matrix = torch.randn(*shape, generator=g) * torch.logspace(0, -3, shape[1])  # decaying
+    u, s, vh = top_singular(matrix, 8)
+    ref_u, ref_s, ref_vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    assert torch.allclose(s.double(), ref_s[:8], rtol=1e-5)
+    best = ref_u[:, :8] * ref_s[:8] @ ref_vh[:8]
+    assert torch.allclose((u * s @ vh).double(), best, atol=1e-5 * float(ref_s[0]))
+    assert torch.allclose(u.T @ u, torch.eye(8), atol=1e-5)
+    assert torch.allclose(vh @ vh.T, torch.eye(8), atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- faithful
 
 
@@ -234,6 +249,27 @@ def test_text_encoder_left_out_when_unchanged(work):
     report = extract_lora("tiny", small, work / "small0.safetensors", rank=2, min_diff=0.0,
                           progress=False)
     assert report.text_encoder and report.layers["text_encoder"] == 2 * len(TE_CHANGED)
+
+
+def test_from_single_files(tuned, extracted, tmp_path):
+    """Base and tuned as single .safetensors files (converted once, beside them): the same
+    LoRA as from the diffusers folders."""
+    from colab_dreambooth.models.single_file.export import export_single_file
+
+    export_single_file(tiny_model_path(), tmp_path / "base.safetensors", fp16=False)
+    export_single_file(tuned, tmp_path / "tuned.safetensors", fp16=False)
+    report = extract_lora(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors",
+                          rank=4, conv_rank=4, clamp_quantile=1.0, save_precision="fp32",
+                          progress=False)
+    assert report.path == tmp_path / "tuned_extracted_r4_c4.safetensors"
+    got, meta = read_lora(report.path)
+    want, _ = read_lora(extracted.path)
+    assert got.keys() == want.keys()
+    for key in (k for k in want if k.endswith(".lora_down.weight")):  # up to the SVD's signs
+        up = key.replace("lora_down", "lora_up")
+        product = (got[up].flatten(1) @ got[key].flatten(1))
+        assert torch.allclose(product, want[up].flatten(1) @ want[key].flatten(1), atol=1e-5)
+    assert meta["ss_sd_model_name"] == "base.safetensors"
 
 
 # ----------------------------------------------------------------------------- refusals
