@@ -139,9 +139,8 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike,
     :func:`default_output` (beside the tuned model) and is never replaced unless ``overwrite``.
     ``rank`` applies to the Linear and 1x1 layers, ``conv_rank`` (0: none) to the 3x3
     convolutions; ``clamp_quantile`` 1.0 turns kohya's clamping off. ``save_precision`` is
-    ``fp16``, ``bf16`` or ``fp32``. The SVDs run in fp32 on ``device`` (default: CUDA when
-    available).
-    """
+    ``fp16``, ``bf16`` or ``fp32``. The SVDs run on ``device`` (default: CUDA when available)
+    in fp32, on the CPU through float64 Gram matrices (:func:`top_singular`)."""
     start = time.monotonic()
     _check_numbers(rank, conv_rank, clamp_quantile, min_diff, save_precision)
     out = Path(out).expanduser() if out else default_output(tuned, rank, conv_rank)
