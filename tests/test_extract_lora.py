@@ -312,6 +312,12 @@ def test_refuses_an_existing_output_and_bad_numbers(tuned, work):
     with pytest.raises(ExtractError, match="inside the model folder"):
         extract_lora("tiny", tuned, tuned / "x.safetensors")
     assert isinstance(ExtractError("x"), UserError)
+    lora = work / "lora-run"
+    (lora / "lora").mkdir(parents=True)
+    (lora / "lora" / "training_info.json").write_text(
+        '{"lora": true, "lora_file": "x.safetensors", "base_model": "tiny"}')
+    with pytest.raises(ExtractError, match="is a LoRA run"):
+        extract_lora("tiny", lora, work / "x.safetensors")
 
 
 def test_models_are_not_modified(work):

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from colab_dreambooth.errors import ModelLoadError, UserError
 from colab_dreambooth.models.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_key, save_lora
-from colab_dreambooth.models.pipelines import resolve_model
+from colab_dreambooth.models.pipelines import lora_run, resolve_model
 from colab_dreambooth.safetensors_stream import SafetensorsReader, read_layout
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,11 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike,
     _check_numbers(rank, conv_rank, clamp_quantile, min_diff, save_precision)
     out = Path(out).expanduser() if out else default_output(tuned, rank, conv_rank)
     _check_output(out, overwrite)  # before any download or conversion
+    for model in (base, tuned):
+        run = lora_run(model) if Path(model).expanduser().is_dir() else None
+        if run:
+            raise ExtractError(f"{model} is a LoRA run: its LoRA is {run[1]} already; "
+                               "extract-lora takes fully fine-tuned models")
     base_folder, tuned_folder = resolve_model(base), resolve_model(tuned)
     if base_folder.resolve() == tuned_folder.resolve():
         raise ExtractError(f"the base and the tuned model are the same model ({base_folder}): "
