@@ -296,6 +296,19 @@ def test_refuses_another_architecture_naming_the_layer(work):
                        match=r"attn2\.to_k\.weight is 32x48 in the tuned model and 32x32 in"):
         extract_lora("tiny", other, work / "mismatch.safetensors", progress=False)
 
+    # SD 2.x's UNet has Linear proj_in/proj_out where SD 1.x has 1x1 convs.
+    from diffusers import UNet2DConditionModel
+
+    sd2_like = work / "sd2-like"
+    shutil.copytree(tiny_model_path(), sd2_like)
+    config = UNet2DConditionModel.load_config(sd2_like / "unet")
+    UNet2DConditionModel.from_config({**config, "use_linear_projection": True}).save_pretrained(
+        sd2_like / "unet")
+    with pytest.raises(ModelLoadError, match=r"proj_in\.weight is 32x32 in the tuned model and "
+                                             r"32x32x1x1 in the base"):
+        extract_lora("tiny", sd2_like, work / "mismatch.safetensors", progress=False)
+    assert not (work / "mismatch.safetensors").exists()
+
 
 def test_refuses_an_existing_output_and_bad_numbers(tuned, work):
     out = work / "exists.safetensors"
