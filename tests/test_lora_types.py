@@ -267,3 +267,53 @@ def test_saving_an_adapter_file_is_atomic_for_every_type(runs, tmp_path):
     save_lora(target, runs["LoHa"].state, {"a": "b"})
     assert read_lora(target)[0].keys() == runs["LoHa"].state.keys()
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+def test_memory_figures_are_sd15s_adapted_layers():
+    """The estimator's per-rank figures are the in + out features of the layers adapter_plan
+    picks on SD 1.5's shapes (built on the meta device: no weights)."""
+    import json
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import colab_dreambooth.models.single_file as single_file
+    from colab_dreambooth.training import memory
+
+    configs = json.loads((Path(single_file.__file__).parent / "configs" / "sd1.json").read_text())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**{
+            k: v for k, v in configs["text_encoder"].items() if not k.startswith("_")}))
+
+    def in_out(model, names):
+        return sum(model.get_submodule(n).weight.shape[0] + model.get_submodule(n).weight[0].numel()
+                   for n in names)
+
+    def outs(model, names):
+        return sum(model.get_submodule(n).weight.shape[0] for n in names)
+
+    lora = adapter_plan(unet, "LoRA", text_encoder=False)
+    lora_text = adapter_plan(text_encoder, "LoRA", text_encoder=True)
+    locon = adapter_plan(unet, "LoCon", text_encoder=False, conv=True)
+    locon_text = adapter_plan(text_encoder, "LoCon", text_encoder=True)
+    assert in_out(unet, lora.linear) == memory.LORA_UNET_PER_RANK
+    assert in_out(text_encoder, lora_text.linear) == memory.LORA_TEXT_PER_RANK
+    assert in_out(unet, locon.linear) == memory.LOCON_UNET_PER_RANK
+    assert in_out(unet, locon.conv) == memory.LOCON_CONV_PER_RANK
+    assert in_out(text_encoder, locon_text.linear) == memory.LOCON_TEXT_PER_RANK
+    assert memory.DORA_MAGNITUDES == {
+        "LoRA": (outs(unet, lora.modules), outs(text_encoder, lora_text.modules)),
+        "LoCon": (outs(unet, locon.modules), outs(text_encoder, locon_text.modules))}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_checkpoint_size_estimate_follows_the_type(runs, case):
+    """On the tiny model the estimate is within 2x of the file's real count (LoKr: a bound)."""
+    from colab_dreambooth.training.memory import adapter_parameters, model_sizes
+
+    run = runs[case]
+    real = sum(v.numel() for k, v in run.state.items() if not k.endswith(".alpha"))
+    estimate = adapter_parameters(run.config, model_sizes(run.config.base_model))
+    assert real <= estimate * 2 and (CASES[case][0] == "LoKr" or estimate <= real * 2)
