@@ -317,3 +317,14 @@ def test_checkpoint_size_estimate_follows_the_type(runs, case):
     real = sum(v.numel() for k, v in run.state.items() if not k.endswith(".alpha"))
     estimate = adapter_parameters(run.config, model_sizes(run.config.base_model))
     assert real <= estimate * 2 and (CASES[case][0] == "LoKr" or estimate <= real * 2)
+
+
+def test_model_card_names_the_type_and_a_loader_that_reads_it(runs):
+    from colab_dreambooth.publish.model_card import write_model_card
+
+    for case, expect_peft in (("LoHa", True), ("LoCon", False)):
+        run = runs[case]
+        card = write_model_card(run.result.lora_file.parent).read_text(encoding="utf-8")
+        assert f"| LoRA type | {CASES[case][0]} |" in card and "Conv rank / alpha" in card
+        assert ("load_lora_pipeline(" in card) == expect_peft
+        assert ("load_lora_weights(" in card) != expect_peft
