@@ -16,6 +16,7 @@ from colab_dreambooth.data.captioning import (
     CaptionError,
     CaptionTokens,
     load_captioner,
+    place_tokens,
     write_captions,
 )
 
@@ -80,7 +81,8 @@ def _run_caption(args: argparse.Namespace) -> int:
         else args.existing_prompt_contents)
     if args.batch_size < 1:
         raise CaptionError("--batch-size must be at least 1")
-    if not folder.expanduser().is_dir():  # before loading a model for nothing
+    place_tokens("", tokens)  # a token the setting needs and lacks: said before any loading
+    if not folder.expanduser().is_dir():
         raise CaptionError(f"the image folder {folder} does not exist")
     captioner = load_captioner(args.model, tagger=args.tagger, device=args.device)
     report = write_captions(folder, captioner, tokens=tokens, overwrite=args.overwrite,
