@@ -327,3 +327,58 @@ def test_caption_command_errors(tmp_path, capsys):
                  "Instance Token + Description"]) == 1
     assert "Instance Token" in capsys.readouterr().err
     assert "photo_0.txt" not in caption_files(folder)
+
+
+# ----------------------------------------------------------------------------- notebook 01
+def test_caption_step_writes_shows_and_saves_edits(tmp_path, tiny_blip):
+    import ipywidgets  # noqa: F401  (the test extra installs it)
+
+    from colab_dreambooth.config.concept import Concept
+    from colab_dreambooth.config.settings import DreamBoothConfig
+    from widgets import CaptionApp, ConfigForm
+    from widgets.captioning import TAGS as TAGS_CHOICE
+
+    folder = make_folder(tmp_path / "images")
+    before = digests(folder)
+    config = DreamBoothConfig(pretrained_model_name_or_path="tiny", concepts_list=[Concept(
+        instance_prompt="[filewords]", instance_data_dir=str(folder), instance_token="sks",
+        class_token="dog", file_prompt_contents="Instance Token + Class Token + Description")])
+    form = ConfigForm(config, tabs=["Model", "Concepts"], show_train=False)
+    app = CaptionApp.for_form(form, model="tiny")
+    report = app.run()
+    assert report is not None and len(report.of(WRITTEN)) == 5
+    assert "5 caption(s) written, 2 kept" in app.status.value
+    assert len(app.editors) == 7 and not app.save_button.disabled  # every readable image
+    assert "broken.jpg" in str([c.value for c in app.table.children if hasattr(c, "value")])
+    assert all(read_caption(folder / n).startswith("sks dog, ") for n in UNCAPTIONED)
+    after = digests(folder)
+    assert {n: after[n] for n in before} == before
+
+    # Edit two captions in the table and save: only those files change.
+    names = [r.image.name for r in app.rows]
+    app.editors[names.index("mine.png")].value = "sks dog, edited by hand"
+    app.editors[names.index("photo_0.png")].value = "sks dog on a  sofa"
+    assert app.save() == [folder / "mine.txt", folder / "photo_0.txt"]
+    assert read_caption(folder / "mine.png") == "sks dog, edited by hand"
+    assert read_caption(folder / "photo_0.png") == "sks dog on a sofa"
+    assert app.save() == []  # nothing changed since
+
+    # The tagger through the same step; Overwrite replaces, a bad concept number is said.
+    app.kind.value = TAGS_CHOICE
+    assert app.model.value == "tiny"  # a typed model is kept when the kind changes
+    app.overwrite.value = True
+    assert len(app.run().of(WRITTEN)) == 7
+    assert read_caption(folder / "mine.png").startswith("sks, dog, ")
+    app.concept.value = 2
+    assert app.run() is None and "1 concept" in app.status.value
+
+
+def test_caption_step_reports_a_missing_folder(tmp_path):
+    from colab_dreambooth.config.concept import Concept
+    from colab_dreambooth.config.settings import DreamBoothConfig
+    from widgets import CaptionApp
+
+    config = DreamBoothConfig(concepts_list=[Concept(instance_data_dir=str(tmp_path / "no"))])
+    app = CaptionApp(config, model="tiny")
+    assert app.run() is None
+    assert "does not exist" in app.status.value and not app.run_button.disabled
