@@ -14,7 +14,9 @@ import pytest
 from PIL import Image
 
 from colab_dreambooth.cli import main
+from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.prompts import EXISTING_PROMPT_CONTENTS, build_prompts, contains_token
+from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.data.captioning import (
     CAPTION,
     CHARACTER,
@@ -37,6 +39,8 @@ from colab_dreambooth.data.captioning import (
 )
 from colab_dreambooth.data.captions import read_caption
 from colab_dreambooth.errors import ModelLoadError
+from widgets import CaptionApp, ConfigForm
+from widgets.captioning import TAGS as TAGS_CHOICE
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -331,12 +335,6 @@ def test_caption_command_errors(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- notebook 01
 def test_caption_step_writes_shows_and_saves_edits(tmp_path, tiny_blip):
-    import ipywidgets  # noqa: F401  (the test extra installs it)
-
-    from colab_dreambooth.config.concept import Concept
-    from colab_dreambooth.config.settings import DreamBoothConfig
-    from widgets import CaptionApp, ConfigForm
-    from widgets.captioning import TAGS as TAGS_CHOICE
 
     folder = make_folder(tmp_path / "images")
     before = digests(folder)
@@ -374,9 +372,6 @@ def test_caption_step_writes_shows_and_saves_edits(tmp_path, tiny_blip):
 
 
 def test_caption_step_reports_a_missing_folder(tmp_path):
-    from colab_dreambooth.config.concept import Concept
-    from colab_dreambooth.config.settings import DreamBoothConfig
-    from widgets import CaptionApp
 
     config = DreamBoothConfig(concepts_list=[Concept(instance_data_dir=str(tmp_path / "no"))])
     app = CaptionApp(config, model="tiny")
