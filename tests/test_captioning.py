@@ -377,3 +377,52 @@ def test_caption_step_reports_a_missing_folder(tmp_path):
     app = CaptionApp(config, model="tiny")
     assert app.run() is None
     assert "does not exist" in app.status.value and not app.run_button.disabled
+
+
+def test_wd14_hub_id_goes_through_timm_and_the_tags_file(monkeypatch, tiny_tagger):
+    """The real tagger's path with timm and the Hub stood in for (neither is reachable here):
+    ``hf-hub:ID`` to timm, ``selected_tags.csv`` from the Hub, then the same tag rules."""
+    import sys
+    import types
+
+    import huggingface_hub
+
+    from colab_dreambooth.data.captioning import _load_tiny_tagger, tiny_tagger_path
+
+    folder, calls = tiny_tagger_path(), []
+    timm = types.ModuleType("timm")
+    timm.create_model = lambda name, pretrained=False: (calls.append((name, pretrained))
+                                                        or _load_tiny_tagger(folder))
+    monkeypatch.setitem(sys.modules, "timm", timm)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, **kw: (
+        calls.append((repo, filename)) or str(folder / filename)))
+    tagger = load_captioner("SmilingWolf/wd-vit-tagger-v3")
+    assert tagger.kind == TAGS
+    assert calls == [("hf-hub:SmilingWolf/wd-vit-tagger-v3", True),
+                     ("SmilingWolf/wd-vit-tagger-v3", "selected_tags.csv")]
+    image = Image.new("RGB", (30, 20), (200, 100, 50))
+    assert tagger.caption([image]) == tiny_tagger.caption([image])
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # not installed
+    with pytest.raises(ModelLoadError, match="pip install timm"):
+        load_captioner("SmilingWolf/wd-vit-tagger-v3")
+
+
+def test_a_gated_model_is_loaded_again_with_the_hub_token(monkeypatch):
+    from colab_dreambooth.data.captioning import _from_hub
+    from colab_dreambooth.runtime.hub_token import forget_session_token
+
+    forget_session_token()
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    calls = []
+
+    def load(source, **kwargs):
+        calls.append(kwargs)
+        if not kwargs:
+            raise OSError("401 Client Error: Unauthorized for url")
+        return "loaded"
+
+    assert _from_hub(load, "owner/gated") == "loaded"
+    assert calls == [{}, {"token": "hf_secret"}]
+    with pytest.raises(OSError, match="404"):  # other failures are not retried
+        _from_hub(lambda source, **kw: (_ for _ in ()).throw(OSError("404 not found")), "o/x")
