@@ -426,3 +426,23 @@ def test_a_gated_model_is_loaded_again_with_the_hub_token(monkeypatch):
     assert calls == [{}, {"token": "hf_secret"}]
     with pytest.raises(OSError, match="404"):  # other failures are not retried
         _from_hub(lambda source, **kw: (_ for _ in ()).throw(OSError("404 not found")), "o/x")
+
+
+def test_current_captions_are_shown_to_edit_without_a_model(tmp_path):
+    from colab_dreambooth.data.captioning import MISSING, current_captions
+
+    folder = make_folder(tmp_path / "images")
+    before = digests(folder)
+    report = current_captions(folder)
+    assert [r.status for r in report.rows].count(MISSING) == 6  # broken.jpg too: no model
+    assert {r.image.name: r.caption for r in report.of(KEPT)} == {
+        "mine.png": "my own caption of sks dog", "windows.png": "an upper-case caption"}
+    assert digests(folder) == before
+
+    config = DreamBoothConfig(concepts_list=[Concept(instance_data_dir=str(folder))])
+    app = CaptionApp(config, model="no/such-model")  # never loaded here
+    assert app.show_current() is not None and "6 without a caption" in app.status.value
+    names = [r.image.name for r in app.rows]
+    app.editors[names.index("holiday.jpg")].value = "typed by hand"
+    assert app.save() == [folder / "holiday.txt"]
+    assert read_caption(folder / "holiday.jpg") == "typed by hand"

@@ -23,12 +23,14 @@ from colab_dreambooth.data.captioning import (
     DEFAULT_TAGGER,
     FAILED,
     KEPT,
+    MISSING,
     TINY,
     Captioner,
     CaptionError,
     CaptionReport,
     CaptionRow,
     CaptionTokens,
+    current_captions,
     load_captioner,
     save_edited_captions,
     write_captions,
@@ -93,15 +95,19 @@ class CaptionApp:
                                    icon="pencil")
         self.save_button = w.Button(description="Save edited captions", icon="save",
                                     disabled=True)
+        self.edit_button = set_help(w.Button(description="Edit current captions", icon="edit"),
+                                    "Show the captions the images have now, to edit by hand "
+                                    "(no model runs)")
         self.status = w.HTML()
         self.progress = w.Output()
         self.table = w.VBox()
         self.kind.observe(self._kind_changed, names="value")
         self.run_button.on_click(lambda _: self.run())
         self.save_button.on_click(lambda _: self.save())
+        self.edit_button.on_click(lambda _: self.show_current())
         self.widget = w.VBox([
             w.HBox([self.concept, self.kind]), self.model, self.overwrite,
-            w.HBox([self.run_button, self.save_button]), self.status, self.progress, self.table])
+            w.HBox([self.run_button, self.edit_button, self.save_button]), self.status, self.progress, self.table])
 
     @classmethod
     def for_form(cls, form: Any, **kwargs: Any) -> CaptionApp:
@@ -120,20 +126,37 @@ class CaptionApp:
         body = html.escape(text).replace("\n", "<br>")
         self.status.value = f"<span style='color:{colour}'>{body}</span>"
 
+    def _concept(self) -> tuple[Path, CaptionTokens]:
+        """The chosen concept's instance folder and tokens; raises UserError saying what is
+        wrong."""
+        concepts = self._config().concepts_list
+        if not 1 <= self.concept.value <= len(concepts):
+            raise UserError(f"there are {len(concepts)} concept(s): choose one of them")
+        concept = concepts[self.concept.value - 1]
+        folder = Path(concept.instance_data_dir).expanduser()
+        if not folder.is_dir():  # said before a model is downloaded for nothing
+            raise CaptionError(f"the image folder {folder} does not exist: upload the "
+                               "images first (or fix the concept's folder)")
+        return folder, CaptionTokens.of(concept)
+
+    def show_current(self) -> CaptionReport | None:
+        """Show the chosen concept's captions as they are now, to edit (no model runs)."""
+        try:
+            report = current_captions(self._concept()[0])
+        except (UserError, OSError) as exc:
+            self._say(str(exc), "#c62828")
+            return None
+        missing = len(report.of(MISSING))
+        self.show(report, f"{len(report.rows)} image(s), {missing} without a caption. Edit "
+                          "below, then Save edited captions.")
+        return report
+
     def run(self) -> CaptionReport | None:
         """Caption the chosen concept's images lacking a caption; show the table. Returns the
         report (None when a problem, shown in the status line, stopped it)."""
         self.run_button.disabled = True
         try:
-            concepts = self._config().concepts_list
-            if not 1 <= self.concept.value <= len(concepts):
-                raise UserError(f"there are {len(concepts)} concept(s): choose one of them")
-            concept = concepts[self.concept.value - 1]
-            folder = Path(concept.instance_data_dir).expanduser()
-            tokens = CaptionTokens.of(concept)
-            if not folder.is_dir():  # said before a model is downloaded for nothing
-                raise CaptionError(f"the image folder {folder} does not exist: upload the "
-                                   "images first (or fix the concept's folder)")
+            folder, tokens = self._concept()
             self._say(f"Loading {self.model.value.strip() or 'the model'}...", "#555")
             # Sentences: a model named like a tagger is still run as one (None guesses).
             captioner = self._load(self.model.value.strip(), self.kind.value == TAGS or None)
@@ -142,7 +165,7 @@ class CaptionApp:
             with self.progress:  # tqdm.auto draws its bar here
                 report = write_captions(folder, captioner, tokens=tokens,
                                         overwrite=self.overwrite.value)
-        except UserError as exc:
+        except (UserError, OSError) as exc:  # a model that failed to load, a full disk...
             self._say(str(exc), "#c62828")
             return None
         finally:
@@ -157,8 +180,9 @@ class CaptionApp:
             self._loaded = (model, tagger)
         return self._captioner
 
-    def show(self, report: CaptionReport) -> None:
-        """Fill the table: thumbnail, editable caption and status of each image."""
+    def show(self, report: CaptionReport, message: str | None = None) -> None:
+        """Fill the table: thumbnail, editable caption and status of each image; ``message``
+        for the status line (default: what the run did)."""
         self.report = report
         self.rows = [r for r in report.rows if r.status != FAILED][:PREVIEW_LIMIT]
         self.editors = [w.Textarea(value=r.caption, layout=w.Layout(width="520px",
@@ -181,7 +205,8 @@ class CaptionApp:
         self.save_button.disabled = not self.rows
         extra = ("" if self.overwrite.value or not report.of(KEPT) else
                  " Existing captions were kept (tick Overwrite to replace them).")
-        self._say(report.summary() + "." + extra + " Edit below, then Save edited captions.")
+        self._say(message or (report.summary() + "." + extra
+                              + " Edit below, then Save edited captions."))
 
     def save(self) -> list[Path]:
         """Write the captions edited in the table (only those that changed)."""

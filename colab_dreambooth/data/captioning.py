@@ -570,6 +570,7 @@ def _insert_before_class_word(text: str, token: str, phrases: list[str]) -> str:
 
 # ----------------------------------------------------------------------------- the folder
 WRITTEN, KEPT, FAILED = "written", "kept", "failed"
+MISSING = "missing"  # no caption file yet (only in :func:`current_captions`)
 
 
 @dataclass
@@ -578,7 +579,7 @@ class CaptionRow:
 
     image: Path
     caption: str  # the caption written, or the one kept ("" when the image failed)
-    status: str  # WRITTEN, KEPT or FAILED
+    status: str  # WRITTEN, KEPT or FAILED (MISSING: listed by current_captions)
     note: str = ""  # why kept or failed; a fallback used
 
 
@@ -705,6 +706,22 @@ def _write_one(image: Path, text: str, kind: str, tokens: CaptionTokens | None,
     return CaptionRow(image, caption, WRITTEN, note)
 
 
+def current_captions(folder: _PathLike) -> CaptionReport:
+    """The captions the images of ``folder`` have now, without a model: a KEPT row per
+    captioned image, a MISSING row (caption ``""``) per image without one, to edit by hand."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise CaptionError(f"the image folder {folder} does not exist")
+    rows = []
+    for image in list_image_files(folder):
+        if existing_caption_file(image) is None:
+            rows.append(CaptionRow(image, "", MISSING, "no caption yet"))
+        else:
+            text, note = _kept_caption(image)
+            rows.append(CaptionRow(image, text, KEPT, note))
+    return CaptionReport(folder, "(none)", rows)
+
+
 def save_edited_captions(edits: Iterable[tuple[_PathLike, str]]) -> list[Path]:
     """Write edited captions (image, text): each to the image's caption file (``.txt`` when
     it has none), atomically; blank texts are skipped. Returns the files written."""
@@ -720,8 +737,8 @@ def save_edited_captions(edits: Iterable[tuple[_PathLike, str]]) -> list[Path]:
 
 
 __all__ = ["CAPTION", "TAGS", "TINY", "DEFAULT_CAPTION_MODEL", "DEFAULT_TAGGER", "WRITTEN",
-           "KEPT", "FAILED", "BlipCaptioner", "CaptionError", "CaptionReport", "CaptionRow",
+           "KEPT", "FAILED", "MISSING", "BlipCaptioner", "CaptionError", "CaptionReport", "CaptionRow",
            "CaptionTokens", "Captioner", "Tag", "WD14Tagger", "build_tiny_captioner",
-           "build_tiny_tagger", "existing_caption_file", "format_tag", "load_captioner",
+           "build_tiny_tagger", "current_captions", "existing_caption_file", "format_tag", "load_captioner",
            "looks_like_tagger", "place_tokens", "read_tags_file", "save_edited_captions",
            "select_tags", "tiny_captioner_path", "tiny_tagger_path", "write_captions"]
