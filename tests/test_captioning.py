@@ -87,6 +87,14 @@ def caption_files(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir() if p.suffix.lower() == ".txt"}
 
 
+def assert_holds_tokens(caption: str, token: str, word: str) -> None:
+    """The caption holds both, and trains as "Instance Token + Class Token + Description"."""
+    assert contains_token(caption, token) and contains_token(caption, word)
+    instance, klass = build_prompts(caption, "[filewords]", "[filewords]", token, word,
+                                    "Instance Token + Class Token + Description")
+    assert instance == caption and not contains_token(klass, token)
+
+
 UNCAPTIONED = ["holiday.jpg", "photo_0.png", "photo_1.png", "photo_2.png", "photo_3.png"]
 
 
@@ -297,8 +305,8 @@ def test_caption_command_end_to_end(tmp_path, capsys, tiny_blip):
     assert code == 0
     assert "5 caption(s) written, 2 kept, 1 image(s) unreadable" in out
     assert "broken.jpg" in out and "mine.png" in out
-    for name in UNCAPTIONED:
-        assert read_caption(folder / name).startswith("sks dog, ")
+    for name in UNCAPTIONED:  # the tiny model's words may hold "dog": no exact text here
+        assert_holds_tokens(read_caption(folder / name), "sks", "dog")
     after = digests(folder)
     assert {n: after[n] for n in before} == before
 
@@ -348,7 +356,8 @@ def test_caption_step_writes_shows_and_saves_edits(tmp_path, tiny_blip):
     assert "5 caption(s) written, 2 kept" in app.status.value
     assert len(app.editors) == 7 and not app.save_button.disabled  # every readable image
     assert "broken.jpg" in str([c.value for c in app.table.children if hasattr(c, "value")])
-    assert all(read_caption(folder / n).startswith("sks dog, ") for n in UNCAPTIONED)
+    for name in UNCAPTIONED:
+        assert_holds_tokens(read_caption(folder / name), "sks", "dog")
     after = digests(folder)
     assert {n: after[n] for n in before} == before
 
