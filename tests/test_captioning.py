@@ -325,6 +325,15 @@ def test_caption_command_takes_the_concept_from_params(tmp_path, capsys, tiny_bl
     assert main(["caption", "--params", str(params), "--model", "tiny", "--tagger",
                  "--no-progress"]) == 0
     assert read_caption(folder / "photo_0.png").startswith("ohwx, ")
+    out = capsys.readouterr().out
+    assert "(tiny tagger)" in out and "[filewords]" not in out
+
+    # A concept whose prompts read no caption is told so (kohya users expect them read).
+    data = json.loads(params.read_text(encoding="utf-8"))
+    data["concepts_list"][0]["instance_prompt"] = "photo of ohwx cat"
+    params.write_text(json.dumps(data), encoding="utf-8")
+    assert main(["caption", "--params", str(params), "--model", "tiny", "--no-progress"]) == 0
+    assert "holds no [filewords]" in capsys.readouterr().out
     assert main(["caption", "--params", str(params), "--concept", "3"]) == 1
     assert "has 1 concept" in capsys.readouterr().err
 

@@ -31,6 +31,7 @@ from colab_dreambooth.data.captioning import (
     CaptionRow,
     CaptionTokens,
     current_captions,
+    filewords_note,
     load_captioner,
     save_edited_captions,
     write_captions,
@@ -76,6 +77,7 @@ class CaptionApp:
         self.rows: list[CaptionRow] = []
         self.editors: list[w.Textarea] = []
         self.report: CaptionReport | None = None
+        self._note = ""  # said when the concept's prompts read no caption
         self.kind = set_help(w.Dropdown(options=[SENTENCES, TAGS], value=SENTENCES,
                                         description="Write"),
                              "Sentences like 'a dog sitting on the grass' (BLIP), or booru tags "
@@ -137,6 +139,7 @@ class CaptionApp:
         if not folder.is_dir():  # said before a model is downloaded for nothing
             raise CaptionError(f"the image folder {folder} does not exist: upload the "
                                "images first (or fix the concept's folder)")
+        self._note = filewords_note(concept)
         return folder, CaptionTokens.of(concept)
 
     def show_current(self) -> CaptionReport | None:
@@ -205,8 +208,9 @@ class CaptionApp:
         self.save_button.disabled = not self.rows
         extra = ("" if self.overwrite.value or not report.of(KEPT) else
                  " Existing captions were kept (tick Overwrite to replace them).")
+        note = f" {self._note}" if self._note else ""
         self._say(message or (report.summary() + "." + extra
-                              + " Edit below, then Save edited captions."))
+                              + " Edit below, then Save edited captions.") + note)
 
     def save(self) -> list[Path]:
         """Write the captions edited in the table (only those that changed)."""

@@ -15,6 +15,7 @@ from colab_dreambooth.data.captioning import (
     WRITTEN,
     CaptionError,
     CaptionTokens,
+    filewords_note,
     load_captioner,
     place_tokens,
     write_captions,
@@ -61,14 +62,14 @@ def add_caption(subparsers) -> argparse.ArgumentParser:
 
 
 def _run_caption(args: argparse.Namespace) -> int:
-    folder, tokens = args.folder, CaptionTokens()
+    folder, tokens, note = args.folder, CaptionTokens(), ""
     if args.params is not None:
         concepts = resolve_concepts(load_params(args.params)).concepts_list
         if not 1 <= args.concept <= len(concepts):
             raise CaptionError(f"--concept {args.concept}: {args.params} has {len(concepts)} "
                                "concept(s), numbered from 1")
         concept = concepts[args.concept - 1]
-        tokens = CaptionTokens.of(concept)
+        tokens, note = CaptionTokens.of(concept), filewords_note(concept)
         if folder is None:
             folder = Path(concept.instance_data_dir)
     if folder is None:
@@ -92,4 +93,6 @@ def _run_caption(args: argparse.Namespace) -> int:
         print("No image in the folder (jpg, jpeg, png, webp, bmp).")
     elif report.of(KEPT) and not report.of(WRITTEN):
         print("Every image already had a caption: --overwrite replaces them.")
+    if note:
+        print(note)
     return 0

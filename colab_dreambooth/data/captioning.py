@@ -43,6 +43,7 @@ from colab_dreambooth.config.prompts import (
     CLASS_DESCRIPTION,
     DESCRIPTION,
     EXISTING_PROMPT_CONTENTS,
+    FILEWORDS,
     INSTANCE_CLASS_DESCRIPTION,
     INSTANCE_DESCRIPTION,
     PromptError,
@@ -465,12 +466,17 @@ def load_captioner(model: str | None = None, *, tagger: bool | None = None,
     elif looks_like_local_path(source) and not Path(source).expanduser().is_dir():
         raise ModelLoadError(f"the captioning model folder {source} does not exist: give a "
                              "Hub id (owner/name), a local folder or 'tiny'")
+    tiny = (model or "").strip() == TINY
     if tagger:
-        return WD14Tagger(source, device=device)
-    # The tiny model's random words would run to the 75-token limit on noisy photos: 16 keeps
-    # it at several images a second on a CPU.
-    length = {"max_new_tokens": 16} if (model or "").strip() == TINY else {}
-    return BlipCaptioner(source, device=device, **length)
+        captioner: Captioner = WD14Tagger(source, device=device)
+    else:
+        # The tiny model's random words would run to the 75-token limit on noisy photos: 16
+        # keeps it at several images a second on a CPU.
+        captioner = BlipCaptioner(source, device=device, **({"max_new_tokens": 16} if tiny
+                                                            else {}))
+    if tiny:
+        captioner.name = "tiny tagger" if tagger else "tiny captioner"  # not a cache path
+    return captioner
 
 
 # ----------------------------------------------------------------------------- the tokens
@@ -497,6 +503,15 @@ class CaptionTokens:
         valid = ", ".join(f"'{m}'" for m in EXISTING_PROMPT_CONTENTS)
         raise CaptionError(f"unknown Existing Prompt Contents '{self.file_prompt_contents}'. "
                            f"Use one of: {valid}.")
+
+
+def filewords_note(concept: Any) -> str:
+    """A note when the concept's prompts hold no ``[filewords]``: training then reads no
+    caption (kohya's scripts always do); ``""`` otherwise."""
+    if any(FILEWORDS.search(p or "") for p in (concept.instance_prompt, concept.class_prompt)):
+        return ""
+    return ("Note: the concept's instance prompt holds no [filewords], so training does not "
+            "read these captions; put [filewords] in it (e.g. '[filewords]') to train with them.")
 
 
 def _class_phrases(class_token: str) -> list[str]:
@@ -743,6 +758,6 @@ def save_edited_captions(edits: Iterable[tuple[_PathLike, str]]) -> list[Path]:
 __all__ = ["CAPTION", "TAGS", "TINY", "DEFAULT_CAPTION_MODEL", "DEFAULT_TAGGER", "WRITTEN",
            "KEPT", "FAILED", "MISSING", "BlipCaptioner", "CaptionError", "CaptionReport", "CaptionRow",
            "CaptionTokens", "Captioner", "Tag", "WD14Tagger", "build_tiny_captioner",
-           "build_tiny_tagger", "current_captions", "existing_caption_file", "format_tag", "load_captioner",
+           "build_tiny_tagger", "current_captions", "existing_caption_file", "filewords_note", "format_tag", "load_captioner",
            "looks_like_tagger", "place_tokens", "read_tags_file", "save_edited_captions",
            "select_tags", "tiny_captioner_path", "tiny_tagger_path", "write_captions"]
