@@ -17,24 +17,26 @@ from colab_dreambooth.cli import main
 from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.prompts import EXISTING_PROMPT_CONTENTS, build_prompts, contains_token
 from colab_dreambooth.config.settings import DreamBoothConfig
-from colab_dreambooth.data.captioning import (
+from colab_dreambooth.data.captioners import (
     CAPTION,
     CHARACTER,
-    FAILED,
     GENERAL,
-    KEPT,
     RATING,
     TAGS,
-    WRITTEN,
-    CaptionError,
-    CaptionTokens,
     Tag,
     format_tag,
     load_captioner,
     looks_like_tagger,
+    select_tags,
+)
+from colab_dreambooth.data.captioning import (
+    FAILED,
+    KEPT,
+    WRITTEN,
+    CaptionError,
+    CaptionTokens,
     place_tokens,
     save_edited_captions,
-    select_tags,
     write_captions,
 )
 from colab_dreambooth.data.captions import read_caption
@@ -405,7 +407,7 @@ def test_wd14_hub_id_goes_through_timm_and_the_tags_file(monkeypatch, tiny_tagge
 
     import huggingface_hub
 
-    from colab_dreambooth.data.captioning import _load_tiny_tagger, tiny_tagger_path
+    from colab_dreambooth.data.captioners import _load_tiny_tagger, tiny_tagger_path
 
     folder, calls = tiny_tagger_path(), []
     timm = types.ModuleType("timm")
@@ -427,7 +429,7 @@ def test_wd14_hub_id_goes_through_timm_and_the_tags_file(monkeypatch, tiny_tagge
 
 
 def test_a_gated_model_is_loaded_again_with_the_hub_token(monkeypatch):
-    from colab_dreambooth.data.captioning import _from_hub
+    from colab_dreambooth.data.captioners import _from_hub
     from colab_dreambooth.runtime.hub_token import forget_session_token
 
     forget_session_token()

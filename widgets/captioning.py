@@ -18,21 +18,23 @@ import ipywidgets as w
 from PIL import Image
 
 from colab_dreambooth.config.settings import DreamBoothConfig
-from colab_dreambooth.data.captioning import (
+from colab_dreambooth.data.captioners import (
     DEFAULT_CAPTION_MODEL,
     DEFAULT_TAGGER,
+    TINY,
+    Captioner,
+    load_captioner,
+)
+from colab_dreambooth.data.captioning import (
     FAILED,
     KEPT,
     MISSING,
-    TINY,
-    Captioner,
     CaptionError,
     CaptionReport,
     CaptionRow,
     CaptionTokens,
     current_captions,
     filewords_note,
-    load_captioner,
     save_edited_captions,
     write_captions,
 )

@@ -8,15 +8,13 @@ from pathlib import Path
 
 from colab_dreambooth.config.params import load_params, resolve_concepts
 from colab_dreambooth.config.prompts import EXISTING_PROMPT_CONTENTS
+from colab_dreambooth.data.captioners import DEFAULT_CAPTION_MODEL, DEFAULT_TAGGER, load_captioner
 from colab_dreambooth.data.captioning import (
-    DEFAULT_CAPTION_MODEL,
-    DEFAULT_TAGGER,
     KEPT,
     WRITTEN,
     CaptionError,
     CaptionTokens,
     filewords_note,
-    load_captioner,
     place_tokens,
     write_captions,
 )
