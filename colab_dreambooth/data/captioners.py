@@ -27,7 +27,7 @@ from PIL import Image
 from colab_dreambooth.config.prompts import tidy_prompt
 from colab_dreambooth.config.validation import looks_like_local_path
 from colab_dreambooth.errors import ModelLoadError
-from colab_dreambooth.files import save_folder_atomic
+from colab_dreambooth.files import cache_dir, save_folder_atomic
 from colab_dreambooth.runtime.hub_token import find_token
 
 CAPTION, TAGS = "caption", "tags"  # what a captioner writes: a sentence, or tags
@@ -54,13 +54,6 @@ class Captioner(Protocol):
     def caption(self, images: list[Image.Image]) -> list[str]:
         """One text per image, in order; ``""`` where the model found nothing to say."""
         ...
-
-
-def cache_dir() -> Path:
-    """The package's cache folder, as :func:`colab_dreambooth.models.tiny.cache_dir` (the data
-    layer cannot import models): ``$COLAB_DREAMBOOTH_CACHE`` or ``~/.cache/colab_dreambooth``."""
-    return Path(os.environ.get("COLAB_DREAMBOOTH_CACHE",
-                               Path.home() / ".cache" / "colab_dreambooth"))
 
 
 def _torch_device(device: str | None) -> tuple[Any, Any]:
@@ -443,6 +436,6 @@ def load_captioner(model: str | None = None, *, tagger: bool | None = None,
 
 __all__ = ["CAPTION", "TAGS", "TINY", "DEFAULT_CAPTION_MODEL", "DEFAULT_TAGGER", "GENERAL",
            "CHARACTER", "RATING", "BlipCaptioner", "Captioner", "Tag", "WD14Tagger",
-           "build_tiny_captioner", "build_tiny_tagger", "cache_dir", "format_tag",
+           "build_tiny_captioner", "build_tiny_tagger", "format_tag",
            "load_captioner", "looks_like_tagger", "read_tags_file", "select_tags",
            "tiny_captioner_path", "tiny_tagger_path"]
