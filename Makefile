@@ -42,12 +42,12 @@ COLAB_PREINSTALLED := pip torch diffusers transformers accelerate peft huggingfa
 	safetensors numpy pillow tqdm ipywidgets widgetsnbextension ipython ipykernel traitlets \
 	notebook jupyter_client nbclient nbformat psutil pytest
 # Test tools Colab lacks, installed after the check (still held to Colab's versions).
-COLAB_TEST_TOOLS := selenium lion-pytorch prodigyopt
+COLAB_TEST_TOOLS := selenium lion-pytorch prodigyopt lycoris-lora
 # What runs there: the notebooks, the widgets (ipywidgets 7), the browser (classic notebook),
 # the install cell, and the modules that call diffusers/transformers/peft the most.
 COLAB_TESTS ?= tests/test_install_cell.py tests/test_widgets.py tests/test_notebooks.py \
 	tests/test_browser.py tests/test_runtime.py tests/test_models.py tests/test_sample.py \
-	tests/test_lora.py tests/test_export.py
+	tests/test_lora.py tests/test_lora_types.py tests/test_export.py tests/test_captioning.py
 
 venv-colab: $(COLAB_VENV)/.installed
 

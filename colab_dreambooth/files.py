@@ -162,6 +162,14 @@ def visible_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
+def cache_dir() -> Path:
+    """This package's cache folder (``$COLAB_DREAMBOOTH_CACHE`` or ``~/.cache/colab_dreambooth``):
+    the tiny model, the tiny captioners, the CLIP vocabulary."""
+    return Path(os.environ.get("COLAB_DREAMBOOTH_CACHE",
+                               Path.home() / ".cache" / "colab_dreambooth"))
+
+
 __all__ = ["IMAGE_EXTENSIONS", "list_image_files", "visible_files", "copy_file_atomic",
            "write_text_atomic", "save_folder_atomic", "fsync_file", "fsync_folder", "file_mode",
-           "folder_mode", "give_ordinary_permissions", "temp_file_beside", "temp_folder_beside"]
+           "folder_mode", "give_ordinary_permissions", "temp_file_beside", "temp_folder_beside",
+           "cache_dir"]

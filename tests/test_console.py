@@ -72,7 +72,7 @@ def test_outputs_get_ordinary_permissions(umask, tmp_path):
     from colab_dreambooth.config.params import save_params
     from colab_dreambooth.config.settings import DreamBoothConfig
     from colab_dreambooth.files import save_folder_atomic
-    from colab_dreambooth.models.lora import save_lora
+    from colab_dreambooth.models.lora_file import save_lora
 
     params = save_params(DreamBoothConfig(), tmp_path / "params.json")
     from safetensors.torch import save_file

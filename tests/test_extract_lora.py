@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 
 from colab_dreambooth.cli.parser import main
 from colab_dreambooth.errors import ModelLoadError, UserError
-from colab_dreambooth.models.lora import read_lora, state_for_diffusers
 from colab_dreambooth.models.lora_extract import (
     ExtractError,
     default_output,
@@ -23,6 +22,7 @@ from colab_dreambooth.models.lora_extract import (
     target_layers,
     top_singular,
 )
+from colab_dreambooth.models.lora_file import read_lora, state_for_diffusers
 from colab_dreambooth.models.tiny import tiny_model_path
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"

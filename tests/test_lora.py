@@ -25,19 +25,17 @@ from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.config.validation import check_lora, lora_problems, validate
 from colab_dreambooth.demo import demo_config
 from colab_dreambooth.errors import ConfigError
-from colab_dreambooth.models import lora
+from colab_dreambooth.models import lora_file
 from colab_dreambooth.models.loading import load_components
 from colab_dreambooth.models.lora import (
     TEXT_ENCODER_TARGET_MODULES,
     UNET_TARGET_MODULES,
     add_lora,
     effective_alpha,
-    kohya_state_dict,
     lora_file_path,
     lora_metadata,
-    read_lora,
-    save_lora,
 )
+from colab_dreambooth.models.lora_file import kohya_state_dict, read_lora, save_lora
 from colab_dreambooth.models.pipelines import load_lora_pipeline
 from colab_dreambooth.models.tiny import tiny_model_path
 from colab_dreambooth.runtime.device import DeviceInfo
@@ -265,7 +263,7 @@ def test_diffusers_load_reproduces_the_trained_model(run, base_outputs):
     base = base_pipeline()
     # The file as diffusers reads it (0.39 + transformers 5, Colab's, needs its text-encoder
     # names without "text_model_"; newer diffusers read the file unchanged).
-    state = lora.state_for_diffusers(lora.read_lora(run.result.lora_file)[0], base.text_encoder)
+    state = lora_file.state_for_diffusers(read_lora(run.result.lora_file)[0], base.text_encoder)
     base.load_lora_weights(state)
     loaded = pipe_outputs(base)
     trained = run.captured

@@ -726,3 +726,16 @@ def test_release_config_for_notebook_04(tmp_path, tiny_config):
     config, _ = release_config(tmp_path, base_model="ignored", n_samples=1, sample_steps=3)
     assert (config.concepts_list[0].n_save_sample, config.concepts_list[0].save_infer_steps) \
         == (1, 3)
+
+
+def test_lora_type_fields_show_only_where_they_apply(tiny_config):
+    form = form_for(tiny_config.copy(use_lora=False))
+    shown = lambda name: form.fields[name].widget.layout.display != "none"  # noqa: E731
+    assert not shown("lora_type") and not shown("lora_conv_rank") and not shown("use_dora")
+    type_into(form, "use_lora", True)
+    assert shown("lora_type") and shown("use_dora") and not shown("lora_conv_rank")
+    type_into(form, "lora_type", "LoHa")
+    assert shown("lora_conv_rank") and shown("lora_conv_alpha") and not shown("use_dora")
+    type_into(form, "lora_conv_rank", "8")
+    type_into(form, "lora_type", "LoRA")
+    assert not shown("lora_conv_rank") and form.config.lora_conv_rank == 8  # value kept

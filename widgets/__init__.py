@@ -7,12 +7,14 @@ This package is the only part of the project that imports ipywidgets (install th
 - :class:`TrainingView`: progress, loss curve, preview grid and a Stop button for a run.
 - :class:`TrainApp`: both together, as notebook 03 shows them.
 - :mod:`widgets.prepare`: uploads, captioned image grid, crop preview and data report (01).
+- :class:`CaptionApp`: automatic captions and a table to edit them (01).
 - :class:`ClassImagesApp`: the class-image settings, Generate, progress and a grid (02).
 - :class:`ReleaseApp`: samples, export, model card, dehydrate and send (04).
 - :mod:`widgets.workdir`: ``WORK_DIR/params.json``, which carries settings between notebooks.
 """
 
 from .app import TrainApp
+from .captioning import CaptionApp
 from .class_images import ClassImagesApp, count_class_images
 from .environment import (
     DriveNotMounted,
@@ -47,7 +49,7 @@ from .workdir import (
 )
 
 __all__ = [
-    "ClassImagesApp", "ConfigForm", "DataReport", "DriveNotMounted", "ReleaseApp", "TrainApp", "TrainingView",
+    "CaptionApp", "ClassImagesApp", "ConfigForm", "DataReport", "DriveNotMounted", "ReleaseApp", "TrainApp", "TrainingView",
     "UploadBox", "caption_grid", "captioned_grid", "class_images_config", "colab_upload",
     "count_class_images", "crop_preview", "data_report", "estimate_total_steps", "mount_drive",
     "mount_drive_if_needed", "on_colab", "params_file", "platform_name", "prepare_config",

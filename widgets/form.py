@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 import ipywidgets as w
 
 from colab_dreambooth.config.concept import Concept
-from colab_dreambooth.config.fields import TABS, field_specs
+from colab_dreambooth.config.fields import TABS, field_specs, is_shown
 from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.config.validation import validate
 from colab_dreambooth.errors import ConfigError, Problem
@@ -257,7 +257,17 @@ class ConfigForm:
                    if p.where not in unparsed]
         self._problems = parse_problems + checked
         self._show(self._problems)
+        self._show_applicable(config)
         return self.problems
+
+    def _show_applicable(self, config: DreamBoothConfig) -> None:
+        """Hide the fields that do not apply to the values now chosen (a Lora Type's own
+        fields); hidden fields keep their values."""
+        values = {name: getattr(config, name) for name in self.fields}
+        for control in self.fields.values():
+            if control.spec.setting.shown_when:
+                shown = is_shown(control.spec.setting, values)
+                control.widget.layout.display = None if shown else "none"
 
     def _read(self) -> tuple[DreamBoothConfig, list[Problem]]:
         values, problems = read_controls(self.fields, RUN_SPECS, "")

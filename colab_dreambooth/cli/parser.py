@@ -8,6 +8,7 @@ import errno
 import sys
 from typing import Sequence
 
+from colab_dreambooth.cli.caption_command import add_caption
 from colab_dreambooth.cli.exit_codes import EXIT_ERROR, EXIT_OK, EXIT_STOPPED, EXIT_USAGE
 from colab_dreambooth.cli.extract_command import add_extract_lora
 from colab_dreambooth.cli.image_commands import add_class_images, add_model_card, add_sample
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_run_commands(sub)
     for add in (add_class_images, add_sample, add_model_card, add_create_model, add_export,
-                add_dehydrate_rehydrate, add_extract_lora):
+                add_dehydrate_rehydrate, add_caption, add_extract_lora):
         add(sub)
     return parser
 

@@ -44,7 +44,7 @@ EXTENSION_ONLY_KEYS = frozenset("""
     save_state_during save_use_epochs save_use_global_counts scheduler shared_diffusers_path
     shuffle_after_epoch snapshot split_loss strict_tokens tenc_grad_clip_norm tomesd
     train_imagic train_imagic_only train_unet train_unfrozen use_concepts use_dream
-    use_lora_extended use_shared_src use_subdir use_unet v2 weight_dtype full_mixed_precision
+    use_shared_src use_subdir use_unet v2 weight_dtype full_mixed_precision
     input_pertubation adaptation_growth_rate adaptation_momentum enable_tomesd half_lora
     lora_rank min_learning_rate train_conditioning unfreeze_model use_filename_as_label
     use_txt_as_label train_text_encoder_steps name output_dir working_dir total_steps
@@ -68,7 +68,7 @@ def strip_db_prefix(key: str) -> str:
 
 # Keys read by import_extension_specials, not by their name alone.
 SPECIAL_KEYS = {"not_cache_latents", "optimizer", "stop_text_encoder", "max_train_steps",
-                "lr_scheduler", "save_embedding_every"}
+                "lr_scheduler", "save_embedding_every", "use_lora_extended"}
 # The extension's scheduler names that are ours under another name.
 EXTENSION_SCHEDULERS = {"linear_with_warmup": "linear", "cosine_annealing": "cosine",
                         "cosine_annealing_with_restarts": "cosine_with_restarts"}
@@ -124,6 +124,15 @@ def import_extension_specials(data: dict[str, Any], values: dict[str, Any],
                 values["use_8bit_adam"] = mapped[1]
         else:  # kept as written: validation names the choices
             coerce_into(values, _RUN_FIELDS["optimizer"], name, "optimizer", problems)
+    if data.get("use_lora_extended") is True and "lora_type" not in data:
+        # The extension's "Lora Extended" adds LoRA to the ResNet convolutions at the UNet rank.
+        values["lora_type"] = "LoCon"
+        if "lora_conv_rank" not in data:
+            rank = values.get("lora_unet_rank", data.get("lora_unet_rank"))
+            if isinstance(rank, int) and not isinstance(rank, bool):
+                values["lora_conv_rank"] = rank
+        notes.append("read the extension's use_lora_extended as Lora Type LoCon (convolutions "
+                     "at the UNet rank)")
     if "use_concepts" in data and not data.get("use_concepts") and values.get("concepts_path"):
         notes.append("the extension's use_concepts is off: its concepts_path "
                      f"{values['concepts_path']!r} is not used")

@@ -45,6 +45,9 @@ class Setting:
     # It changes what a checkpoint's tensors or batches mean: resuming with another value
     # cannot continue the same run, so it is refused.
     must_match: bool = False
+    # Shown only when each named field holds one of the listed values (e.g. a Lora Type's own
+    # fields); a hidden field keeps its value and is still saved.
+    shown_when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
     @property
     def tab(self) -> str:
@@ -64,12 +67,15 @@ def setting(
     path: bool = False,
     preset_column: int | None = None,
     must_match: bool = False,
+    shown_when: dict[str, tuple[Any, ...]] | None = None,
 ) -> Any:
     """Declare a dataclass field together with its :class:`Setting`."""
     assert group in GROUPS, group
     assert default is None or preset_column is None, "a preset fills only blank fields"
     meta = {"setting": Setting(label, help, group, choices, minimum, maximum, path,
-                               preset_column, must_match)}
+                               preset_column, must_match,
+                               tuple((name, tuple(values))
+                                     for name, values in (shown_when or {}).items()))}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -93,6 +99,11 @@ class FieldSpec:
     optional: bool  # None ("blank") is allowed
     default: Any
     setting: Setting
+
+
+def is_shown(setting: Setting, values: dict[str, Any]) -> bool:
+    """True when a field applies to ``values`` (field name -> value), see ``shown_when``."""
+    return all(values.get(name) in allowed for name, allowed in setting.shown_when)
 
 
 def field_specs(cls: type) -> dict[str, FieldSpec]:

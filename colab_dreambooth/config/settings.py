@@ -24,6 +24,9 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 ATTENTION = ("default", "xformers", "flash_attention")
 OPTIMIZERS = ("AdamW", "Lion", "Prodigy", "Adafactor")
 NOISE_SCHEDULERS = ("DDPM", "DEIS", "UniPC")
+LORA_TYPES = ("LoRA", "LoCon", "LoHa", "LoKr")  # see colab_dreambooth.models.lora
+DORA_TYPES = ("LoRA", "LoCon")  # peft's DoRA is LoRA's
+CONV_TYPES = ("LoCon", "LoHa", "LoKr")  # with Lora Conv Rank for the 3x3 convolutions
 MAX_TOKEN_LENGTHS = (75, 150, 225)
 TINY_MODEL = "tiny"
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -68,6 +71,18 @@ class DreamBoothConfig:
         "name>.safetensors) that the WebUI, kohya and diffusers load, instead of a 2-4 GB "
         "model. Needs much less VRAM; the Lora learning rates replace the usual ones.",
         "Parameters", must_match=True)
+    lora_type: str = setting(
+        "LoRA", "Lora Type", "The adapter Use LORA trains, as in kohya's sd-scripts and "
+        "LyCORIS: LoRA (attention layers, diffusers' DreamBooth LoRA), LoCon (LoRA on every "
+        "linear layer of the transformer blocks and on the convolutions too, at Conv rank), LoHa "
+        "(a Hadamard product of two low-rank pairs: more capacity per MB) or LoKr (a Kronecker "
+        "product: the smallest files). All save in the layout the WebUI and ComfyUI load.",
+        "Parameters", choices=LORA_TYPES, must_match=True, shown_when={"use_lora": (True,)})
+    use_dora: bool = setting(
+        False, "Use DoRA", "Weight-decomposed LoRA: also trains each output row's magnitude, "
+        "which follows full fine-tuning more closely at the same rank (about 10-20% slower "
+        "steps). LoRA and LoCon only.", "Parameters", must_match=True,
+        shown_when={"use_lora": (True,), "lora_type": DORA_TYPES})
     lora_learning_rate: float = setting(
         1e-4, "Lora UNET Learning Rate", "UNet learning rate when Use LORA is on (LoRA "
         "adapters need far higher rates than full fine-tuning).", "Parameters",
@@ -231,6 +246,17 @@ class DreamBoothConfig:
         4, "Lora Text Encoder Rank", "Rank of the text encoder's LoRA adapters (CLIP "
         "self-attention q/k/v/out projections), used when Train Text Encoder is on.",
         "Advanced", minimum=1, maximum=1024, must_match=True)
+    lora_conv_rank: int = setting(
+        4, "Lora Conv Rank", "Rank of the adapters on the UNet's 3x3 convolutions (kohya's "
+        "conv_dim) for LoCon, LoHa and LoKr; 0 = convolutions left out (LoHa/LoKr then adapt "
+        "the transformer blocks only). 4-16 is usual; convolutions learn texture and style.",
+        "Advanced", minimum=0, maximum=1024, must_match=True,
+        shown_when={"use_lora": (True,), "lora_type": CONV_TYPES})
+    lora_conv_alpha: Optional[float] = setting(
+        None, "Lora Conv Alpha", "Alpha of the convolution adapters (kohya's conv_alpha): their "
+        "update is scaled by alpha / conv rank. Blank or 0 = the conv rank (scale 1.0).",
+        "Advanced", minimum=0.0, must_match=True,
+        shown_when={"use_lora": (True,), "lora_type": CONV_TYPES})
     # Must match: the adapters' output is scaled by alpha / rank, so the checkpoint's adapters
     # under another alpha compute another function (and take steps of another size).
     lora_alpha: Optional[float] = setting(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Iterable
 from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.fields import coerce, field_specs
 from colab_dreambooth.config.prompts import contains_token
-from colab_dreambooth.config.settings import TINY_MODEL, DreamBoothConfig
+from colab_dreambooth.config.settings import DORA_TYPES, TINY_MODEL, DreamBoothConfig
 from colab_dreambooth.errors import ConfigError, Problem
 from colab_dreambooth.runtime import environment as runtime
 from colab_dreambooth.runtime.device import detect_device
@@ -279,6 +279,12 @@ def lora_problems(config: "DreamBoothConfig") -> list[Problem]:
     if importlib.util.find_spec("peft") is None:
         problems.append(Problem("use_lora", "LoRA training needs the peft package: "
                                 "pip install 'peft>=0.13'"))
+    if config.use_dora and config.lora_type not in DORA_TYPES:
+        problems.append(Problem("use_dora", f"DoRA applies to Lora Type LoRA or LoCon, not "
+                                f"{config.lora_type}: turn off Use DoRA or change the type"))
+    if config.lora_type == "LoCon" and config.lora_conv_rank < 1:
+        problems.append(Problem("lora_conv_rank", "LoCon with Lora Conv Rank 0 is plain LoRA on "
+                                "more layers: set a conv rank (4-16 is usual)"))
     if config.use_ema:
         problems.append(Problem("use_ema", "Train EMA averages the full UNet and does not "
                                 "apply to LoRA (an average of the two LoRA factors is not the "

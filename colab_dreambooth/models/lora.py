@@ -1,59 +1,121 @@
-"""LoRA training: peft adapters on the UNet (and text encoder), saved in kohya's key layout.
+"""LoRA training and loading: peft adapters of each type on the UNet (and text encoder).
 
 With Use LORA the DreamBooth loop stays the same; only the trained parameters change: the base
-weights are frozen and peft adds low-rank adapters ``W + (alpha / rank) * up @ down`` to
+weights are frozen and peft adds small adapters whose update is scaled by ``alpha / rank``.
+Lora Type chooses the adapter and where it goes, as kohya's sd-scripts and LyCORIS do:
 
-* the UNet's attention projections ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of every
-  self-attention (``attn1``) and cross-attention (``attn2``) block, as diffusers' DreamBooth
-  LoRA script does (kohya also adapts ``proj_in``/``proj_out`` and the feed-forward layers);
-* with Train Text Encoder, CLIP's self-attention ``q_proj``, ``k_proj``, ``v_proj``,
-  ``out_proj`` (kohya and diffusers also name these; kohya adds the MLP).
+* ``LoRA``: ``up @ down`` on the UNet's attention projections ``to_q``, ``to_k``, ``to_v``,
+  ``to_out.0`` of every self- and cross-attention block (diffusers' DreamBooth LoRA) and, with
+  Train Text Encoder, on CLIP's ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``.
+* ``LoCon``: LoRA on every linear and 1x1 convolution of the UNet's transformer blocks
+  (attention, feed-forward, ``proj_in``/``proj_out``: kohya's LoRA) and on the 3x3 convolutions
+  (and their time-embedding and shortcut layers) of its ResNet, down- and up-sampling blocks,
+  at Conv rank / Conv alpha; CLIP's attention and MLP layers.
+* ``LoHa`` (``(w1a @ w1b) * (w2a @ w2b)``, a Hadamard product) and ``LoKr`` (a Kronecker
+  product ``w1 (x) w2``) on LoCon's layers; the 3x3 convolutions only when Conv rank is above 0.
+* Use DoRA (LoRA and LoCon) adds a trained magnitude per output row (peft's ``use_dora``).
 
-The result is one ``.safetensors`` file in kohya's layout, which the AUTOMATIC1111 WebUI,
-kohya's sd-scripts and diffusers' ``load_lora_weights`` all read::
-
-    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight
-    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight
-    lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha
-    lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight   (and so on)
-
-``lora_down`` is peft's ``lora_A`` (rank x in), ``lora_up`` its ``lora_B`` (out x rank) and
-``alpha`` a scalar: a loader scales ``up @ down`` by ``alpha / rank``. Text-encoder names keep
-CLIP's ``text_model.`` level even where transformers 5 flattened it away, because the WebUI
-matches ``lora_te_text_model_encoder_layers_<n>_...``; diffusers strips it again when loading.
+:func:`add_lora` adds them for training; :mod:`colab_dreambooth.models.lora_file` writes and
+reads the file; :func:`load_adapters` puts a file's adapters back onto models through peft
+(LoHa, LoKr and DoRA, which diffusers' Stable Diffusion loader cannot apply).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
-from colab_dreambooth.config.settings import safe_name
-from colab_dreambooth.files import file_mode, temp_file_beside
+from colab_dreambooth.config.settings import CONV_TYPES, DORA_TYPES, LORA_TYPES, safe_name
+from colab_dreambooth.errors import ModelLoadError
+from colab_dreambooth.models.lora_file import (
+    ADAPTER_NAME,
+    TEXT_ENCODER_PREFIX,
+    UNET_PREFIX,
+    ModuleAdapter,
+    file_modules,
+    kohya_key,
+)
 
 if TYPE_CHECKING:
     from colab_dreambooth.config.settings import DreamBoothConfig
 
 UNET_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
-UNET_PREFIX = "lora_unet_"
-TEXT_ENCODER_PREFIX = "lora_te_"
-ADAPTER_NAME = "default"
+# kohya's and LyCORIS's target blocks: every linear and 1x1 convolution inside them at the
+# rank; 3x3 convolutions at the conv rank. CLIPSdpaAttention is transformers 4's SDPA class.
+UNET_TRANSFORMER_BLOCKS = ("Transformer2DModel",)
+UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+ADAPTER_WEIGHT_MARKERS = ("lora_", "hada_", "lokr_")  # in peft's names of adapter tensors
 
 
 # ----------------------------------------------------------------------------- settings
-
-
 def effective_alpha(alpha: float | None, rank: int) -> float:
     """The alpha to use: blank or 0 means the rank itself (scale 1.0), as in kohya."""
     return float(rank) if not alpha else float(alpha)
+
+
+def uses_conv(config: "DreamBoothConfig") -> bool:
+    """True when the run adapts the UNet's 3x3 convolutions (LoCon, LoHa/LoKr with Conv rank)."""
+    return config.lora_type in CONV_TYPES and config.lora_conv_rank > 0
+
+
+def uses_dora(config: "DreamBoothConfig") -> bool:
+    """True when Use DoRA applies to the run's Lora Type."""
+    return bool(config.use_dora) and config.lora_type in DORA_TYPES
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """The modules of one model that get adapters: at the rank, and at the conv rank."""
+
+    linear: tuple[str, ...]
+    conv: tuple[str, ...] = ()
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return self.linear + self.conv
+
+
+def adapter_plan(model: torch.nn.Module, lora_type: str, *, text_encoder: bool,
+                 conv: bool = False) -> AdapterPlan:
+    """Which modules of ``model`` (a UNet, or CLIP with ``text_encoder``) ``lora_type`` adapts;
+    ``conv``: the UNet's 3x3 convolutions too."""
+    if lora_type not in LORA_TYPES:
+        raise ValueError(f"unknown Lora Type {lora_type!r}: one of {', '.join(LORA_TYPES)}")
+    if lora_type == "LoRA":
+        targets = TEXT_ENCODER_TARGET_MODULES if text_encoder else UNET_TARGET_MODULES
+        return AdapterPlan(tuple(name for name, _ in model.named_modules()
+                                 if name.endswith(tuple("." + t for t in targets))))
+    blocks = TEXT_ENCODER_BLOCKS if text_encoder else (
+        UNET_TRANSFORMER_BLOCKS + (UNET_CONV_BLOCKS if conv else ()))
+    linear, convs = {}, {}
+    for block_name, block in model.named_modules():
+        if type(block).__name__ not in blocks:
+            continue
+        for child_name, child in block.named_modules():
+            name = f"{block_name}.{child_name}" if block_name else child_name
+            if isinstance(child, torch.nn.Linear) or (
+                    isinstance(child, torch.nn.Conv2d) and child.kernel_size == (1, 1)):
+                linear[name] = None
+            elif isinstance(child, torch.nn.Conv2d):
+                convs[name] = None
+    return AdapterPlan(tuple(linear), tuple(convs))
+
+
+def adapter_plan_names(config: "DreamBoothConfig") -> tuple[str, str]:
+    """The UNet's and text encoder's adapted layers in words, for the file's metadata."""
+    if config.lora_type == "LoRA":
+        return ",".join(UNET_TARGET_MODULES), ",".join(TEXT_ENCODER_TARGET_MODULES)
+    unet = UNET_TRANSFORMER_BLOCKS + (UNET_CONV_BLOCKS if uses_conv(config) else ())
+    return ",".join(unet), ",".join(TEXT_ENCODER_BLOCKS)
 
 
 def lora_file_path(config: "DreamBoothConfig") -> Path:
@@ -61,9 +123,38 @@ def lora_file_path(config: "DreamBoothConfig") -> Path:
     return config.model_dir / "lora" / f"{safe_name(config.model_name)}.safetensors"
 
 
+def peft_config(lora_type: str, plan: AdapterPlan, *, rank: int, alpha: float | None,
+                conv_rank: int = 0, conv_alpha: float | None = None, dora: bool = False,
+                module_ranks: dict[str, int] | None = None,
+                module_alphas: dict[str, float] | None = None, lokr_factor: int = -1):
+    """peft's configuration of ``lora_type`` on ``plan``'s modules; 3x3 convolutions (and any
+    module in ``module_ranks``/``module_alphas``) get their own rank and alpha."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    ranks = {name: conv_rank for name in plan.conv} | dict(module_ranks or {})
+    alphas = ({name: effective_alpha(conv_alpha, conv_rank) for name in plan.conv}
+              | dict(module_alphas or {}))
+    # Exact names: peft matches a pattern against the end of each module's dotted name.
+    rank_pattern = {f"^{re.escape(name)}": r for name, r in ranks.items()}
+    alpha_pattern = {f"^{re.escape(name)}": a for name, a in alphas.items()}
+    common = dict(target_modules=list(plan.modules), rank_pattern=rank_pattern,
+                  alpha_pattern=alpha_pattern)
+    if lora_type in ("LoRA", "LoCon"):
+        # init_lora_weights=True: down Kaiming-uniform, up zeros (kohya's and Microsoft's), so
+        # training starts exactly at the base model.
+        return LoraConfig(r=rank, lora_alpha=effective_alpha(alpha, rank), lora_dropout=0.0,
+                          init_lora_weights=True, use_dora=dora, **common)
+    # Flattened convolution factors (no Tucker core): LyCORIS's default layout.
+    if lora_type == "LoHa":
+        return LoHaConfig(r=rank, alpha=effective_alpha(alpha, rank),
+                          use_effective_conv2d=False, **common)
+    return LoKrConfig(r=rank, alpha=effective_alpha(alpha, rank), use_effective_conv2d=False,
+                      decompose_factor=lokr_factor, **common)
+
+
 # ----------------------------------------------------------------------------- training
 def add_lora(unet, text_encoder, config: "DreamBoothConfig") -> list[torch.nn.Parameter]:
-    """Freeze the base weights and add trainable LoRA adapters; return the adapters' weights.
+    """Freeze the base weights and add trainable adapters of Lora Type; return their weights.
 
     The UNet always gets adapters; the text encoder only with Train Text Encoder. Adapters are
     kept in fp32 even where the frozen base was cast to fp16/bf16 (the fp16 grad scaler
@@ -71,12 +162,17 @@ def add_lora(unet, text_encoder, config: "DreamBoothConfig") -> list[torch.nn.Pa
     """
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)
-    unet.add_adapter(_lora_config(config.lora_unet_rank, config.lora_alpha,
-                                  UNET_TARGET_MODULES), adapter_name=ADAPTER_NAME)
+    lora_type, dora = config.lora_type, uses_dora(config)
+    plan = adapter_plan(unet, lora_type, text_encoder=False, conv=uses_conv(config))
+    unet.add_adapter(peft_config(lora_type, plan, rank=config.lora_unet_rank,
+                                 alpha=config.lora_alpha, conv_rank=config.lora_conv_rank,
+                                 conv_alpha=config.lora_conv_alpha, dora=dora),
+                     adapter_name=ADAPTER_NAME)
     trained = [unet]
     if config.train_text_encoder is not False:  # blank (auto): every preset trains it with LoRA
-        text_encoder.add_adapter(_lora_config(config.lora_txt_rank, config.lora_alpha,
-                                              TEXT_ENCODER_TARGET_MODULES),
+        plan = adapter_plan(text_encoder, lora_type, text_encoder=True)
+        text_encoder.add_adapter(peft_config(lora_type, plan, rank=config.lora_txt_rank,
+                                             alpha=config.lora_alpha, dora=dora),
                                  adapter_name=ADAPTER_NAME)
         trained.append(text_encoder)
     params = [p for model in trained for p in model.parameters() if p.requires_grad]
@@ -85,62 +181,134 @@ def add_lora(unet, text_encoder, config: "DreamBoothConfig") -> list[torch.nn.Pa
     return params
 
 
-def _lora_config(rank: int, alpha: float | None, targets: Iterable[str]):
-    from peft import LoraConfig
-
-    # init_lora_weights=True: down Kaiming-uniform, up zeros (kohya's and Microsoft's), so
-    # training starts exactly at the base model.
-    return LoraConfig(r=rank, lora_alpha=effective_alpha(alpha, rank),
-                      target_modules=list(targets), init_lora_weights=True, lora_dropout=0.0)
+def adapter_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' tensors in ``module``'s state dict (what a LoRA checkpoint keeps)."""
+    return {k: v for k, v in module.state_dict().items()
+            if any(marker in k for marker in ADAPTER_WEIGHT_MARKERS)}
 
 
-# ----------------------------------------------------------------------------- the file
-def kohya_state_dict(unet, text_encoder=None) -> dict[str, torch.Tensor]:
-    """The adapters of ``unet`` (and ``text_encoder``) as kohya keys, fp32 on the CPU."""
-    state: dict[str, torch.Tensor] = {}
-    for model, prefix in ((unet, UNET_PREFIX), (text_encoder, TEXT_ENCODER_PREFIX)):
-        if model is None:
-            continue
-        for name, (down, up, alpha) in _adapters(model).items():
-            key = kohya_key(prefix, name)
-            state[f"{key}.lora_down.weight"] = down
-            state[f"{key}.lora_up.weight"] = up
-            state[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
-    return state
+# ----------------------------------------------------------------------------- loading
+def load_adapters(state: dict[str, torch.Tensor], unet, text_encoder, *,
+                  adapter_name: str = "lora", scale: float = 1.0) -> int:
+    """Put a LoRA file's adapters onto ``unet`` and ``text_encoder`` through peft (any type:
+    LoRA, LoCon, LoHa, LoKr, DoRA); return how many modules got one.
 
-
-def kohya_key(prefix: str, module_name: str) -> str:
-    """kohya's name of a module: ``lora_unet_`` or ``lora_te_`` + its dotted name with ``_``.
-
-    Text-encoder names keep CLIP's ``text_model.`` level, which transformers 5 flattened away.
+    ``scale`` is the WebUI's ``<lora:name:scale>`` multiplier. Raises :class:`ModelLoadError`
+    when the file's modules are not in these models (another model family, SD 1 vs SD 2) or a
+    tensor's shape does not fit its module.
     """
-    if prefix == TEXT_ENCODER_PREFIX and not module_name.startswith("text_model."):
-        module_name = "text_model." + module_name
-    return prefix + module_name.replace(".", "_")
+    modules = file_modules(state)
+    placed: set[str] = set()
+    for model, prefix in ((unet, UNET_PREFIX), (text_encoder, TEXT_ENCODER_PREFIX)):
+        ours = {k: v for k, v in modules.items() if k.startswith(prefix)}
+        if ours and model is not None:
+            placed |= _load_into(model, prefix, ours, adapter_name, scale)
+    missing = sorted(set(modules) - placed)
+    if missing:
+        raise ModelLoadError(f"{len(missing)} of the LoRA file's {len(modules)} modules are not "
+                             f"in this model (e.g. {', '.join(missing[:3])}): is the LoRA for "
+                             "another base model (SD 1.x, 2.x, SDXL)?")
+    return len(placed)
 
 
-def _adapters(model) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """``module name -> (down, up, alpha)`` of every peft LoRA layer in ``model``."""
-    from peft.tuners.lora import LoraLayer
+def _load_into(model, prefix: str, modules: dict[str, ModuleAdapter], adapter_name: str,
+               scale: float) -> set[str]:
+    names = {}
+    for name, _ in model.named_modules():
+        names[prefix + name.replace(".", "_")] = name  # also files without text_model.
+        names[kohya_key(prefix, name)] = name
+    found = {names[key]: (key, entry) for key, entry in modules.items() if key in names}
+    if not found:
+        return set()
+    kinds = {entry.kind for _, entry in found.values()}
+    if len(kinds) > 1:
+        raise ModelLoadError(f"the LoRA file mixes adapter types ({', '.join(sorted(kinds))}) "
+                             "in one model, which peft cannot load together")
+    kind = kinds.pop()
+    ranks = {name: _file_rank(entry) for name, (_, entry) in found.items()}
+    alphas = {name: _file_alpha(entry, ranks[name]) for name, (_, entry) in found.items()}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    lora_type = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}[kind]
+    config = peft_config(
+        lora_type, AdapterPlan(tuple(found)), rank=rank, alpha=alpha,
+        dora=any(entry.dora_scale is not None for _, entry in found.values()),
+        module_ranks={n: r for n, r in ranks.items() if r != rank},
+        module_alphas={n: a for n, a in alphas.items() if a != alpha},
+        lokr_factor=_lokr_factor(model, found) if kind == "lokr" else -1)
+    if kind == "lokr" and any("lokr_w1_a" in e.tensors for _, e in found.values()):
+        config.decompose_both = True
+    model.add_adapter(config, adapter_name=adapter_name)
+    with torch.no_grad():
+        for name, (key, entry) in found.items():
+            _copy_into(model.get_submodule(name), key, entry, adapter_name)
+            if scale != 1.0:
+                model.get_submodule(name).set_scale(adapter_name, scale)
+    return {key for key, _ in found.values()}
 
-    found = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
-            down = module.lora_A[ADAPTER_NAME].weight
-            up = module.lora_B[ADAPTER_NAME].weight
-            found[name] = (_cpu32(down), _cpu32(up), float(module.lora_alpha[ADAPTER_NAME]))
-    return found
+
+def _file_rank(entry: ModuleAdapter) -> int:
+    t = entry.tensors
+    if entry.kind == "lora":
+        return int(t["lora_down.weight"].shape[0])
+    if entry.kind == "loha":
+        return int(t["hada_w1_b"].shape[0])
+    if "lokr_w2_a" in t:
+        return int(t["lokr_w2_a"].shape[1])
+    if "lokr_w1_a" in t:
+        return int(t["lokr_w1_a"].shape[1])
+    # Both factors full: any rank that makes peft keep them full (a rank of at least half the
+    # larger side); the file's w2 carries the scale already, so alpha = rank (scale 1).
+    return int(max(t["lokr_w2"].shape[:2])) * 2
 
 
-def _cpu32(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", torch.float32).contiguous().clone()
+def _file_alpha(entry: ModuleAdapter, rank: int) -> float:
+    if entry.kind == "lokr" and "lokr_w2" in entry.tensors and "lokr_w1" in entry.tensors:
+        return float(rank)
+    return float(entry.alpha) if entry.alpha else float(rank)  # none or 0: scale 1
+
+
+def _lokr_factor(model, found: dict[str, tuple[str, ModuleAdapter]]) -> int:
+    """LyCORIS's factor of a LoKr file: -1 (the most balanced split, the default) when every
+    module's ``w1`` has that shape, else the first module's own split."""
+    from peft.tuners.lokr.layer import factorization
+
+    for name, (_, entry) in found.items():
+        w1 = entry.tensors.get("lokr_w1", entry.tensors.get("lokr_w1_a"))
+        out_dim = model.get_submodule(name).weight.shape[0]
+        if factorization(out_dim, -1)[0] != w1.shape[0]:
+            return int(w1.shape[0])
+    return -1
+
+
+def _copy_into(module, key: str, entry: ModuleAdapter, adapter_name: str) -> None:
+    if entry.kind == "lora":
+        pairs = [(module.lora_A[adapter_name].weight, entry.tensors["lora_down.weight"]),
+                 (module.lora_B[adapter_name].weight, entry.tensors["lora_up.weight"])]
+        if entry.dora_scale is not None:
+            pairs.append((module.lora_magnitude_vector[adapter_name].weight, entry.dora_scale))
+    else:
+        pairs = [(getattr(module, part)[adapter_name], value)
+                 for part, value in entry.tensors.items()]
+    for target, value in pairs:
+        if target.numel() != value.numel():
+            raise ModelLoadError(f"{key}: the file's tensor of shape {tuple(value.shape)} does "
+                                 f"not fit this model's layer ({tuple(target.shape)})")
+        target.copy_(value.reshape(target.shape).to(target.dtype))
+
+
+# ----------------------------------------------------------------------------- metadata
+# kohya's and LyCORIS's names for the network module of each type (what the WebUI shows).
+NETWORK_MODULES = {"LoRA": "networks.lora", "LoCon": "lycoris.kohya", "LoHa": "lycoris.kohya",
+                   "LoKr": "lycoris.kohya"}
+LYCORIS_ALGOS = {"LoRA": "lora", "LoCon": "locon", "LoHa": "loha", "LoKr": "lokr"}
 
 
 def lora_metadata(config: "DreamBoothConfig", unet, *, steps: int, epochs: int, seed: int,
                   instance_prompts: list[str], num_class_images: int = 0,
                   prediction_type: str = "epsilon") -> dict[str, str]:
     """The safetensors header of a LoRA file: kohya's ``ss_*`` keys (what the WebUI shows and
-    uses to tell SD 1.x from 2.x) and the SAI ``modelspec.*`` keys.
+    uses to tell SD 1.x from 2.x), LyCORIS's network args and the SAI ``modelspec.*`` keys.
 
     Holds settings, counts and prompts only: never a token or a path beyond the base model's
     name.
@@ -150,18 +318,27 @@ def lora_metadata(config: "DreamBoothConfig", unet, *, steps: int, epochs: int, 
     base_version = ("sd_v2" if v2 else "sd_v1") + ("_v" if v_pred else "")  # kohya's names
     te_trained = config.train_text_encoder is not False  # blank (auto): on, as in add_lora
     unet_alpha = effective_alpha(config.lora_alpha, config.lora_unet_rank)
+    lora_type = config.lora_type
+    args: dict[str, str] = {"algo": LYCORIS_ALGOS[lora_type]}
+    if uses_conv(config):
+        args.update(conv_dim=str(config.lora_conv_rank), conv_alpha=_number(
+            effective_alpha(config.lora_conv_alpha, config.lora_conv_rank)))
+    if uses_dora(config):
+        args.update(dora_wd="True", wd_on_output="True")
+    unet_targets, text_targets = adapter_plan_names(config)
     now = time.time()
     tags = Counter(tag.strip() for prompt in instance_prompts for tag in prompt.split(",")
                    if tag.strip())
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": NETWORK_MODULES[lora_type],
         "ss_network_dim": str(config.lora_unet_rank),
         "ss_network_alpha": _number(unet_alpha),
+        "ss_network_args": json.dumps(args),
         # Our own keys for what kohya's single dim/alpha cannot say (loaders read the ranks
         # from the weights' shapes; kohya's ss_network_args holds its own create_network args).
-        "colab_dreambooth.unet_target_modules": ",".join(UNET_TARGET_MODULES),
-        "colab_dreambooth.text_encoder_target_modules":
-            ",".join(TEXT_ENCODER_TARGET_MODULES) if te_trained else "",
+        "colab_dreambooth.lora_type": lora_type + ("+DoRA" if uses_dora(config) else ""),
+        "colab_dreambooth.unet_target_modules": unet_targets,
+        "colab_dreambooth.text_encoder_target_modules": text_targets if te_trained else "",
         "colab_dreambooth.text_encoder_dim": str(config.lora_txt_rank if te_trained else 0),
         "colab_dreambooth.text_encoder_alpha": _number(
             effective_alpha(config.lora_alpha, config.lora_txt_rank) if te_trained else 0.0),
@@ -195,14 +372,15 @@ def lora_metadata(config: "DreamBoothConfig", unet, *, steps: int, epochs: int, 
         "ss_num_reg_images": str(num_class_images),
         "ss_training_finished_at": str(now),
         "ss_tag_frequency": json.dumps({f"1_{safe_name(config.model_name)}": dict(tags)}),
-        "ss_training_comment": "DreamBooth LoRA by colab-dreambooth; instance prompts: "
+        "ss_training_comment": f"DreamBooth {lora_type} by colab-dreambooth; instance prompts: "
                                + " | ".join(dict.fromkeys(c.instance_prompt
                                                           for c in config.concepts_list)),
         "ss_instance_prompts": json.dumps(sorted(set(instance_prompts))),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": ("stable-diffusion-v2-768-v" if v2 and v_pred else
                                    "stable-diffusion-v2-512" if v2 else
-                                   "stable-diffusion-v1") + "/lora",
+                                   "stable-diffusion-v1") + "/"
+                                  + ("lora" if lora_type == "LoRA" else "lycoris"),
         "modelspec.implementation": "diffusers",
         "modelspec.title": safe_name(config.model_name),
         "modelspec.resolution": f"{config.resolution}x{config.resolution}",
@@ -225,52 +403,7 @@ def _model_name(base: str) -> str:
     return re.split(r"[/\\]", base)[-1]
 
 
-def save_lora(path: str | os.PathLike, state: dict[str, torch.Tensor],
-              metadata: dict[str, str]) -> Path:
-    """Write ``state`` with ``metadata`` to ``path`` atomically (temp name, then rename)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_file_beside(path)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        os.chmod(tmp, file_mode())  # save_file makes the file anew: its own (private) mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and header metadata of a LoRA ``.safetensors`` file."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {path} not found")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-
-
-# ----------------------------------------------------------------------------- using it
-
-
-def state_for_diffusers(state: dict[str, torch.Tensor], text_encoder) -> dict[str, torch.Tensor]:
-    """The kohya state as the installed diffusers reads it. Before 0.40 (Colab has 0.39) its
-    loader looks for the text encoder's layers under ``text_model.``, which transformers 5's
-    CLIPTextModel no longer has: there the names lose that part, as the modules did."""
-    from importlib.metadata import version
-
-    from packaging.version import Version
-
-    if Version(version("diffusers")) >= Version("0.40") or hasattr(text_encoder, "text_model"):
-        return state
-    return {k.replace("lora_te_text_model_", "lora_te_", 1): v for k, v in state.items()}
-
-
-__all__ = ["UNET_TARGET_MODULES", "TEXT_ENCODER_TARGET_MODULES", "UNET_PREFIX",
-           "TEXT_ENCODER_PREFIX", "kohya_key", "effective_alpha", "lora_file_path", "add_lora",
-           "kohya_state_dict", "lora_metadata", "save_lora", "read_lora", "state_for_diffusers"]
+__all__ = ["LORA_TYPES", "DORA_TYPES", "CONV_TYPES", "UNET_TARGET_MODULES",
+           "TEXT_ENCODER_TARGET_MODULES", "AdapterPlan", "adapter_plan", "adapter_plan_names",
+           "effective_alpha", "uses_conv", "uses_dora", "lora_file_path", "peft_config",
+           "add_lora", "adapter_weights", "load_adapters", "lora_metadata"]

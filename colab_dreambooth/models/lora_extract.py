@@ -46,7 +46,12 @@ import torch
 from tqdm.auto import tqdm
 
 from colab_dreambooth.errors import ModelLoadError, UserError
-from colab_dreambooth.models.lora import TEXT_ENCODER_PREFIX, UNET_PREFIX, kohya_key, save_lora
+from colab_dreambooth.models.lora_file import (
+    TEXT_ENCODER_PREFIX,
+    UNET_PREFIX,
+    kohya_key,
+    save_lora,
+)
 from colab_dreambooth.models.pipelines import lora_run, resolve_model
 from colab_dreambooth.safetensors_stream import SafetensorsReader, read_layout
 

@@ -17,7 +17,8 @@ import torch
 
 from colab_dreambooth.errors import ModelLoadError
 from colab_dreambooth.models.loading import Components, dtype_argument, resolve_model_folder
-from colab_dreambooth.models.lora import lora_file_path, read_lora, state_for_diffusers
+from colab_dreambooth.models.lora import load_adapters, lora_file_path
+from colab_dreambooth.models.lora_file import needs_peft_loader, read_lora, state_for_diffusers
 
 if TYPE_CHECKING:
     from colab_dreambooth.config.settings import DreamBoothConfig
@@ -124,8 +125,11 @@ def load_lora_pipeline(base_model: str, lora_file: str | os.PathLike, *,
     """The base model's ``StableDiffusionPipeline`` with the LoRA file applied (diffusers'
     ``load_lora_weights``). ``scale`` is the WebUI's ``<lora:name:scale>`` multiplier."""
     pipe = load_pipeline(resolve_model_folder(base_model), device=device)
-    pipe.load_lora_weights(state_for_diffusers(read_lora(lora_file)[0], pipe.text_encoder),
-                           adapter_name="lora")
+    state = read_lora(lora_file)[0]
+    if needs_peft_loader(state):  # LoHa, LoKr, DoRA: diffusers cannot apply them to SD
+        load_adapters(state, pipe.unet, pipe.text_encoder, adapter_name="lora", scale=scale)
+        return pipe
+    pipe.load_lora_weights(state_for_diffusers(state, pipe.text_encoder), adapter_name="lora")
     if scale != 1.0:
         pipe.set_adapters(["lora"], adapter_weights=[scale])
     return pipe

@@ -15,15 +15,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from colab_dreambooth.errors import ModelLoadError
-from colab_dreambooth.files import save_folder_atomic
+from colab_dreambooth.files import cache_dir, save_folder_atomic
 
 TINY_VERSION = "1"
-
-
-def cache_dir() -> Path:
-    """This package's cache folder (``$COLAB_DREAMBOOTH_CACHE`` or ``~/.cache/colab_dreambooth``)."""
-    return Path(os.environ.get("COLAB_DREAMBOOTH_CACHE",
-                               Path.home() / ".cache" / "colab_dreambooth"))
 
 
 def tiny_model_path() -> Path:

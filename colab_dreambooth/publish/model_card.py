@@ -32,7 +32,7 @@ from colab_dreambooth.config.validation import looks_like_local_path
 from colab_dreambooth.errors import UserError
 from colab_dreambooth.files import copy_file_atomic, write_text_atomic
 from colab_dreambooth.generation.sample import save_image_atomic
-from colab_dreambooth.models.lora import effective_alpha, lora_file_path
+from colab_dreambooth.models.lora import effective_alpha, lora_file_path, uses_conv, uses_dora
 from colab_dreambooth.runtime.environment import mount_drive_if_needed
 
 LICENSE = "creativeml-openrail-m"
@@ -153,6 +153,15 @@ def _lora_usage(config: DreamBoothConfig, info: dict[str, Any], base: str,
     file = str(info.get("lora_file") or lora_file_path(config).name)
     base_id = hub_base or ("<the base model: " + _display_model(base) + ">")
     where = json.dumps(repo_id or ".")
+    webui = (f"In the AUTOMATIC1111 WebUI or ComfyUI: put `{file}` in `models/Lora` and add "
+             f"`<lora:{Path(file).stem}:1>` to the prompt, on the same base model.")
+    if config.lora_type in ("LoHa", "LoKr") or uses_dora(config):
+        # diffusers' Stable Diffusion loader reads neither LoHa/LoKr nor DoRA's magnitudes.
+        return [webui, "", "With diffusers (through peft; `pip install colab-dreambooth`):", "",
+                "```python", "from colab_dreambooth.models.pipelines import load_lora_pipeline",
+                "", f"pipe = load_lora_pipeline({json.dumps(base_id)}, {json.dumps(file)})",
+                f"image = pipe({json.dumps(prompt)}, num_inference_steps=30, "
+                "guidance_scale=7.5).images[0]", "image.save(\"sample.png\")", "```", ""]
     return ["```python", "import torch", "from diffusers import StableDiffusionPipeline", "",
             f"pipe = StableDiffusionPipeline.from_pretrained({json.dumps(base_id)}, "
             "torch_dtype=torch.float16).to(\"cuda\")",
@@ -162,9 +171,7 @@ def _lora_usage(config: DreamBoothConfig, info: dict[str, Any], base: str,
             f"pipe.load_lora_weights({where}, weight_name={json.dumps(file)})",
             f"image = pipe({json.dumps(prompt)}, num_inference_steps=30, "
             "guidance_scale=7.5).images[0]",
-            "image.save(\"sample.png\")", "```", "",
-            f"In the AUTOMATIC1111 WebUI or ComfyUI: put `{file}` in `models/Lora` and add "
-            f"`<lora:{Path(file).stem}:1>` to the prompt, on the same base model.", ""]
+            "image.save(\"sample.png\")", "```", "", webui, ""]
 
 
 def training_settings(config: DreamBoothConfig, info: dict[str, Any]) -> list[tuple[str, str]]:
@@ -181,6 +188,10 @@ def training_settings(config: DreamBoothConfig, info: dict[str, Any]) -> list[tu
     rows = [("Base model", _display_model(str(info.get("base_model") or config.base_model))),
             ("Training steps", step_text), ("Epochs", str(epochs or "-"))]
     if lora:
+        rows.append(("LoRA type", config.lora_type + (" + DoRA" if uses_dora(config) else "")))
+        if uses_conv(config):
+            rows.append(("Conv rank / alpha", f"{config.lora_conv_rank} / "
+                         f"{effective_alpha(config.lora_conv_alpha, config.lora_conv_rank):g}"))
         rows.append(("LoRA rank / alpha (UNet)", f"{config.lora_unet_rank} / "
                      f"{effective_alpha(config.lora_alpha, config.lora_unet_rank):g}"))
         if config.train_text_encoder:

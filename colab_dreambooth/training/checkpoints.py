@@ -37,6 +37,7 @@ from colab_dreambooth.config.params import params_to_dict
 from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.errors import UserError
 from colab_dreambooth.files import fsync_file, fsync_folder, give_ordinary_permissions
+from colab_dreambooth.models.lora import adapter_weights
 from colab_dreambooth.runtime.storage import free_bytes, on_google_drive
 from colab_dreambooth.tensor_stream import load_into, load_optimizer, save_optimizer, save_tensors
 
@@ -275,10 +276,7 @@ def _all_agree(ok: bool, accelerator) -> bool:
 
 
 def _trained_state(module: torch.nn.Module, lora: bool) -> dict[str, torch.Tensor]:
-    state = module.state_dict()
-    if lora:
-        return {k: v for k, v in state.items() if "lora_" in k}
-    return state
+    return adapter_weights(module) if lora else module.state_dict()
 
 
 # ----------------------------------------------------------------------------- random states

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from colab_dreambooth.config.presets import apply_preset
 from colab_dreambooth.config.settings import TINY_MODEL
+from colab_dreambooth.models.lora import uses_conv, uses_dora
 from colab_dreambooth.models.tiny import tiny_model_path
 from colab_dreambooth.runtime.device import DeviceInfo
 from colab_dreambooth.runtime.packages import INSTALL_HINT, importable
@@ -81,10 +82,36 @@ CUDA_OVERHEAD_GB = 0.6
 # weights); Adafactor factored second moments only, a row and a column per matrix (~0).
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "lion": 4, "lion8bit": 1, "prodigy": 16,
                    "adafactor": 0}
-# LoRA parameters per unit of rank on SD 1.5's attention projections (q, k, v, out):
-# 16 transformer blocks in the UNet, 12 layers in CLIP-L.
+# Adapter parameters per unit of rank on SD 1.5 (the sum of in + out features over the adapted
+# layers; counted with models.lora.adapter_plan on SD 1.5's shapes). LoRA: the attention
+# projections of the 16 transformer blocks and of CLIP-L's 12 layers. LoCon (and LoHa, LoKr):
+# every linear and 1x1 convolution of the transformer blocks and ResNets, CLIP's MLPs, and the
+# 3x3 convolutions at the conv rank. LoHa has two pairs per layer; LoKr's Kronecker factors
+# are smaller than LoCon's (LoCon's figure bounds them). DoRA adds one magnitude per output.
 LORA_UNET_PER_RANK = 199_296
 LORA_TEXT_PER_RANK = 73_728
+LOCON_UNET_PER_RANK = 506_816
+LOCON_CONV_PER_RANK = 544_000
+LOCON_TEXT_PER_RANK = 165_888
+DORA_MAGNITUDES = {"LoRA": (99_840, 36_864), "LoCon": (315_520, 82_944)}  # (UNet, CLIP)
+
+
+def adapter_parameters(config: "DreamBoothConfig", sizes: "ModelSizes") -> int:
+    """How many weights a LoRA run trains (and its checkpoints store), for its Lora Type."""
+    width = (sizes.unet / SD15.unet) ** 0.5  # adapter sizes scale with the width
+    text_width = (sizes.text_encoder / SD15.text_encoder) ** 0.5
+    trains_text = config.train_text_encoder is not False
+    plain = config.lora_type == "LoRA"
+    unet = config.lora_unet_rank * (LORA_UNET_PER_RANK if plain else LOCON_UNET_PER_RANK)
+    if uses_conv(config):
+        unet += config.lora_conv_rank * LOCON_CONV_PER_RANK
+    text = config.lora_txt_rank * (LORA_TEXT_PER_RANK if plain else LOCON_TEXT_PER_RANK)
+    pairs = 2 if config.lora_type == "LoHa" else 1
+    count = pairs * (unet * width + (text * text_width if trains_text else 0))
+    if uses_dora(config):
+        unet_dora, text_dora = DORA_MAGNITUDES[config.lora_type]
+        count += unet_dora * width + (text_dora * text_width if trains_text else 0)
+    return round(count)
 
 
 @dataclass
@@ -198,20 +225,15 @@ def _trained_items(config: "DreamBoothConfig", sizes: ModelSizes, half: int, on_
                    bitsandbytes: bool, processes: int, notes: list[str]
                    ) -> list[tuple[str, float]]:
     """The weights, and the gradients and optimizer states of what trains (GiB)."""
-    # LoRA sizes scale with the width; parameters with its square.
-    width = (sizes.unet / SD15.unet) ** 0.5
-    text_width = (sizes.text_encoder / SD15.text_encoder) ** 0.5
     trains_text = bool(config.train_text_encoder)
     weight_bytes, optimizer_bytes, optimizer_label = _optimizer_state(
         config, on_gpu, half, bitsandbytes, notes)
     if config.use_lora:
-        adapters = round(config.lora_unet_rank * LORA_UNET_PER_RANK * width)
-        if trains_text:
-            adapters += round(config.lora_txt_rank * LORA_TEXT_PER_RANK * text_width)
+        adapters = adapter_parameters(config, sizes)
         return [
             (f"UNet weights ({_dtype(half)}, frozen)", sizes.unet * half / GIB),
             (f"text encoder weights ({_dtype(half)}, frozen)", sizes.text_encoder * half / GIB),
-            ("LoRA adapters: fp32 weights, gradients, AdamW states",
+            (f"{config.lora_type} adapters: fp32 weights, gradients, AdamW states",
              adapters * (4 + 4 + 8) / GIB)]
     trained = sizes.unet + (sizes.text_encoder if trains_text else 0)
     trained_dtype = _dtype(weight_bytes)

@@ -15,12 +15,8 @@ from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.data.dataset import TrainingData
 from colab_dreambooth.files import save_folder_atomic, write_text_atomic
 from colab_dreambooth.models.loading import Components
-from colab_dreambooth.models.lora import (
-    kohya_state_dict,
-    lora_file_path,
-    lora_metadata,
-    save_lora,
-)
+from colab_dreambooth.models.lora import lora_file_path, lora_metadata
+from colab_dreambooth.models.lora_file import kohya_state_dict, save_lora
 from colab_dreambooth.models.pipelines import pipeline_from_components
 from colab_dreambooth.training.optim import EMA, StepPlan
 

@@ -25,10 +25,8 @@ from colab_dreambooth.runtime.packages import INSTALL_HINT
 from colab_dreambooth.runtime.storage import on_google_drive
 from colab_dreambooth.training.checkpoints import list_checkpoints
 from colab_dreambooth.training.memory import (
-    LORA_TEXT_PER_RANK,
-    LORA_UNET_PER_RANK,
     OPTIMIZER_BYTES,
-    SD15,
+    adapter_parameters,
     ModelSizes,
     model_sizes,
 )
@@ -121,12 +119,7 @@ class DiskSpaceError(ConfigError):
 def trained_parameters(config: "DreamBoothConfig", sizes: ModelSizes) -> int:
     """The weights a checkpoint stores (LoRA: only the adapters)."""
     if config.use_lora:
-        width = (sizes.unet / SD15.unet) ** 0.5
-        text_width = (sizes.text_encoder / SD15.text_encoder) ** 0.5
-        count = config.lora_unet_rank * LORA_UNET_PER_RANK * width
-        if config.train_text_encoder:
-            count += config.lora_txt_rank * LORA_TEXT_PER_RANK * text_width
-        return round(count)
+        return adapter_parameters(config, sizes)
     return sizes.unet + (sizes.text_encoder if config.train_text_encoder else 0)
 
 
