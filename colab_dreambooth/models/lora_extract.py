@@ -46,6 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from colab_dreambooth.errors import ModelLoadError, UserError
+from colab_dreambooth.models.lora import AdapterPlan, adapter_plan
 from colab_dreambooth.models.lora_file import (
     TEXT_ENCODER_PREFIX,
     UNET_PREFIX,
@@ -56,11 +57,6 @@ from colab_dreambooth.models.pipelines import lora_run, resolve_model
 from colab_dreambooth.safetensors_stream import SafetensorsReader, read_layout
 
 log = logging.getLogger(__name__)
-
-# kohya's LoRANetwork target classes (networks/lora.py).
-UNET_BLOCKS = ("Transformer2DModel",)
-UNET_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-TEXT_ENCODER_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
                "float": torch.float32}  # "float": kohya's name for fp32
@@ -236,28 +232,18 @@ def target_layers(folder: Path, *, conv: bool) -> list[Layer]:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{folder} is not a Stable Diffusion diffusers folder with a UNet "
                              f"and a text encoder: {exc}") from exc
-    blocks = UNET_BLOCKS + (UNET_CONV_BLOCKS if conv else ())
-    layers = _layers(unet, UNET, UNET_PREFIX, blocks)
+    # kohya's LoRA targets are LoCon's layers (the convolution blocks only with a conv rank).
+    layers = _layers(unet, UNET, UNET_PREFIX,
+                     adapter_plan(unet, "LoCon", text_encoder=False, conv=conv))
     if text_encoder is not None:
-        layers += _layers(text_encoder, TEXT_ENCODER, TEXT_ENCODER_PREFIX, TEXT_ENCODER_BLOCKS)
+        layers += _layers(text_encoder, TEXT_ENCODER, TEXT_ENCODER_PREFIX,
+                          adapter_plan(text_encoder, "LoCon", text_encoder=True))
     return layers
 
 
-def _layers(model: torch.nn.Module, part: str, prefix: str, blocks: tuple[str, ...]) -> list[Layer]:
-    found: dict[str, Layer] = {}
-    for name, block in model.named_modules():
-        if type(block).__name__ not in blocks:
-            continue
-        for child_name, child in block.named_modules():
-            linear = isinstance(child, torch.nn.Linear)
-            conv = isinstance(child, torch.nn.Conv2d)
-            if not (linear or conv):
-                continue
-            module = f"{name}.{child_name}" if name else child_name
-            found.setdefault(module, Layer(
-                part=part, weight=_plain(f"{module}.weight"), key=kohya_key(prefix, module),
-                conv3x3=conv and tuple(child.kernel_size) != (1, 1)))
-    return list(found.values())
+def _layers(model: torch.nn.Module, part: str, prefix: str, plan: AdapterPlan) -> list[Layer]:
+    return [Layer(part=part, weight=_plain(f"{module}.weight"), key=kohya_key(prefix, module),
+                  conv3x3=module in plan.conv) for module in plan.modules]
 
 
 def _plain(name: str) -> str:

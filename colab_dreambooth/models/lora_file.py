@@ -37,7 +37,6 @@ import torch
 from colab_dreambooth.errors import ModelLoadError
 from colab_dreambooth.files import file_mode, temp_file_beside
 
-
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
 PREFIXES = (UNET_PREFIX, TEXT_ENCODER_PREFIX)
@@ -77,9 +76,9 @@ def kohya_state_dict(unet, text_encoder=None) -> dict[str, torch.Tensor]:
 
 def adapter_tensors(model) -> dict[str, dict[str, torch.Tensor]]:
     """``module name -> {file tensor name: tensor}`` of every peft adapter layer in ``model``."""
+    from peft.tuners.loha import LoHaLayer
     from peft.tuners.lokr import LoKrLayer
     from peft.tuners.lora import LoraLayer
-    from peft.tuners.loha import LoHaLayer
 
     found = {}
     for name, module in model.named_modules():

@@ -26,8 +26,8 @@ from colab_dreambooth.runtime.storage import on_google_drive
 from colab_dreambooth.training.checkpoints import list_checkpoints
 from colab_dreambooth.training.memory import (
     OPTIMIZER_BYTES,
-    adapter_parameters,
     ModelSizes,
+    adapter_parameters,
     model_sizes,
 )
 from colab_dreambooth.training.resume import checkpoint_root
