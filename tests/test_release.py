@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from colab_dreambooth.models.lora_file import file_adapter_type, read_lora
 from colab_dreambooth.publish.release import (
     ReleaseSettings,
     check_release,
@@ -91,3 +92,17 @@ def test_nothing_is_sent_for_a_blank_destination(trained):
     result = make_release(trained, ReleaseSettings(model_card=False), progress=False)
     assert result.sent == [] and result.card is None
     assert "stay in" in str(result)
+
+
+def test_release_extracts_a_lora_from_the_full_fine_tune(trained):
+    """Extract a LoRA: the SVD of the fine-tune's change, written beside the export in the
+    kohya layout, at the release form's rank."""
+    result = make_release(trained, ReleaseSettings(model_card=False, export_name="star",
+                                                   extract_lora=True, extract_rank=4),
+                          progress=False)
+    assert result.extracted == result.folder / "star_lora_r4.safetensors"
+    state, meta = read_lora(result.extracted)
+    assert file_adapter_type(state) == "LoRA" and meta["ss_network_dim"] == "4"
+    assert all(v.shape[0] <= 4 for k, v in state.items() if k.endswith("lora_down.weight"))
+    assert "extract" in str(result).lower()
+    assert check_release(ReleaseSettings(extract_lora=True, extract_rank=0))

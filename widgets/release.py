@@ -83,7 +83,7 @@ class ReleaseApp:
             self.header,
             w.HTML("<h4 style='margin:8px 0 2px'>Samples</h4>"),
             w.HBox([self.prompt, self.sample_button]), self.sample_status, self.grid,
-            w.HTML("<h4 style='margin:8px 0 2px'>Export, model card, dehydrate, send</h4>"),
+            w.HTML("<h4 style='margin:8px 0 2px'>Export, model card, dehydrate, extract a LoRA, send</h4>"),
             *[c.widget for c in self.fields.values()],
             self.message, self.release_button, self.status])
         if settings is not None:

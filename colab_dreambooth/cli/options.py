@@ -44,12 +44,36 @@ def add_settings_options(p: argparse.ArgumentParser, cls: type,
         if spec.type is bool:
             kwargs["action"] = "store_true"
         else:
-            kwargs.update(type=spec.type, metavar=_metavar(spec).removesuffix("|none"))
+            kwargs.update(type=_ranged(spec), metavar=_metavar(spec).removesuffix("|none"))
+            if spec.setting.choices:
+                kwargs["choices"] = spec.setting.choices
         kwargs.update(changes.get(name, {}))
         p.add_argument(option, **kwargs)
         if spec.type is bool and spec.default:  # BooleanOptionalAction's help varies by version
             p.add_argument("--no-" + option[2:], dest=name, action="store_false",
                            default=spec.default, help=f"turn {option} off")
+
+
+def _ranged(spec: FieldSpec):
+    """The field's type for argparse, refusing values outside its limits (a usage error)."""
+    convert, low, high = spec.type, spec.setting.minimum, spec.setting.maximum
+    if low is None and high is None:
+        return convert
+
+    def checked(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            kind = "a whole number" if convert is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            limits = (f"from {low:g} to {high:g}" if low is not None and high is not None
+                      else f"at least {low:g}" if low is not None else f"at most {high:g}")
+            raise argparse.ArgumentTypeError(f"must be {limits}, got {text}")
+        return value
+
+    checked.__name__ = convert.__name__  # argparse names the type in its error messages
+    return checked
 
 
 def _shown(default: Any) -> str:

@@ -1,5 +1,5 @@
-"""The settings of the commands that work on a model: ``sample``, ``export``, ``dehydrate`` and
-``create-model``.
+"""The settings of the commands that work on a model: ``sample``, ``export``, ``dehydrate``,
+``create-model`` and ``extract-lora``.
 
 They are declared as the run's fields are (:func:`colab_dreambooth.config.fields.setting`): the
 command line builds its options from them (``cli.options.add_settings_options``) and the
@@ -78,3 +78,29 @@ class CreateModelSettings:
         "fp32.", "Model")
     ema: bool = setting(
         False, "EMA weights", "Take the UNet's EMA weights when the file has them.", "Model")
+
+
+@dataclass
+class ExtractLoraSettings:
+    """How ``extract-lora`` (and notebook 04's release) makes a LoRA from a full fine-tune, as
+    kohya's ``extract_lora_from_models.py`` does (its option names in the help)."""
+
+    rank: int = setting(
+        32, "Extracted LoRA rank", "Rank (kohya's --dim) of the extracted LoRA's linear and 1x1 "
+        "layers; alpha = rank. Higher keeps more of the fine-tune in a bigger file (about 1.2 "
+        "MB per rank on SD 1.5 in fp16).", "Saving", minimum=1, maximum=1024)
+    conv_rank: int = setting(
+        0, "Extracted conv rank", "Rank (kohya's --conv_dim) of the 3x3 convolutions of the "
+        "ResNet, down- and up-sampling blocks (a LoCon); 0 = left out.", "Saving", minimum=0,
+        maximum=1024)
+    clamp_quantile: float = setting(
+        0.99, "Clamp quantile", "Clamp the factors to this quantile of their values, as kohya "
+        "does (1 = no clamping).", "Saving", minimum=0.0, maximum=1.0)
+    min_diff: float = setting(
+        0.01, "Text encoder min diff", "Leave the text encoder out unless one of its weights "
+        "changed by more than this (kohya's --min_diff; a short DreamBooth run changes it by "
+        "less: lower it to keep it).", "Saving", minimum=0.0)
+    save_precision: str = setting(
+        "fp16", "Extracted LoRA precision", "dtype of the saved factors.", "Saving",
+        choices=("fp16", "bf16", "fp32", "float"))
+

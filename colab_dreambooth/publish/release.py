@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from colab_dreambooth.config.commands import DehydrateSettings, ExportSettings
+from colab_dreambooth.config.commands import DehydrateSettings, ExportSettings, ExtractLoraSettings
 from colab_dreambooth.config.fields import same_setting, setting
 from colab_dreambooth.config.settings import DreamBoothConfig, safe_name
 from colab_dreambooth.errors import ConfigError, ModelLoadError, Problem
 from colab_dreambooth.files import copy_file_atomic
 from colab_dreambooth.generation.sample import SampleJob, run_samples, sample_concepts
 from colab_dreambooth.models.lora import lora_file_path
+from colab_dreambooth.models.lora_extract import extract_lora
 from colab_dreambooth.models.pipelines import load_trained_pipeline
 from colab_dreambooth.models.single_file.dehydrate import dehydrate, human_size
 from colab_dreambooth.models.single_file.export import export_single_file
@@ -61,6 +62,12 @@ class ReleaseSettings:
         "smaller to keep, rebuilt later with `colab-dreambooth rehydrate` and the same base. "
         "Costs a pass over every weight (minutes for SD).", "Saving")
     dehydrate_rank: Optional[int] = same_setting(DehydrateSettings, "rank")
+    extract_lora: bool = setting(
+        False, "Extract a LoRA", "Also write the fine-tune as a LoRA file (the SVD of its change "
+        "from the base, as kohya's extract_lora_from_models.py): tens of MB instead of GBs, for "
+        "the WebUI's <lora:name:1>. Full fine-tunes only.", "Saving")
+    extract_rank: int = same_setting(ExtractLoraSettings, "rank")
+    extract_conv_rank: int = same_setting(ExtractLoraSettings, "conv_rank")
     destination: str = setting(
         "", "Send to", "A folder (e.g. /content/drive/MyDrive/models) or hf://<user>/<repo> "
         "for a Hub repo (token from Colab's HF_TOKEN secret). Blank = keep it here.", "Saving")
@@ -81,6 +88,7 @@ class ReleaseResult:
     export: Path
     card: Path | None = None
     dehydrated: Path | None = None
+    extracted: Path | None = None  # the LoRA extracted from a full fine-tune
     sent: list[str] = field(default_factory=list)  # where each item went (path or URL)
     lines: list[str] = field(default_factory=list)  # what happened, for people
 
@@ -120,6 +128,8 @@ def check_release(settings: ReleaseSettings) -> list[str]:
                         f"spaces only, e.g. {safe_name(name)!r}")
     if settings.dehydrate_rank is not None and settings.dehydrate_rank < 1:
         problems.append("Dehydrate rank: blank (lossless) or a whole number of at least 1")
+    if settings.extract_lora and (settings.extract_rank < 1 or settings.extract_conv_rank < 0):
+        problems.append("Extracted LoRA rank: at least 1; conv rank: 0 (none) or more")
     try:
         parse_destination(settings.destination)
     except StorageError as exc:
@@ -176,13 +186,24 @@ def make_release(config: DreamBoothConfig, settings: ReleaseSettings, *,
                                rank=settings.dehydrate_rank, overwrite=True, progress=progress)
         result.dehydrated = dehydrated.path
         result.lines.append(dehydrated.summary())
+    if settings.extract_lora and config.use_lora:
+        result.lines.append("Extract a LoRA skipped: this run trained a LoRA already.")
+    elif settings.extract_lora:
+        say(f"Extracting a rank-{settings.extract_rank} LoRA (an SVD per layer)...")
+        extracted = extract_lora(config.base_model, model,
+                                 folder / f"{name}_lora_r{settings.extract_rank}.safetensors",
+                                 rank=settings.extract_rank,
+                                 conv_rank=settings.extract_conv_rank, overwrite=True,
+                                 progress=progress)
+        result.extracted = extracted.path
+        result.lines.append("Extracted a LoRA: " + extracted.summary())
     if target is None:
         result.lines.append("Send to is blank: the files stay in " + str(folder))
         return result
     # The grid only when this card shows it: an earlier release's grid may still be there.
     shown_grid = folder / "samples.png" if result.card is not None and grid is not None else None
-    items = [p for p in (result.export, result.card, shown_grid, result.dehydrated)
-             if p is not None]
+    items = [p for p in (result.export, result.card, shown_grid, result.dehydrated,
+                         result.extracted) if p is not None]
     if settings.send_diffusers and not config.use_lora:
         hub = isinstance(target, HubRepo)
         items += [p for p in sorted(model.iterdir()) if not p.name.startswith(".")
