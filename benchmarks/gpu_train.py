@@ -159,6 +159,7 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
     config = DreamBoothConfig(
         pretrained_model_name_or_path="tiny" if args.tiny else "stable-diffusion-v1-5",
         resolution=args.resolution, train_batch_size=args.batch, use_lora=args.lora,
+        lora_type=args.lora_type, use_dora=args.dora, lora_conv_rank=args.conv_rank,
         train_text_encoder=False if args.no_text_encoder else None, concepts_list=[concept])
     config = apply_preset(config, device, preset)[0]
     rows = config.train_batch_size * (1 if args.no_prior else 2)
@@ -170,6 +171,8 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
               "checkpointing": bool(config.gradient_checkpointing),
               "attention": config.attention, "cache_latents": bool(config.cache_latents),
               "batch": config.train_batch_size, "rows": rows, "lora": config.use_lora,
+              "lora_type": (config.lora_type + ("+DoRA" if config.use_dora else ""))
+              if config.use_lora else "",
               "train_text_encoder": bool(config.train_text_encoder), "compile": args.compile,
               "fused_adamw": args.fused_adamw, "resolution": config.resolution}
     sizes = (count_parameters(_tiny_folder(), "the tiny model") if args.tiny else SD15)
@@ -303,7 +306,7 @@ def _table(results: list[dict]) -> str:
         def num(key, fmt):
             value = r.get(key)
             return fmt.format(value) if isinstance(value, (int, float)) else "-"
-        cells = [r["preset"] + (" LoRA" if r["lora"] else ""), str(r["batch"]), str(r["rows"]),
+        cells = [r["preset"] + (" " + (r.get("lora_type") or "LoRA") if r["lora"] else ""), str(r["batch"]), str(r["rows"]),
                  r["precision"], "y" if r["use_8bit_adam"] else "n",
                  "y" if r["checkpointing"] else "n", "y" if r["train_text_encoder"] else "n",
                  num("memory_cap_gb", "{:.1f}"),
@@ -324,14 +327,17 @@ def _child_options(args: argparse.Namespace) -> list[str]:
         options += ["--batch", str(args.batch)]
     if args.memory_cap_gb is not None:
         options += ["--memory-cap-gb", str(args.memory_cap_gb)]
+    options += ["--lora-type", args.lora_type, "--conv-rank", str(args.conv_rank)]
     for flag in ("no_cap", "compile", "fused_adamw", "no_text_encoder", "no_prior", "lora",
-                 "tiny", "cpu"):
+                 "dora", "tiny", "cpu"):
         if getattr(args, flag):
             options.append("--" + flag.replace("_", "-"))
     return options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from colab_dreambooth.config.settings import LORA_TYPES
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", nargs="+", help="preset names (default: every preset this GPU "
                    "can imitate)")
@@ -350,6 +356,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-text-encoder", action="store_true", help="train the UNet only")
     p.add_argument("--no-prior", action="store_true", help="no class rows (half the rows)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters")
+    p.add_argument("--lora-type", default="LoRA", choices=LORA_TYPES,
+                   help="with --lora: the adapter type (default LoRA)")
+    p.add_argument("--dora", action="store_true", help="with --lora: DoRA (LoRA, LoCon)")
+    p.add_argument("--conv-rank", type=int, default=4, help="with --lora-type LoCon/LoHa/LoKr: "
+                   "the 3x3 convolutions' rank (default 4; 0: none)")
     p.add_argument("--tiny", action="store_true", help="the tiny model (tests; runs on a CPU)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")

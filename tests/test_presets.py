@@ -258,6 +258,10 @@ def test_gpu_benchmark_runs_tiny_on_the_cpu(capsys, one_thread):
     assert bench.peak_flops("NVIDIA H100 PCIe") == 756e12
     assert bench.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert bench.peak_flops("Some Future GPU") is None
+    # Each LoRA type runs through the same phases (a GPU session measures their memory).
+    [loha] = bench.main(["--tiny", "--cpu", "--preset", "T4", "--lora", "--lora-type", "LoHa"])
+    assert loha["lora_type"] == "LoHa" and loha["s_per_step"] > 0
+    assert "T4 LoHa | " in capsys.readouterr().out
 
 
 def test_cpu_only_help_quotes_the_estimate_env_prints():
