@@ -124,7 +124,8 @@ def test_keys_and_shapes_match_lycoris(runs, tiny_parts, case, tmp_path):
     assert ours == theirs
 
 
-def lycoris_network(kohya, parts, tmp_path, lora_type: str, dora: bool, *, weights=None):
+def lycoris_network(kohya, parts, tmp_path, lora_type: str, dora: bool, *, weights=None,
+                    algo: str | None = None, **options):
     """LyCORIS's kohya network on copies of the tiny UNet and text encoder, on kohya's
     LoCon targets (its "full" preset also adapts conv_in/conv_out and the time embedding)."""
     preset = tmp_path / "preset.toml"
@@ -136,8 +137,9 @@ def lycoris_network(kohya, parts, tmp_path, lora_type: str, dora: bool, *, weigh
     unet, text_encoder = copy.deepcopy(parts.unet), copy.deepcopy(parts.text_encoder)
     if weights is None:
         network = kohya.create_network(1.0, 4, 2.0, parts.vae, text_encoder, unet,
-                                       algo=LYCORIS_ALGO[lora_type], conv_dim=2, conv_alpha=1.0,
-                                       preset=str(preset), dora_wd=dora)
+                                       algo=algo or LYCORIS_ALGO[lora_type], conv_dim=2,
+                                       conv_alpha=1.0, preset=str(preset),
+                                       dora_wd=dora or options.pop("dora_wd", False), **options)
     else:
         network, _ = kohya.create_network_from_weights(1.0, None, parts.vae, text_encoder, unet,
                                                        weights_sd=weights, preset=str(preset))
@@ -145,7 +147,8 @@ def lycoris_network(kohya, parts, tmp_path, lora_type: str, dora: bool, *, weigh
     if weights is not None:
         network.load_state_dict(weights)
     return SimpleNamespace(unet=unet, text_encoder=text_encoder,
-                           state_dict=network.state_dict)
+                           state_dict=network.state_dict,
+                           named_parameters=network.named_parameters)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if CASES[c][0] != "LoRA"])
@@ -176,6 +179,28 @@ def test_reload_reproduces_the_trained_model(runs, case):
     half = load_lora_pipeline("tiny", run.result.lora_file, device="cpu", scale=0.5)
     halfway = outputs(half.unet, half.text_encoder, half.tokenizer)["noise"]
     assert not close(halfway, run.captured["noise"])
+
+
+@pytest.mark.parametrize("algo, options", [
+    ("loha", {}), ("loha", {"use_tucker": True}), ("lokr", {"factor": 4}),
+    ("lokr", {"factor": 8, "decompose_both": True}), ("lokr", {"full_matrix": True}),
+    ("lokr", {"factor": 4, "use_tucker": True}), ("locon", {"dora_wd": True})])
+def test_files_made_by_lycoris_load_with_lycoris_output(tiny_parts, tmp_path, algo, options):
+    """Other people's LyCORIS files (any LoKr factor, Tucker cores, full matrices, DoRA) load
+    through our peft loader and compute what LyCORIS computes with them."""
+    kohya = pytest.importorskip("lycoris.kohya")
+    network = lycoris_network(kohya, tiny_parts, tmp_path, "LoRA", False, algo=algo, **options)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a "trained" network: every factor moved
+        for name, weight in network.named_parameters():
+            weight.mul_(1.1) if "dora_scale" in name else weight.add_(
+                torch.randn_like(weight) * 0.05)
+    expected = outputs(network.unet.eval(), network.text_encoder.eval(), tiny_parts.tokenizer)
+    state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    unet, text_encoder = copy.deepcopy(tiny_parts.unet), copy.deepcopy(tiny_parts.text_encoder)
+    assert load_adapters(state, unet, text_encoder) == len(file_modules(state))
+    got = outputs(unet.eval(), text_encoder.eval(), tiny_parts.tokenizer)
+    assert close(got["states"], expected["states"]) and close(got["noise"], expected["noise"])
 
 
 def test_peft_loader_reads_a_plain_lora_as_diffusers_does(runs, tiny_parts):

@@ -36,6 +36,8 @@ from colab_dreambooth.config.settings import CONV_TYPES, DORA_TYPES, LORA_TYPES,
 from colab_dreambooth.errors import ModelLoadError
 from colab_dreambooth.models.lora_file import (
     ADAPTER_NAME,
+    LOHA_NAMES,
+    LOKR_NAMES,
     TEXT_ENCODER_PREFIX,
     UNET_PREFIX,
     ModuleAdapter,
@@ -234,10 +236,7 @@ def _load_into(model, prefix: str, modules: dict[str, ModuleAdapter], adapter_na
         lora_type, AdapterPlan(tuple(found)), rank=rank, alpha=alpha,
         dora=any(entry.dora_scale is not None for _, entry in found.values()),
         module_ranks={n: r for n, r in ranks.items() if r != rank},
-        module_alphas={n: a for n, a in alphas.items() if a != alpha},
-        lokr_factor=_lokr_factor(model, found) if kind == "lokr" else -1)
-    if kind == "lokr" and any("lokr_w1_a" in e.tensors for _, e in found.values()):
-        config.decompose_both = True
+        module_alphas={n: a for n, a in alphas.items() if a != alpha})
     model.add_adapter(config, adapter_name=adapter_name)
     with torch.no_grad():
         for name, (key, entry) in found.items():
@@ -248,37 +247,24 @@ def _load_into(model, prefix: str, modules: dict[str, ModuleAdapter], adapter_na
 
 
 def _file_rank(entry: ModuleAdapter) -> int:
+    """The rank loaders divide alpha by: LoRA's and LoHa's inner size; for LoKr, that of its
+    low-rank factor (w2's, else w1's), and 1 when both factors are full (applied at scale 1)."""
     t = entry.tensors
     if entry.kind == "lora":
         return int(t["lora_down.weight"].shape[0])
     if entry.kind == "loha":
         return int(t["hada_w1_b"].shape[0])
-    if "lokr_w2_a" in t:
-        return int(t["lokr_w2_a"].shape[1])
-    if "lokr_w1_a" in t:
-        return int(t["lokr_w1_a"].shape[1])
-    # Both factors full: any rank that makes peft keep them full (a rank of at least half the
-    # larger side); the file's w2 carries the scale already, so alpha = rank (scale 1).
-    return int(max(t["lokr_w2"].shape[:2])) * 2
+    for factor in ("lokr_w2_b", "lokr_w1_b"):
+        if factor in t:
+            return int(t[factor].shape[0])
+    return 1
 
 
 def _file_alpha(entry: ModuleAdapter, rank: int) -> float:
-    if entry.kind == "lokr" and "lokr_w2" in entry.tensors and "lokr_w1" in entry.tensors:
-        return float(rank)
+    if entry.kind == "lokr" and "lokr_w2_b" not in entry.tensors \
+            and "lokr_w1_b" not in entry.tensors:
+        return 1.0  # both factors full: scale 1, whatever alpha says (as LyCORIS applies it)
     return float(entry.alpha) if entry.alpha else float(rank)  # none or 0: scale 1
-
-
-def _lokr_factor(model, found: dict[str, tuple[str, ModuleAdapter]]) -> int:
-    """LyCORIS's factor of a LoKr file: -1 (the most balanced split, the default) when every
-    module's ``w1`` has that shape, else the first module's own split."""
-    from peft.tuners.lokr.layer import factorization
-
-    for name, (_, entry) in found.items():
-        w1 = entry.tensors.get("lokr_w1", entry.tensors.get("lokr_w1_a"))
-        out_dim = model.get_submodule(name).weight.shape[0]
-        if factorization(out_dim, -1)[0] != w1.shape[0]:
-            return int(w1.shape[0])
-    return -1
 
 
 def _copy_into(module, key: str, entry: ModuleAdapter, adapter_name: str) -> None:
@@ -287,14 +273,32 @@ def _copy_into(module, key: str, entry: ModuleAdapter, adapter_name: str) -> Non
                  (module.lora_B[adapter_name].weight, entry.tensors["lora_up.weight"])]
         if entry.dora_scale is not None:
             pairs.append((module.lora_magnitude_vector[adapter_name].weight, entry.dora_scale))
-    else:
-        pairs = [(getattr(module, part)[adapter_name], value)
-                 for part, value in entry.tensors.items()]
-    for target, value in pairs:
-        if target.numel() != value.numel():
-            raise ModelLoadError(f"{key}: the file's tensor of shape {tuple(value.shape)} does "
-                                 f"not fit this model's layer ({tuple(target.shape)})")
-        target.copy_(value.reshape(target.shape).to(target.dtype))
+        for target, value in pairs:
+            if target.numel() != value.numel():
+                raise ModelLoadError(f"{key}: the file's tensor of shape {tuple(value.shape)} "
+                                     f"does not fit this model's layer ({tuple(target.shape)})")
+            target.copy_(value.reshape(target.shape).to(target.dtype))
+        return
+    # LoHa and LoKr: the file's factors replace peft's own, whatever split, Tucker core or
+    # LoKr factor (LyCORIS's "factor", decompose_both, full matrices) the file was made with:
+    # peft rebuilds the update from whichever factors a layer holds.
+    names = LOHA_NAMES if entry.kind == "loha" else LOKR_NAMES
+    reference = getattr(module, next(n for n in names
+                                     if adapter_name in getattr(module, n)))[adapter_name]
+    for name in names:
+        if adapter_name in getattr(module, name):
+            del getattr(module, name)[adapter_name]
+    for name, value in entry.tensors.items():
+        getattr(module, name)[adapter_name] = torch.nn.Parameter(
+            value.to(reference.device, reference.dtype), requires_grad=False)
+    try:
+        delta = module.get_delta_weight(adapter_name)
+    except RuntimeError as exc:  # factors that do not multiply out
+        raise ModelLoadError(f"{key}: the file's factors do not fit together: {exc}") from exc
+    base = module.get_base_layer().weight
+    if delta.numel() != base.numel():
+        raise ModelLoadError(f"{key}: the file's factors make a {tuple(delta.shape)} update for "
+                             f"this model's {tuple(base.shape)} layer")
 
 
 # ----------------------------------------------------------------------------- metadata
