@@ -353,3 +353,9 @@ def test_model_card_names_the_type_and_a_loader_that_reads_it(runs):
         assert f"| LoRA type | {CASES[case][0]} |" in card and "Conv rank / alpha" in card
         assert ("load_lora_pipeline(" in card) == expect_peft
         assert ("load_lora_weights(" in card) != expect_peft
+
+
+def test_a_type_written_in_another_case_reads_as_declared():
+    loaded = params_from_dict({"use_lora": True, "lora_type": "locon", "mixed_precision": "FP16"})
+    assert loaded.config.lora_type == "LoCon" and loaded.config.mixed_precision == "fp16"
+    assert params_from_dict({"lora_type": "lycoris"}).config.lora_type == "lycoris"  # refused later

@@ -164,13 +164,24 @@ def coerce(spec: FieldSpec, value: Any) -> Any:
             return float(value)
     elif spec.type is str:
         if isinstance(value, str):
-            return value
+            return _declared_choice(spec, value)
     elif spec.type is list:
         if isinstance(value, list):
             return value
     else:  # pragma: no cover - a field of a type this module does not know
         raise AssertionError(spec.type)
     raise TypeError(f"expected {_type_name(spec.type)}, got {type(value).__name__} {value!r}")
+
+
+def _declared_choice(spec: FieldSpec, value: str) -> str:
+    """A choice as declared when ``value`` differs only in case ("locon", "FP16"), as the
+    extension's and kohya's files and tutorials write them; otherwise ``value`` unchanged
+    (validation names the choices)."""
+    choices = spec.setting.choices or ()
+    if value in choices:
+        return value
+    same = [c for c in choices if isinstance(c, str) and c.casefold() == value.casefold()]
+    return same[0] if len(same) == 1 else value
 
 
 def coerce_into(values: dict[str, Any], spec: FieldSpec, value: Any, where: str,
