@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from run_helpers import train_whole_and_killed
 from safetensors.torch import load_file
 
 from colab_dreambooth.config.params import params_from_dict
@@ -365,50 +366,12 @@ def test_sigkill_mid_run_then_resume_matches_for_dora_locon(demo_root, tmp_path)
     """A real process training LoCon + DoRA (convolutions, magnitudes, both models), killed
     with SIGKILL after a checkpoint and resumed with ``train --resume``, writes the file of a
     run that was never interrupted."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    from colab_dreambooth.config.params import save_params
-    from colab_dreambooth.training.checkpoints import latest_checkpoint, read_state
-
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
     base = type_config(demo_root, tmp_path, "LoCon", True).copy(
         max_train_steps=10, seed=99, hflip=True, gradient_accumulation_steps=1,
         save_every_steps=2, checkpoints_to_keep=2, save_preview_every=0,
         save_preview_every_steps=0)
-
-    def command(name: str, *extra: str) -> list[str]:
-        params = save_params(base.copy(model_name=name), tmp_path / f"{name}.json")
-        return [sys.executable, "-m", "colab_dreambooth", "train", "--config", str(params),
-                *extra]
-
-    subprocess.run(command("whole"), env=env, check=True, capture_output=True, timeout=600)
-    root = tmp_path / "dreambooth" / "killed" / "checkpoints"
-    proc = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None:
-            found = latest_checkpoint(root)
-            if found is not None and read_state(found)["progress"]["step"] >= 4:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert 4 <= read_state(latest_checkpoint(root))["progress"]["step"] < 10
-    out = subprocess.run(command("killed", "--resume"), env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    whole = load_file(tmp_path / "dreambooth" / "whole" / "lora" / "whole.safetensors")
-    killed = load_file(tmp_path / "dreambooth" / "killed" / "lora" / "killed.safetensors")
+    whole_run, killed_run = train_whole_and_killed(base, tmp_path)
+    whole = load_file(whole_run / "lora" / "whole.safetensors")
+    killed = load_file(killed_run / "lora" / "killed.safetensors")
     assert whole.keys() == killed.keys() and any(k.endswith("dora_scale") for k in whole)
     assert all(torch.equal(whole[k], killed[k]) for k in whole)

@@ -6,17 +6,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import train_whole_and_killed
 from safetensors.torch import load_file
 
-from colab_dreambooth.config.params import save_params
 from colab_dreambooth.training.checkpoints import (
     CheckpointError,
     latest_checkpoint,
@@ -26,7 +23,6 @@ from colab_dreambooth.training.checkpoints import (
 from colab_dreambooth.training.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def resumable(config, tmp_path, name, **changes):
@@ -152,45 +148,12 @@ def test_sigkill_mid_run_then_resume_matches(demo_root, tmp_path):
     ``train --resume``, ends with the weights of a run that was never interrupted."""
     from colab_dreambooth.demo import demo_config
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     base = demo_config(demo_root, steps=12).copy(
         models_root=str(tmp_path), seed=99, hflip=True, center_crop=False, use_ema=True,
         gradient_accumulation_steps=1, save_every_steps=2, checkpoints_to_keep=2,
         save_preview_every=0, save_preview_every_steps=0)
-
-    def command(name: str, *extra: str) -> list[str]:
-        params = save_params(base.copy(model_name=name), tmp_path / f"{name}.json")
-        return [sys.executable, "-m", "colab_dreambooth", "train", "--config", str(params),
-                *extra]
-
-    subprocess.run(command("whole"), env=env, check=True, capture_output=True, timeout=600)
-
-    root = tmp_path / "dreambooth" / "killed" / "checkpoints"
-    proc = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None:
-            found = latest_checkpoint(root)
-            if found is not None and read_state(found)["progress"]["step"] >= 4:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    killed_at = read_state(latest_checkpoint(root))["progress"]["step"]
-    assert 4 <= killed_at < 12
-    assert not (tmp_path / "dreambooth" / "killed" / "model").exists()
-
-    out = subprocess.run(command("killed", "--resume"), env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "Resuming from" in out.stderr
-    assert_same_weights(tmp_path / "dreambooth" / "whole" / "model",
-                        tmp_path / "dreambooth" / "killed" / "model")
+    whole, killed = train_whole_and_killed(base, tmp_path)
+    assert_same_weights(whole / "model", killed / "model")
 
 
 class FakeHub:
