@@ -110,7 +110,6 @@ def run_demo(out: str | Path = "demo-output", *, steps: int = 150, save_every: i
     Returns the training result (``stopped_early`` when it was stopped)."""
     import time
 
-
     started = time.time()
     root = Path(out).resolve()
     if resume and (root / "data").is_dir():
