@@ -212,10 +212,13 @@ def test_cli_samples_every_prompt_and_prints_the_files(pipe, tmp_path, capsys, m
 
 def test_cli_rejects_bad_sizes(tmp_path, capsys):
     parser = cli.build_parser()
-    args = parser.parse_args(["sample", "tiny", "--prompt", "x", "--height", "60",
+    args = parser.parse_args(["sample", "tiny", "--prompt", "x", "--height", "100",
                               "--out", str(tmp_path)])
     assert args.run(args) == 2
     assert "multiples of 8" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # under the field's minimum: a usage error
+        parser.parse_args(["sample", "tiny", "--prompt", "x", "--height", "60"])
+    assert stop.value.code == 2 and "--height: must be at least 64" in capsys.readouterr().err
 
 
 def test_run_samples_with_plain_jobs(pipe, tmp_path):
