@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from colab_dreambooth.config.settings import CONV_TYPES, DORA_TYPES, LORA_TYPES, safe_name
-from colab_dreambooth.errors import ModelLoadError
+from colab_dreambooth.errors import ConfigError, ModelLoadError, Problem
 from colab_dreambooth.models.lora_file import (
     ADAPTER_NAME,
     LOHA_NAMES,
@@ -136,9 +136,9 @@ def peft_config(lora_type: str, plan: AdapterPlan, *, rank: int, alpha: float | 
     ranks = {name: conv_rank for name in plan.conv} | dict(module_ranks or {})
     alphas = ({name: effective_alpha(conv_alpha, conv_rank) for name in plan.conv}
               | dict(module_alphas or {}))
-    # Exact names: peft matches a pattern against the end of each module's dotted name.
-    rank_pattern = {f"^{re.escape(name)}": r for name, r in ranks.items()}
-    alpha_pattern = {f"^{re.escape(name)}": a for name, a in alphas.items()}
+    # Whole module names: peft matches a pattern against the end of each dotted name.
+    rank_pattern = {re.escape(name): r for name, r in ranks.items()}
+    alpha_pattern = {re.escape(name): a for name, a in alphas.items()}
     common = dict(target_modules=list(plan.modules), rank_pattern=rank_pattern,
                   alpha_pattern=alpha_pattern)
     if lora_type in ("LoRA", "LoCon"):
@@ -170,6 +170,7 @@ def add_lora(unet, text_encoder, config: "DreamBoothConfig") -> list[torch.nn.Pa
                                  alpha=config.lora_alpha, conv_rank=config.lora_conv_rank,
                                  conv_alpha=config.lora_conv_alpha, dora=dora),
                      adapter_name=ADAPTER_NAME)
+    _check_ranks(unet, plan, config.lora_conv_rank)
     trained = [unet]
     if config.train_text_encoder is not False:  # blank (auto): every preset trains it with LoRA
         plan = adapter_plan(text_encoder, lora_type, text_encoder=True)
@@ -181,6 +182,17 @@ def add_lora(unet, text_encoder, config: "DreamBoothConfig") -> list[torch.nn.Pa
     for param in params:
         param.data = param.data.float()
     return params
+
+
+def _check_ranks(model: torch.nn.Module, plan: AdapterPlan, conv_rank: int) -> None:
+    """Refuse a peft too old to give modules their own rank (it would train the convolutions
+    at the linear rank without a word)."""
+    for name in plan.conv[:1]:
+        got = model.get_submodule(name).r[ADAPTER_NAME]
+        if got != conv_rank:
+            raise ConfigError([Problem("lora_conv_rank", f"the installed peft gave {name} rank "
+                                       f"{got}, not the conv rank {conv_rank}: upgrade peft "
+                                       "(pip install -U peft)")])
 
 
 def adapter_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
