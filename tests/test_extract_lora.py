@@ -20,9 +20,9 @@ from colab_dreambooth.models.lora_extract import (
     low_rank_factors,
     relative_error,
     target_layers,
-    top_singular,
 )
 from colab_dreambooth.models.lora_file import read_lora, state_for_diffusers
+from colab_dreambooth.models.low_rank import top_singular
 from colab_dreambooth.models.tiny import tiny_model_path
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"
@@ -146,7 +146,7 @@ def test_cpu_singular_triplets_match_lapacks(shape):
     """The CPU path (float64 Gram eigenvectors) gives LAPACK's best rank-k approximation."""
     g = torch.Generator().manual_seed(2)
     matrix = torch.randn(*shape, generator=g) * torch.logspace(0, -3, shape[1])  # decaying
-    u, s, vh = top_singular(matrix, 8)
+    u, s, vh = top_singular(matrix, 8, dtype=torch.float64)
     ref_u, ref_s, ref_vh = torch.linalg.svd(matrix.double(), full_matrices=False)
     assert torch.allclose(s.double(), ref_s[:8], rtol=1e-5)
     best = ref_u[:, :8] * ref_s[:8] @ ref_vh[:8]

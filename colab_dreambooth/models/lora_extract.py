@@ -53,6 +53,7 @@ from colab_dreambooth.models.lora_file import (
     kohya_key,
     save_lora,
 )
+from colab_dreambooth.models.low_rank import default_device, top_singular
 from colab_dreambooth.models.pipelines import lora_run, resolve_model
 from colab_dreambooth.safetensors_stream import SafetensorsReader, read_layout
 
@@ -170,7 +171,7 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike,
             log.info("The text encoder changed by at most %.3g (min_diff %g): extracting the "
                      "UNet only", te_diff, min_diff)
         chosen = [layer for layer in layers if layer.part == UNET or with_te]
-        work = torch.device(device) if device else _default_device()
+        work = torch.device(device) if device else default_device()
         state, errors, unchanged = _extract(chosen, base_weights, tuned_weights, rank=rank,
                                             conv_rank=conv_rank, clamp_quantile=clamp_quantile,
                                             dtype=SAVE_DTYPES[save_precision], device=work,
@@ -367,7 +368,9 @@ def low_rank_factors(delta: torch.Tensor, rank: int, clamp_quantile: float = 0.9
     conv = delta.dim() == 4
     matrix = delta.reshape(out_dim, -1).float()
     rank = min(rank, in_dim, out_dim)
-    u, s, vh = top_singular(matrix, rank)
+    # float64 on the CPU: float32 factors resolve what fp32 Gram matrices would round away.
+    u, s, vh = top_singular(matrix, rank, dtype=torch.float64 if matrix.device.type == "cpu"
+                            else torch.float32)
     up = u * s  # U @ diag(S) without the diagonal matrix
     down = vh
     if clamp_quantile < 1.0:
@@ -377,30 +380,6 @@ def low_rank_factors(delta: torch.Tensor, rank: int, clamp_quantile: float = 0.9
         up = up.reshape(out_dim, rank, 1, 1)
         down = down.reshape(rank, *delta.shape[1:])
     return up.contiguous(), down.contiguous()
-
-
-def top_singular(matrix: torch.Tensor, rank: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The top ``rank`` singular triplets ``U, S, Vh`` of ``matrix`` (fp32 results).
-
-    On a GPU, LAPACK-style ``torch.linalg.svd`` as kohya. On the CPU, through the eigenvectors
-    of the smaller side's Gram matrix in float64: 2-8x faster than ``svd`` on a 2-core CPU
-    (9.2 s vs 1.2 s for a 1280 x 11520 conv kernel on one thread), and in float64 the top
-    singular vectors come out to float32 precision (values resolved down to ~1e-8 of the
-    largest). The signs of the vectors may differ from ``svd``'s; ``U diag(S) Vh`` does not.
-    """
-    if matrix.device.type != "cpu":
-        u, s, vh = torch.linalg.svd(matrix.float(), full_matrices=False)
-        return u[:, :rank], s[:rank], vh[:rank]
-    wide = matrix.shape[0] <= matrix.shape[1]
-    x = (matrix if wide else matrix.T).double()
-    _, q = torch.linalg.eigh(x @ x.T)  # eigenvalues ascending
-    q = q[:, -rank:].flip(1)  # the top left singular vectors of x
-    w = q.T @ x  # rows: s_i * v_i
-    s = torch.linalg.vector_norm(w, dim=1)
-    v = torch.where(s[:, None] > 0, w / s.clamp_min(torch.finfo(s.dtype).tiny)[:, None], 0.0)
-    u, vh = (q, v) if wide else (v.T, q.T)  # x = matrix.T: its V is the matrix's U
-    return u.float().contiguous(), s.float(), vh.float().contiguous()
 
 
 def _pad_rank(up: torch.Tensor, down: torch.Tensor, rank: int
@@ -436,10 +415,6 @@ def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     ordered = values.sort().values
     upper = ordered[min(low + 1, values.numel() - 1)]
     return ordered[low] + (upper - ordered[low]) * (position - low)
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ----------------------------------------------------------------------------- the file
@@ -533,5 +508,5 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 
 __all__ = ["extract_lora", "ExtractReport", "ExtractError", "default_output", "target_layers",
-           "low_rank_factors", "top_singular", "relative_error", "extract_metadata", "Layer",
+           "low_rank_factors", "relative_error", "extract_metadata", "Layer",
            "FolderWeights", "SAVE_DTYPES"]

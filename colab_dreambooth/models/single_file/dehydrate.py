@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from colab_dreambooth.files import temp_file_beside
 from colab_dreambooth.models.loading import resolve_model_folder
+from colab_dreambooth.models.low_rank import default_device
 from colab_dreambooth.models.single_file.base_weights import (
     OTHER_WEIGHT_SUFFIXES,
     BaseWeights,
@@ -148,7 +149,7 @@ def dehydrate(model_dir: str | os.PathLike, base: str | os.PathLike, out_file: s
         base_of = {rel: base_subfolder(rel, base_weights) for rel in weights}
         used = sorted({sub for sub in base_of.values() if sub is not None})
         fingerprint = base_weights.fingerprint(used, progress=progress)
-        encoder = TensorEncoder(rank, torch.device(device) if device else _default_device())
+        encoder = TensorEncoder(rank, torch.device(device) if device else default_device())
         manifest: dict[str, Any] = {
             "format": FORMAT, "version": FORMAT_VERSION, "mode": LOWRANK if rank else LOSSLESS,
             "rank": rank, "base": {"name": str(base), "fingerprint": fingerprint,
@@ -245,10 +246,6 @@ def _scan_model_folder(model: Path) -> tuple[list[str], list[str]]:
     if not weights:
         raise DehydrateError(f"{model} holds no .safetensors weights: is it a trained model?")
     return files, weights
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _store_files(writer: PayloadWriter, model: Path, files: list[str],

@@ -11,11 +11,10 @@ whose change is cheaper as factors is stored as ``lowrank``: the truncated SVD o
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
+from colab_dreambooth.models.low_rank import top_singular
 from colab_dreambooth.safetensors_stream import element_size
 
 LOSSLESS, LOWRANK = "lossless", "lowrank"
@@ -70,7 +69,8 @@ class TensorEncoder:
         factor_bytes = k * (m + n) * element_size(FACTOR_DTYPE) + 4 * k
         if factor_bytes >= exact_bytes or not torch.isfinite(change).all():
             return None  # exact storage is no bigger (or the change is not finite): keep exact
-        u, s, vh = _truncated_svd(change.reshape(m, n), k, self.device)
+        u, s, vh = top_singular(change.reshape(m, n).to(self.device), k)
+        u, s, vh = u.cpu(), s.cpu(), vh.cpu()
         parts = {"U": u.to(FACTOR_DTYPE), "S": s.float(), "Vh": vh.to(FACTOR_DTYPE)}
         return parts, _apply_lowrank(b, parts, t.shape, t.dtype)
 
@@ -108,53 +108,6 @@ def encode_exact(t: torch.Tensor, b: torch.Tensor | None) -> tuple[str, dict[str
         if torch.equal(_bits(bc + delta), _bits(t)):
             return "delta", {"delta": delta}
     return "full", {"full": t}
-
-
-def _truncated_svd(matrix: torch.Tensor, k: int, device: torch.device):
-    """The top ``k`` singular triplets ``U, S, Vh`` of ``matrix``, computed on ``device``.
-
-    Through the eigenvectors of the small side's Gram matrix: several times faster than
-    LAPACK's SVD on a 2-core CPU, and as exact for the top singular vectors (float32 resolves
-    singular values down to ~1e-3 of the largest, far below what fp16 factors keep). The right
-    factor is ``U^T x`` with its rows normalised, so ``U diag(S) Vh`` is the projection of the
-    matrix on its top-``k`` singular subspace (at full rank, the matrix itself).
-    """
-    x = matrix.to(device=device, dtype=torch.float32)
-    tall = x.shape[0] > x.shape[1]
-    if tall:
-        x = x.T
-    gram = x @ x.T
-    with _one_cpu_thread(x.device):
-        try:
-            _, q = torch.linalg.eigh(gram)  # eigenvalues ascending
-        except RuntimeError:  # float32 did not converge (rare): float64 does
-            _, q = torch.linalg.eigh(gram.double())
-    u = q[:, -k:].flip(1).float()
-    w = u.T @ x
-    s = torch.linalg.vector_norm(w, dim=1)
-    vh = torch.where(s[:, None] > 0, w / s.clamp_min(torch.finfo(s.dtype).tiny)[:, None], 0.0)
-    if tall:
-        u, vh = vh.T, u.T
-    return u.contiguous().cpu(), s.cpu(), vh.contiguous().cpu()
-
-
-@contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run a CPU eigendecomposition on one thread.
-
-    MKL's threaded eigh of a <=1280-wide matrix gains little on 2 cores and, when another
-    process keeps a core busy, waits on its own threads: measured 1.5 s instead of 0.09 s per
-    768-wide matrix, 19 instead of 5.4 minutes for SD 1.5 at rank 128.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _apply_lowrank(b: torch.Tensor, parts: dict[str, torch.Tensor], shape, dtype) -> torch.Tensor:
