@@ -17,12 +17,10 @@ from colab_dreambooth.models.lora_extract import (
     ExtractError,
     default_output,
     extract_lora,
-    low_rank_factors,
-    relative_error,
     target_layers,
 )
 from colab_dreambooth.models.lora_file import read_lora, state_for_diffusers
-from colab_dreambooth.models.low_rank import top_singular
+from colab_dreambooth.models.low_rank import low_rank_factors, relative_error, top_singular
 from colab_dreambooth.models.tiny import tiny_model_path
 
 UNET_FILE = "unet/diffusion_pytorch_model.safetensors"

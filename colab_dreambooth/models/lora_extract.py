@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -53,7 +52,12 @@ from colab_dreambooth.models.lora_file import (
     kohya_key,
     save_lora,
 )
-from colab_dreambooth.models.low_rank import default_device, top_singular
+from colab_dreambooth.models.low_rank import (
+    default_device,
+    low_rank_factors,
+    pad_rank,
+    relative_error,
+)
 from colab_dreambooth.models.pipelines import lora_run, resolve_model
 from colab_dreambooth.safetensors_stream import SafetensorsReader, read_layout
 
@@ -345,7 +349,7 @@ def _extract(layers: list[Layer], base: FolderWeights, tuned: FolderWeights, *, 
                 continue
             layer_rank = conv_rank if layer.conv3x3 else rank
             up, down = low_rank_factors(delta, layer_rank, clamp_quantile)
-            up, down = _pad_rank(up.to(dtype), down.to(dtype), layer_rank)
+            up, down = pad_rank(up.to(dtype), down.to(dtype), layer_rank)
             errors[layer.key] = relative_error(delta, up, down)
             state[f"{layer.key}.lora_down.weight"] = down.cpu().contiguous()
             state[f"{layer.key}.lora_up.weight"] = up.cpu().contiguous()
@@ -353,68 +357,6 @@ def _extract(layers: list[Layer], base: FolderWeights, tuned: FolderWeights, *, 
             state[f"{layer.key}.alpha"] = torch.tensor(down.shape[0], dtype=dtype)
             del delta, up, down
     return state, errors, unchanged
-
-
-def low_rank_factors(delta: torch.Tensor, rank: int, clamp_quantile: float = 0.99
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(up, down)`` with ``up @ down`` ~ ``delta``, as kohya computes them (in fp32).
-
-    ``delta`` is a Linear weight change (out x in) or a Conv2d one (out x in x kh x kw; then
-    ``up`` is out x r x 1 x 1 and ``down`` r x in x kh x kw, kohya's LoCon layout). The rank is
-    capped at the layer's smaller side; both factors are clamped to ``[-q, q]`` where ``q`` is
-    the ``clamp_quantile`` of their values (1.0: no clamping).
-    """
-    out_dim, in_dim = delta.shape[:2]
-    conv = delta.dim() == 4
-    matrix = delta.reshape(out_dim, -1).float()
-    rank = min(rank, in_dim, out_dim)
-    # float64 on the CPU: float32 factors resolve what fp32 Gram matrices would round away.
-    u, s, vh = top_singular(matrix, rank, dtype=torch.float64 if matrix.device.type == "cpu"
-                            else torch.float32)
-    up = u * s  # U @ diag(S) without the diagonal matrix
-    down = vh
-    if clamp_quantile < 1.0:
-        high = _quantile(torch.cat([up.flatten(), down.flatten()]), clamp_quantile)
-        up, down = up.clamp(-high, high), down.clamp(-high, high)
-    if conv:
-        up = up.reshape(out_dim, rank, 1, 1)
-        down = down.reshape(rank, *delta.shape[1:])
-    return up.contiguous(), down.contiguous()
-
-
-def _pad_rank(up: torch.Tensor, down: torch.Tensor, rank: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad factors whose rank was capped (a layer narrower than ``rank``) up to ``rank``.
-
-    ``up @ down`` is unchanged; every layer of a kind then has the same rank and alpha. kohya
-    writes the capped rank as that layer's alpha, but diffusers' kohya loader (0.42) drops the
-    alphas of attention layers that differ from the most common one and scales them wrongly.
-    """
-    missing = rank - down.shape[0]
-    if missing <= 0:
-        return up, down
-    up = torch.cat([up, up.new_zeros(up.shape[0], missing, *up.shape[2:])], dim=1)
-    down = torch.cat([down, down.new_zeros(missing, *down.shape[1:])], dim=0)
-    return up, down
-
-
-def relative_error(delta: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> float:
-    """``||delta - up @ down|| / ||delta||`` (Frobenius), in fp32."""
-    matrix = delta.reshape(delta.shape[0], -1).float()
-    approx = up.reshape(up.shape[0], -1).float() @ down.reshape(down.shape[0], -1).float()
-    norm = float(torch.linalg.matrix_norm(matrix))
-    return float(torch.linalg.matrix_norm(matrix - approx)) / norm if norm else 0.0
-
-
-def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
-    """``torch.quantile`` (linear interpolation), also above its 16M-element limit."""
-    if values.numel() <= 2**24:
-        return torch.quantile(values, q)
-    position = q * (values.numel() - 1)
-    low = math.floor(position)
-    ordered = values.sort().values
-    upper = ordered[min(low + 1, values.numel() - 1)]
-    return ordered[low] + (upper - ordered[low]) * (position - low)
 
 
 # ----------------------------------------------------------------------------- the file
@@ -508,5 +450,4 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 
 __all__ = ["extract_lora", "ExtractReport", "ExtractError", "default_output", "target_layers",
-           "low_rank_factors", "relative_error", "extract_metadata", "Layer",
-           "FolderWeights", "SAVE_DTYPES"]
+           "extract_metadata", "Layer", "FolderWeights", "SAVE_DTYPES"]
