@@ -204,6 +204,15 @@ def test_files_made_by_lycoris_load_with_lycoris_output(tiny_parts, tmp_path, al
     assert close(got["states"], expected["states"]) and close(got["noise"], expected["noise"])
 
 
+def test_dora_magnitudes_per_input_channel_are_refused(tiny_parts, tmp_path):
+    kohya = pytest.importorskip("lycoris.kohya")
+    network = lycoris_network(kohya, tiny_parts, tmp_path, "LoCon", True, wd_on_output=False)
+    state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    with pytest.raises(ModelLoadError, match="per input channel"):
+        load_adapters(state, copy.deepcopy(tiny_parts.unet),
+                      copy.deepcopy(tiny_parts.text_encoder))
+
+
 def test_peft_loader_reads_a_plain_lora_as_diffusers_does(runs, tiny_parts):
     """load_adapters on a LoCon file (no DoRA) computes what diffusers' loader computes."""
     run = runs["LoCon"]

@@ -284,6 +284,13 @@ def _copy_into(module, key: str, entry: ModuleAdapter, adapter_name: str) -> Non
         pairs = [(module.lora_A[adapter_name].weight, entry.tensors["lora_down.weight"]),
                  (module.lora_B[adapter_name].weight, entry.tensors["lora_up.weight"])]
         if entry.dora_scale is not None:
+            out_features = module.get_base_layer().weight.shape[0]
+            if entry.dora_scale.shape[0] != out_features or (
+                    entry.dora_scale.dim() > 1 and max(entry.dora_scale.shape[1:]) > 1):
+                raise ModelLoadError(
+                    f"{key}: its DoRA magnitudes ({tuple(entry.dora_scale.shape)}) are per "
+                    "input channel (LyCORIS's wd_on_output=False), which peft cannot apply; "
+                    "per output channel, (out, 1), is supported")
             pairs.append((module.lora_magnitude_vector[adapter_name].weight, entry.dora_scale))
         for target, value in pairs:
             if target.numel() != value.numel():
