@@ -1,8 +1,8 @@
-"""The tiny Stable-Diffusion-shaped model for tests and demos, built offline.
+"""The tiny Stable-Diffusion-shaped models for tests and demos, built offline.
 
-It keeps SD 1.x's exact topology with tiny widths and random weights (seeded, so it is the same
-everywhere), and a real CLIP tokenizer built offline from the BPE merges shipped in the
-``open-clip-torch`` wheel.
+They keep SD 1.x's and SDXL's exact topologies with tiny widths and random weights (seeded, so
+they are the same everywhere), and real CLIP tokenizers built offline from the BPE merges
+shipped in the ``open-clip-torch`` wheel.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from colab_dreambooth.errors import ModelLoadError
 from colab_dreambooth.files import cache_dir, save_folder_atomic
 
 TINY_VERSION = "1"
+TINY_SDXL_VERSION = "1"
 
 
 def tiny_model_path() -> Path:
@@ -68,6 +69,72 @@ def build_tiny_model(folder: str | os.PathLike) -> Path:
     return folder
 
 
+def tiny_sdxl_model_path() -> Path:
+    """The tiny SDXL model's diffusers folder in the user cache, built on first use."""
+    target = cache_dir() / f"tiny-sdxl-v{TINY_SDXL_VERSION}"
+    if not (target / "model_index.json").is_file():
+        save_folder_atomic(build_tiny_sdxl_model, target)
+    return target
+
+
+def build_tiny_sdxl_model(folder: str | os.PathLike) -> Path:
+    """Write a tiny Stable Diffusion XL-shaped pipeline (random, seeded weights) to ``folder``.
+
+    SDXL's topology at tiny widths: a UNet of three blocks (the first without attention, more
+    transformer layers deeper down, linear projections) conditioned on both text encoders'
+    hidden states side by side and on "text_time" extras (the second encoder's pooled,
+    projected output and six size/crop numbers); CLIP-L-shaped ``text_encoder`` and
+    OpenCLIP-bigG-shaped ``text_encoder_2`` (with projection, its tokenizer padding with "!"
+    as SDXL's does); SDXL's VAE scaling factor 0.13025.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    tokenizer = clip_tokenizer()
+    tokenizer_2 = clip_tokenizer(pad_token="!")
+    hidden, hidden_2, projection, time_dim = 32, 32, 32, 8
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(32, 64, 64), norm_num_groups=16, attention_head_dim=(2, 4, 8),
+            transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+            cross_attention_dim=hidden + hidden_2, addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=projection + 6 * time_dim,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+            block_out_channels=(16, 16, 32, 32), norm_num_groups=16, sample_size=64,
+            scaling_factor=0.13025, force_upcast=True,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        common = dict(intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                      vocab_size=len(tokenizer), max_position_embeddings=77,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            hidden_size=hidden, projection_dim=projection, hidden_act="quick_gelu",
+            pad_token_id=tokenizer.pad_token_id, **common))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=hidden_2, projection_dim=projection, hidden_act="gelu",
+            pad_token_id=tokenizer_2.pad_token_id, **common))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", num_train_timesteps=1000,
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    return folder
+
+
 @lru_cache(maxsize=1)
 def _clip_vocab_files() -> Path:
     """vocab.json + merges.txt of CLIP's BPE, made from open-clip-torch's merges file."""
@@ -94,13 +161,14 @@ def _clip_vocab_files() -> Path:
     return target
 
 
-def clip_tokenizer():
-    """Stable Diffusion's CLIP tokenizer (49,408 tokens, 77 positions), built offline."""
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """Stable Diffusion's CLIP tokenizer (49,408 tokens, 77 positions), built offline;
+    ``pad_token="!"`` gives SDXL's second tokenizer."""
     from transformers import CLIPTokenizer
 
     files = _clip_vocab_files()
     return CLIPTokenizer(str(files / "vocab.json"), str(files / "merges.txt"),
-                         model_max_length=77, pad_token="<|endoftext|>")
+                         model_max_length=77, pad_token=pad_token)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
