@@ -10,7 +10,6 @@ seconds to minutes), so every widget change happens there, which Colab requires.
 from __future__ import annotations
 
 import html
-import io
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,6 +41,7 @@ from colab_dreambooth.data.images import load_image
 from colab_dreambooth.errors import UserError
 
 from .compat import set_help
+from .plot import png_bytes
 
 SENTENCES, TAGS = "Sentences (BLIP)", "Tags (WD14 tagger, needs timm)"
 # Offered in the model box; any Hub id or local folder can be typed instead.
@@ -58,9 +58,7 @@ def thumbnail_png(path: Path, size: int = THUMBNAIL) -> bytes:
         image.thumbnail((size, size))
     except Exception:  # the row's status says why
         image = Image.new("RGB", (size, size), (200, 200, 200))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_bytes(image)
 
 
 class CaptionApp:

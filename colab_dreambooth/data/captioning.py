@@ -41,7 +41,7 @@ from colab_dreambooth.config.prompts import (
     tidy_prompt,
 )
 from colab_dreambooth.data.captioners import CAPTION, TAGS, Captioner
-from colab_dreambooth.data.captions import CAPTION_SUFFIXES, caption_from_filename, read_caption
+from colab_dreambooth.data.captions import caption_file_of, caption_from_filename, read_caption
 from colab_dreambooth.data.images import load_image
 from colab_dreambooth.errors import UserError
 from colab_dreambooth.files import list_image_files, write_text_atomic
@@ -217,13 +217,6 @@ class CaptionReport:
         return f"{self.table()}\n{self.summary()}" if self.rows else self.summary()
 
 
-def existing_caption_file(image: _PathLike) -> Path | None:
-    """The image's caption file (``.txt`` or ``.TXT``, as training reads them), or None."""
-    image = Path(image)
-    return next((image.with_suffix(s) for s in CAPTION_SUFFIXES
-                 if image.with_suffix(s).is_file()), None)
-
-
 def _read_for_captioning(path: Path) -> Image.Image:
     image = load_image(path)
     image.thumbnail((MAX_SIDE, MAX_SIDE))
@@ -235,7 +228,7 @@ def _kept_caption(image: Path) -> tuple[str, str]:
         text = read_caption(image)
     except PromptError:
         return "", "caption file is not UTF-8"
-    source = existing_caption_file(image)
+    source = caption_file_of(image)
     if source is not None and not source.read_text(encoding="utf-8", errors="replace").strip():
         return text, "caption file is blank: training uses the file name"
     return text, "has a caption"
@@ -265,7 +258,7 @@ def write_captions(folder: _PathLike, captioner: Captioner, *,
     rows: dict[Path, CaptionRow] = {}
     todo: list[Path] = []
     for image in list_image_files(folder):
-        if existing_caption_file(image) is not None and not overwrite:
+        if caption_file_of(image) is not None and not overwrite:
             text, note = _kept_caption(image)
             rows[image] = CaptionRow(image, text, KEPT, note)
         else:
@@ -298,7 +291,7 @@ def _write_one(image: Path, text: str, kind: str, tokens: CaptionTokens | None,
         text = caption_from_filename(image) or "a picture"
         note = f"the model generated nothing: used '{text}'"
     caption = place_tokens(text, tokens, kind)
-    target = existing_caption_file(image)
+    target = caption_file_of(image)
     if target is not None and not overwrite:  # written meanwhile (by the user): theirs stays
         return CaptionRow(image, read_caption(image), KEPT, "caption appeared while captioning")
     write_text_atomic(target or image.with_suffix(".txt"), caption + "\n")
@@ -313,7 +306,7 @@ def current_captions(folder: _PathLike) -> CaptionReport:
         raise CaptionError(f"the image folder {folder} does not exist")
     rows = []
     for image in list_image_files(folder):
-        if existing_caption_file(image) is None:
+        if caption_file_of(image) is None:
             rows.append(CaptionRow(image, "", MISSING, "no caption yet"))
         else:
             text, note = _kept_caption(image)
@@ -329,12 +322,11 @@ def save_edited_captions(edits: Iterable[tuple[_PathLike, str]]) -> list[Path]:
         text = " ".join(str(text).split())
         if not text:
             continue
-        target = existing_caption_file(image) or Path(image).with_suffix(".txt")
+        target = caption_file_of(image) or Path(image).with_suffix(".txt")
         write_text_atomic(target, text + "\n")
         written.append(target)
     return written
 
 
 __all__ = ["MAX_SIDE", "WRITTEN", "KEPT", "FAILED", "MISSING", "CaptionError", "CaptionReport",
-           "CaptionRow", "CaptionTokens", "current_captions", "existing_caption_file",
-           "filewords_note", "place_tokens", "save_edited_captions", "write_captions"]
+           "CaptionRow", "CaptionTokens", "current_captions", "filewords_note", "place_tokens", "save_edited_captions", "write_captions"]

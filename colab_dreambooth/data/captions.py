@@ -50,6 +50,13 @@ def caption_from_filename(path: _PathLike) -> str:
     return " ".join(name.replace("_", " ").split())
 
 
+def caption_file_of(image_path: _PathLike) -> Path | None:
+    """The image's caption file (``.txt`` or ``.TXT``), or None when it has none."""
+    image = Path(image_path)
+    return next((image.with_suffix(s) for s in CAPTION_SUFFIXES
+                 if image.with_suffix(s).is_file()), None)
+
+
 def image_caption(image_path: _PathLike, *, concept: str | None = None) -> Caption:
     """The caption of one image: its same-stem ``.txt`` file, else its file name.
 
@@ -59,8 +66,7 @@ def image_caption(image_path: _PathLike, *, concept: str | None = None) -> Capti
     names the culprit in errors. Raises PromptError when the ``.txt`` is not valid UTF-8.
     """
     image = Path(image_path)
-    caption_file = next((image.with_suffix(s) for s in CAPTION_SUFFIXES
-                         if image.with_suffix(s).is_file()), None)
+    caption_file = caption_file_of(image)
     if caption_file is None:
         return Caption(caption_from_filename(image), image)
     try:
@@ -88,5 +94,5 @@ def folder_captions(folder: _PathLike, resolution: int, *,
     return [image_caption(path, concept=concept) for path in images]
 
 
-__all__ = ["CAPTION_SUFFIXES", "Caption", "caption_from_filename", "folder_captions",
-           "image_caption", "read_caption"]
+__all__ = ["CAPTION_SUFFIXES", "Caption", "caption_file_of", "caption_from_filename",
+           "folder_captions", "image_caption", "read_caption"]

@@ -128,7 +128,7 @@ def lora_file_path(config: "DreamBoothConfig") -> Path:
 def peft_config(lora_type: str, plan: AdapterPlan, *, rank: int, alpha: float | None,
                 conv_rank: int = 0, conv_alpha: float | None = None, dora: bool = False,
                 module_ranks: dict[str, int] | None = None,
-                module_alphas: dict[str, float] | None = None, lokr_factor: int = -1):
+                module_alphas: dict[str, float] | None = None):
     """peft's configuration of ``lora_type`` on ``plan``'s modules; 3x3 convolutions (and any
     module in ``module_ranks``/``module_alphas``) get their own rank and alpha."""
     from peft import LoHaConfig, LoKrConfig, LoraConfig
@@ -151,7 +151,7 @@ def peft_config(lora_type: str, plan: AdapterPlan, *, rank: int, alpha: float | 
         return LoHaConfig(r=rank, alpha=effective_alpha(alpha, rank),
                           use_effective_conv2d=False, **common)
     return LoKrConfig(r=rank, alpha=effective_alpha(alpha, rank), use_effective_conv2d=False,
-                      decompose_factor=lokr_factor, **common)
+                      **common)
 
 
 # ----------------------------------------------------------------------------- training
@@ -368,7 +368,7 @@ def lora_metadata(config: "DreamBoothConfig", unet, *, steps: int, epochs: int, 
         "ss_network_train_unet_only": str(not te_trained),
         "ss_base_model_version": base_version,
         "ss_v2": str(v2),
-        "ss_sd_model_name": _model_name(config.base_model),
+        "ss_sd_model_name": metadata_model_name(config.base_model),
         "ss_output_name": safe_name(config.model_name),
         "ss_learning_rate": _number(config.lora_learning_rate),
         "ss_unet_lr": _number(config.lora_learning_rate),
@@ -417,16 +417,21 @@ def _number(value: float) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _model_name(base: str) -> str:
-    """The base model's name without the folders of this machine (``tiny``, a Hub id, or a
-    file or folder name)."""
-    base = base.strip().rstrip("/\\")
-    if re.match(r"^[\w.-]+/[\w.-]+$", base) and not Path(base).expanduser().exists():
-        return base  # a Hub id
-    return re.split(r"[/\\]", base)[-1]
+def metadata_model_name(model: str) -> str:
+    """A model's name for a file's metadata, without the folders of this machine: ``tiny`` or
+    a Hub id as it is, else the last part of the path (a run's name rather than its ``model``
+    folder)."""
+    model = model.strip().rstrip("/\\")
+    if re.match(r"^[\w.-]+/[\w.-]+$", model) and not Path(model).expanduser().exists():
+        return model  # a Hub id
+    parts = [p for p in re.split(r"[/\\]", model) if p]
+    if len(parts) > 1 and parts[-1] == "model":
+        return parts[-2]
+    return parts[-1] if parts else model
 
 
 __all__ = ["LORA_TYPES", "DORA_TYPES", "CONV_TYPES", "UNET_TARGET_MODULES",
            "TEXT_ENCODER_TARGET_MODULES", "AdapterPlan", "adapter_plan", "adapter_plan_names",
            "effective_alpha", "uses_conv", "uses_dora", "lora_file_path", "peft_config",
-           "add_lora", "adapter_weights", "load_adapters", "lora_metadata"]
+           "add_lora", "adapter_weights", "load_adapters", "lora_metadata",
+           "metadata_model_name"]

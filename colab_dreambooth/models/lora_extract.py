@@ -45,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from colab_dreambooth.errors import ModelLoadError, UserError
-from colab_dreambooth.models.lora import AdapterPlan, adapter_plan
+from colab_dreambooth.models.lora import AdapterPlan, adapter_plan, metadata_model_name
 from colab_dreambooth.models.lora_file import (
     TEXT_ENCODER_PREFIX,
     UNET_PREFIX,
@@ -59,7 +59,7 @@ from colab_dreambooth.models.low_rank import (
     relative_error,
 )
 from colab_dreambooth.models.pipelines import lora_run, resolve_model
-from colab_dreambooth.safetensors_stream import SafetensorsReader, read_layout
+from colab_dreambooth.models.single_file.base_weights import BaseWeights
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike,
             raise ExtractError(f"{out} is inside the model folder {folder}: write it elsewhere, "
                                "the models are never modified")
     layers = target_layers(base_folder, conv=conv_rank > 0)
-    base_weights, tuned_weights = FolderWeights(base_folder), FolderWeights(tuned_folder)
+    base_weights, tuned_weights = BaseWeights(base_folder), BaseWeights(tuned_folder)
     try:
         _check_same_shapes(layers, base_weights, tuned_weights, base, tuned)
         te_layers = [layer for layer in layers if layer.part == TEXT_ENCODER]
@@ -257,56 +257,28 @@ def _plain(name: str) -> str:
     return name.removeprefix("text_model.")
 
 
-class FolderWeights:
-    """A diffusers folder's weights by sub-folder and name, read one tensor at a time."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self._index: dict[str, dict[str, tuple[SafetensorsReader, str, list[int]]]] = {}
-        self._readers: list[SafetensorsReader] = []
-
-    def index(self, part: str) -> dict[str, tuple[SafetensorsReader, str, list[int]]]:
-        """``{weight name: (reader, name in the file, shape)}`` of sub-folder ``part`` (empty
-        if it has none)."""
-        if part not in self._index:
-            files = sorted((self.folder / part).glob("*.safetensors"))
-            # "model.fp16.safetensors" is a variant of "model.safetensors"; shards have no dot.
-            plain = [f for f in files if "." not in f.name[:-len(".safetensors")]] or files
-            entries: dict[str, tuple[SafetensorsReader, str, list[int]]] = {}
-            for path in plain:
-                reader = SafetensorsReader(path, read_layout(path))
-                self._readers.append(reader)
-                for name, info in reader.layout.tensors:
-                    entries[_plain(name)] = (reader, name, list(info["shape"]))
-            if not entries and (self.folder / part).is_dir():
-                raise ModelLoadError(f"{self.folder / part} holds no .safetensors weights: "
-                                     "re-save the model with safetensors (diffusers' "
-                                     "save_pretrained does by default)")
-            self._index[part] = entries
-        return self._index[part]
-
-    def shape(self, layer: Layer) -> list[int] | None:
-        """The weight's shape from the file header, or None if the model has no such weight."""
-        entry = self.index(layer.part).get(layer.weight)
-        return entry[2] if entry else None
-
-    def get(self, layer: Layer) -> torch.Tensor:
-        """The layer's weight as stored (its own dtype), on the CPU."""
-        reader, name, _ = self.index(layer.part)[layer.weight]
-        return reader.get(name)
-
-    def close(self) -> None:
-        """Close the files opened so far."""
-        for reader in self._readers:
-            reader.close()
-        self._readers.clear()
+def _weight_name(weights: BaseWeights, layer: Layer) -> str | None:
+    """The layer's weight as the folder names it: with CLIP's ``text_model.`` level
+    (transformers 4) or without it (5); None when the model has no such weight."""
+    index = weights.index(layer.part)
+    return next((n for n in (layer.weight, "text_model." + layer.weight) if n in index), None)
 
 
-def _check_same_shapes(layers: list[Layer], base: FolderWeights, tuned: FolderWeights,
+def _stored_shape(weights: BaseWeights, layer: Layer) -> list[int] | None:
+    name = _weight_name(weights, layer)
+    return list(weights.index(layer.part)[name][1]["shape"]) if name else None
+
+
+def _weight(weights: BaseWeights, layer: Layer) -> torch.Tensor:
+    """The layer's weight as stored (its own dtype), on the CPU."""
+    return weights.get(layer.part, _weight_name(weights, layer))
+
+
+def _check_same_shapes(layers: list[Layer], base: BaseWeights, tuned: BaseWeights,
                        base_name, tuned_name) -> None:
     """Refuse two models of different architectures (SD 1.x vs 2.x), naming the first layer."""
     for layer in layers:
-        base_shape, tuned_shape = base.shape(layer), tuned.shape(layer)
+        base_shape, tuned_shape = _stored_shape(base, layer), _stored_shape(tuned, layer)
         if base_shape is None or base_shape != tuned_shape:
             raise ModelLoadError(
                 f"{tuned_name} and {base_name} are not the same architecture: {layer.part} "
@@ -319,12 +291,12 @@ def _shape(shape: list[int] | None) -> str:
     return "missing" if shape is None else "x".join(map(str, shape))
 
 
-def _max_change(layers: list[Layer], base: FolderWeights, tuned: FolderWeights, *,
+def _max_change(layers: list[Layer], base: BaseWeights, tuned: BaseWeights, *,
                 stop_above: float) -> float:
     """The largest absolute weight change over ``layers`` (stops once above ``stop_above``)."""
     largest = 0.0
     for layer in layers:
-        delta = tuned.get(layer).float() - base.get(layer).float()
+        delta = _weight(tuned, layer).float() - _weight(base, layer).float()
         largest = max(largest, float(delta.abs().max()) if delta.numel() else 0.0)
         if largest > stop_above:
             break
@@ -334,7 +306,7 @@ def _max_change(layers: list[Layer], base: FolderWeights, tuned: FolderWeights, 
 # ----------------------------------------------------------------------------- the SVD
 
 
-def _extract(layers: list[Layer], base: FolderWeights, tuned: FolderWeights, *, rank: int,
+def _extract(layers: list[Layer], base: BaseWeights, tuned: BaseWeights, *, rank: int,
              conv_rank: int, clamp_quantile: float, dtype: torch.dtype, device: torch.device,
              progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, int]]:
     state: dict[str, torch.Tensor] = {}
@@ -342,8 +314,8 @@ def _extract(layers: list[Layer], base: FolderWeights, tuned: FolderWeights, *, 
     unchanged = {UNET: 0, TEXT_ENCODER: 0}
     with torch.no_grad():
         for layer in tqdm(layers, desc="extract LoRA", unit="layer", disable=not progress):
-            delta = (tuned.get(layer).to(device, torch.float32)
-                     - base.get(layer).to(device, torch.float32))
+            delta = (_weight(tuned, layer).to(device, torch.float32)
+                     - _weight(base, layer).to(device, torch.float32))
             if not delta.any():
                 unchanged[layer.part] += 1  # a frozen layer: nothing a loader would add
                 continue
@@ -374,7 +346,7 @@ def extract_metadata(base: str | os.PathLike, tuned: str | os.PathLike, tuned_fo
     args = {"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_rank))} if conv_rank else {}
     resolution = 768 if v2 and v_pred else 512
     now = time.time()
-    base_name, tuned_name = _model_name(str(base)), _model_name(str(tuned))
+    base_name, tuned_name = metadata_model_name(str(base)), metadata_model_name(str(tuned))
     return {
         "ss_v2": str(v2),
         "ss_base_model_version": ("sd_v2" if v2 else "sd_v1") + ("_v" if v_pred else ""),
@@ -409,18 +381,6 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _model_name(model: str) -> str:
-    """A model's name without this machine's folders: a Hub id as it is, else the last part of
-    the path (a run's name rather than its ``model`` folder)."""
-    model = model.strip().rstrip("/\\")
-    if re.match(r"^[\w.-]+/[\w.-]+$", model) and not Path(model).expanduser().exists():
-        return model  # a Hub id
-    parts = [p for p in re.split(r"[/\\]", model) if p]
-    if len(parts) > 1 and parts[-1] == "model":
-        return parts[-2]
-    return parts[-1] if parts else model
-
-
 def _check_numbers(rank, conv_rank, clamp_quantile, min_diff, save_precision) -> None:
     problems = []
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -450,4 +410,4 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 
 __all__ = ["extract_lora", "ExtractReport", "ExtractError", "default_output", "target_layers",
-           "extract_metadata", "Layer", "FolderWeights", "SAVE_DTYPES"]
+           "extract_metadata", "Layer", "SAVE_DTYPES"]

@@ -1,5 +1,6 @@
-"""The base model a trained model is dehydrated against: its weights by sub-folder and name,
-read one tensor at a time, and their fingerprint."""
+"""A diffusers folder's weights by sub-folder and name, read one tensor at a time: the base a
+trained model is dehydrated against (and its fingerprint), and both models of a LoRA
+extraction."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ OTHER_WEIGHT_SUFFIXES = {".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".on
 
 
 class BaseWeights:
-    """The base model's tensors, by sub-folder and name, read one at a time."""
+    """A model folder's tensors, by sub-folder and name, read one at a time."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -101,8 +102,8 @@ def _model_weight_files(folder: Path) -> list[Path]:
     # "model.fp16.safetensors" is a variant of "model.safetensors"; shards have no extra dot.
     plain = [f for f in files if "." not in f.name[:-len(".safetensors")]]
     if not files and any(folder.glob(f"*{s}") for s in OTHER_WEIGHT_SUFFIXES):
-        raise DehydrateError(f"the base model's {folder} holds no .safetensors weights (only "
-                             "other formats): use a base saved with safetensors")
+        raise DehydrateError(f"{folder} holds no .safetensors weights (only other formats): "
+                             "re-save the model with safetensors")
     return plain or files
 
 
