@@ -169,7 +169,16 @@ def cache_dir() -> Path:
                                Path.home() / ".cache" / "colab_dreambooth"))
 
 
+def cached_folder(name: str, marker: str, build: Callable[[Path], object]) -> Path:
+    """``cache_dir() / name``, written by ``build(folder)`` (atomically) the first time, that
+    is while it lacks the file ``marker``."""
+    target = cache_dir() / name
+    if not (target / marker).is_file():
+        save_folder_atomic(build, target)
+    return target
+
+
 __all__ = ["IMAGE_EXTENSIONS", "list_image_files", "visible_files", "copy_file_atomic",
            "write_text_atomic", "save_folder_atomic", "fsync_file", "fsync_folder", "file_mode",
            "folder_mode", "give_ordinary_permissions", "temp_file_beside", "temp_folder_beside",
-           "cache_dir"]
+           "cache_dir", "cached_folder"]

@@ -27,7 +27,7 @@ from PIL import Image
 from colab_dreambooth.config.prompts import tidy_prompt
 from colab_dreambooth.config.validation import looks_like_local_path
 from colab_dreambooth.errors import ModelLoadError
-from colab_dreambooth.files import cache_dir, save_folder_atomic
+from colab_dreambooth.files import cached_folder
 from colab_dreambooth.runtime.hub_token import find_token
 
 CAPTION, TAGS = "caption", "tags"  # what a captioner writes: a sentence, or tags
@@ -290,10 +290,7 @@ _TINY_TAGS = (("general", RATING), ("sensitive", RATING), ("tiny_hero_(test)", C
 
 def tiny_captioner_path() -> Path:
     """The tiny BLIP's folder in the package cache, built on first use (well under a second)."""
-    target = cache_dir() / f"tiny-blip-v{TINY_VERSION}"
-    if not (target / "config.json").is_file():
-        save_folder_atomic(build_tiny_captioner, target)
-    return target
+    return cached_folder(f"tiny-blip-v{TINY_VERSION}", "config.json", build_tiny_captioner)
 
 
 def build_tiny_captioner(folder: _PathLike) -> Path:
@@ -358,10 +355,7 @@ def _tiny_tagger_class() -> Any:
 
 def tiny_tagger_path() -> Path:
     """The tiny tagger's folder in the package cache, built on first use."""
-    target = cache_dir() / f"tiny-tagger-v{TINY_VERSION}"
-    if not (target / _TINY_TAGGER_CONFIG).is_file():
-        save_folder_atomic(build_tiny_tagger, target)
-    return target
+    return cached_folder(f"tiny-tagger-v{TINY_VERSION}", _TINY_TAGGER_CONFIG, build_tiny_tagger)
 
 
 def build_tiny_tagger(folder: _PathLike) -> Path:

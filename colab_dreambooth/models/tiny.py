@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from colab_dreambooth.errors import ModelLoadError
-from colab_dreambooth.files import cache_dir, save_folder_atomic
+from colab_dreambooth.files import cached_folder
 
 TINY_VERSION = "1"
 TINY_SDXL_VERSION = "1"
@@ -23,10 +23,7 @@ TINY_SDXL_VERSION = "1"
 
 def tiny_model_path() -> Path:
     """The tiny model's diffusers folder in the user cache, built on first use (~2 s)."""
-    target = cache_dir() / f"tiny-sd-v{TINY_VERSION}"
-    if not (target / "model_index.json").is_file():
-        save_folder_atomic(build_tiny_model, target)
-    return target
+    return cached_folder(f"tiny-sd-v{TINY_VERSION}", "model_index.json", build_tiny_model)
 
 
 def build_tiny_model(folder: str | os.PathLike) -> Path:
@@ -71,10 +68,8 @@ def build_tiny_model(folder: str | os.PathLike) -> Path:
 
 def tiny_sdxl_model_path() -> Path:
     """The tiny SDXL model's diffusers folder in the user cache, built on first use."""
-    target = cache_dir() / f"tiny-sdxl-v{TINY_SDXL_VERSION}"
-    if not (target / "model_index.json").is_file():
-        save_folder_atomic(build_tiny_sdxl_model, target)
-    return target
+    return cached_folder(f"tiny-sdxl-v{TINY_SDXL_VERSION}", "model_index.json",
+                         build_tiny_sdxl_model)
 
 
 def build_tiny_sdxl_model(folder: str | os.PathLike) -> Path:
@@ -155,10 +150,7 @@ def _clip_vocab_files() -> Path:
         (out / "merges.txt").write_text(
             "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
 
-    target = cache_dir() / "clip-bpe"
-    if not (target / "merges.txt").is_file():
-        save_folder_atomic(write, target)
-    return target
+    return cached_folder("clip-bpe", "merges.txt", write)
 
 
 def clip_tokenizer(pad_token: str = "<|endoftext|>"):
