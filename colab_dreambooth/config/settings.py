@@ -29,6 +29,8 @@ DORA_TYPES = ("LoRA", "LoCon")  # peft's DoRA is LoRA's
 CONV_TYPES = ("LoCon", "LoHa", "LoKr")  # with Lora Conv Rank for the 3x3 convolutions
 MAX_TOKEN_LENGTHS = (75, 150, 225)
 TINY_MODEL = "tiny"
+TINY_SDXL_MODEL = "tiny-sdxl"  # the tiny SDXL-shaped model (colab_dreambooth.models.tiny)
+TINY_MODELS = (TINY_MODEL, TINY_SDXL_MODEL)
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
@@ -42,8 +44,9 @@ class DreamBoothConfig:
         "<models root>/dreambooth/<name>/ where the trained model and class images go.", "Model")
     pretrained_model_name_or_path: str = setting(
         DEFAULT_BASE_MODEL, "Base model", "A Hugging Face Hub id, a local diffusers folder, a "
-        ".safetensors/.ckpt file, or 'tiny' for the small built-in model (tests and demos; "
-        "learns nothing useful).", "Model", path=True, must_match=True)
+        ".safetensors/.ckpt file (SD 1.x, 2.x or SDXL: the family is read from the model), or "
+        "'tiny' / 'tiny-sdxl' for the small built-in models (tests and demos; learn nothing "
+        "useful).", "Model", path=True, must_match=True)
     src: str = setting(
         "", "Create Model (source checkpoint)", "A single-file .ckpt/.safetensors to convert "
         "to the diffusers layout once; when set it is the base model.", "Model", path=True,

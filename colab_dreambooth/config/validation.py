@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Iterable
 from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.fields import coerce, field_specs
 from colab_dreambooth.config.prompts import contains_token
-from colab_dreambooth.config.settings import DORA_TYPES, TINY_MODEL, DreamBoothConfig
+from colab_dreambooth.config.settings import DORA_TYPES, TINY_MODELS, DreamBoothConfig
 from colab_dreambooth.errors import ConfigError, Problem
 from colab_dreambooth.runtime import environment as runtime
 from colab_dreambooth.runtime.device import detect_device
@@ -235,7 +235,8 @@ def _base_model_problems(config) -> list[Problem]:
     if not name:
         return [Problem(field, "blank: name a Hub id, a diffusers folder, a .safetensors/.ckpt "
                         "file or 'tiny'")]
-    if name != TINY_MODEL and looks_like_local_path(name) and not Path(name).expanduser().exists():
+    if (name not in TINY_MODELS and looks_like_local_path(name)
+            and not Path(name).expanduser().exists()):
         return [Problem(field, f"{name} does not exist on this machine "
                         f"({Path(name).expanduser().absolute()}): point it at a diffusers "
                         "folder or a .safetensors/.ckpt file, or give a Hub id")]
