@@ -378,13 +378,13 @@ def test_class_images_pair_only_with_their_own_concept(three_concepts):
         for i in range(len(dataset)):
             item = dataset[i]
             concept = data.instance[i].concept
-            pixels, prompt = item["instance"]
+            pixels, prompt, _ = item["instance"]
             assert pixels.shape == (3, RES, RES)
             assert token[concept] in prompt
             if concept == 2:
                 assert item["class"] is None
             else:
-                class_pixels, class_prompt = item["class"]
+                class_pixels, class_prompt, _ = item["class"]
                 assert class_pixels.shape == (3, RES, RES)
                 assert class_prompt in class_prompts[concept]
 
@@ -438,11 +438,14 @@ def test_collate_without_class_images(three_concepts):
 
 def test_collate_cached_latents():
     mean = {k: torch.full((4, 8, 8), float(k)) for k in range(3)}
-    items = [{"instance": ((mean[0], mean[0] * 0 + 0.5), "a"), "class": ((mean[1], mean[1]), "b")},
-             {"instance": ((mean[2], mean[2]), "c"), "class": None}]
+    ids = {k: torch.tensor([float(k)] * 6) for k in range(3)}
+    items = [{"instance": ((mean[0], mean[0] * 0 + 0.5), "a", ids[0]),
+              "class": ((mean[1], mean[1]), "b", ids[1])},
+             {"instance": ((mean[2], mean[2]), "c", ids[2]), "class": None}]
     batch = collate(items)
     assert batch["pixels"] is None
     assert batch["prompts"] == ["a", "c", "b"]
+    assert batch["time_ids"][:, 0].tolist() == [0.0, 2.0, 1.0]  # SDXL's size/crop, row by row
     assert batch["num_instance"] == 2
     assert batch["latent_mean"][:, 0, 0, 0].tolist() == [0.0, 2.0, 1.0]
     assert batch["latent_std"][:, 0, 0, 0].tolist() == [0.5, 2.0, 1.0]
@@ -554,7 +557,7 @@ def test_flip_false_never_flips_and_flip_true_does(three_concepts):
                 for row in (item["instance"], item["class"]):
                     if row is None:
                         continue
-                    pixels, prompt = row
+                    pixels, prompt, _ = row
                     if any(torch.equal(pixels, r) for r in reference[prompt]):
                         seen.append("upright")
                     elif any(torch.equal(pixels, hflip(r)) for r in reference[prompt]):
@@ -582,8 +585,8 @@ def test_cached_latents_are_served_by_orientation(demo):
     _, config = demo
     data = collect_training_data(config)
     dataset = DreamBoothDataset(data, RES, center_crop=True, flip=False, seed=0)
-    cache = {(image, False): (torch.full((4, 8, 8), float(k)), torch.ones(4, 8, 8))
-             for k, image in enumerate(dataset.all_images())}
+    cache = {(image, False): (torch.full((4, 8, 8), float(k)), torch.ones(4, 8, 8),
+                              torch.zeros(6)) for k, image in enumerate(dataset.all_images())}
     dataset.use_latents(cache)
     item = dataset[0]
     assert torch.equal(item["instance"][0][0], cache[(data.instance[0].image, False)][0])

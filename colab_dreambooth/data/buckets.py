@@ -23,6 +23,8 @@ from typing import Iterable
 
 from PIL import Image
 
+from colab_dreambooth.data.images import cover_and_crop
+
 STEP = 64
 Size = tuple[int, int]  # (width, height) in pixels
 
@@ -62,20 +64,7 @@ def fit_to_bucket(image: Image.Image, size: Size, center_crop: bool,
                   rng: random.Random | None = None) -> Image.Image:
     """Resize ``image`` to cover ``size`` and crop what sticks out (centred, or at a place
     drawn from ``rng``): an image of the bucket's own aspect ratio loses nothing."""
-    width, height = size
-    scale = max(width / image.width, height / image.height)
-    cover = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    if cover != image.size:
-        image = image.resize(cover, Image.Resampling.LANCZOS)
-    spare_x, spare_y = cover[0] - width, cover[1] - height
-    if center_crop:
-        left, top = spare_x // 2, spare_y // 2
-    else:
-        rng = rng if rng is not None else random.Random()
-        left, top = rng.randint(0, spare_x), rng.randint(0, spare_y)
-    if (spare_x, spare_y) == (0, 0):
-        return image
-    return image.crop((left, top, left + width, top + height))
+    return cover_and_crop(image, size, center_crop, rng).image
 
 
 def oriented_size(path: Path) -> Size:

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from colab_dreambooth.config.prompts import PromptError, build_prompts, shuffle_tags
-from colab_dreambooth.data.buckets import fit_to_bucket
 from colab_dreambooth.data.captions import image_caption
 from colab_dreambooth.data.images import (
+    Crop,
     ImageProblem,
     check_images,
-    crop_and_resize,
+    cover_and_crop,
     hflip,
     load_image,
     to_tensor,
@@ -161,9 +161,11 @@ def _sort_problems(found: list[ImageProblem], label: str, kind: str, problems: l
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Instance examples, each paired with a class example of its concept.
 
-    An item is ``{"instance": (image, prompt), "class": (image, prompt) | None}`` where image is
-    a ``[-1, 1]`` CHW tensor, or, once :meth:`use_latents` is called, a cached latent
-    distribution ``(mean, std)`` from which the loop samples.
+    An item is ``{"instance": (image, prompt, time_ids), "class": (image, prompt, time_ids) |
+    None}`` where image is a ``[-1, 1]`` CHW tensor, or, once :meth:`use_latents` is called, a
+    cached latent distribution ``(mean, std)`` from which the loop samples, and ``time_ids``
+    is the crop's SDXL size/crop conditioning (:meth:`~colab_dreambooth.data.images.Crop.time_ids`;
+    other models ignore it).
 
     Every random choice (crop, flip, which class image, the tag order of Shuffle Tags) is a
     pure function of ``(seed, epoch, index)``: no generator state lives here, so a resumed run
@@ -207,7 +209,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
                 key = (example.concept, bucket_of[example.image])
                 self._bucket_rank.append(self._per_bucket.get(key, 0))
                 self._per_bucket[key] = self._bucket_rank[-1] + 1
-        self.latents: dict[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.latents: dict[tuple, tuple[torch.Tensor, ...]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose crops, flips and class pairings items get."""
@@ -235,9 +237,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         if self.shuffle_tags:  # its own order per (seed, epoch, index, row): no shared state
             for row in ("instance", "class"):
                 if item[row] is not None:
-                    image, prompt = item[row]
+                    image, prompt, time_ids = item[row]
                     item[row] = (image, shuffle_tags(prompt, self.keep_tokens, self.seed,
-                                                     self.epoch, i, row))
+                                                     self.epoch, i, row), time_ids)
         return item
 
     def _rng(self, *key: Any) -> random.Random:
@@ -245,25 +247,29 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         return random.Random(":".join(map(str, (self.seed,) + key)))
 
     def _load(self, example: Example, rng: random.Random, size: tuple[int, int]
-              ) -> tuple[Any, str]:
+              ) -> tuple[Any, str, torch.Tensor]:
         flipped = self.flip and rng.random() < 0.5
         if self.latents is not None:
-            return self.latents[self.latent_key(example.image, size, flipped)], example.prompt
-        pixels = self.pixels(example.image, rng, size)
-        return (hflip(pixels) if flipped else pixels), example.prompt
+            mean, std, time_ids = self.latents[self.latent_key(example.image, size, flipped)]
+            return (mean, std), example.prompt, time_ids
+        crop = self.crop(example.image, rng, size)
+        pixels = to_tensor(crop.image)
+        return ((hflip(pixels) if flipped else pixels), example.prompt,
+                torch.tensor(crop.time_ids(flipped), dtype=torch.float32))
+
+    def crop(self, image: Path, rng: random.Random | None = None,
+             size: tuple[int, int] | None = None) -> Crop:
+        """The image cropped to the training resolution (with buckets: fitted to ``size``,
+        default its own bucket): a random crop drawn from ``rng``, else the image's own fixed
+        one, as cached latents keep."""
+        rng = rng if rng is not None else self._rng("crop", image)
+        return cover_and_crop(load_image(image), size or self.size_of(image), self.center_crop,
+                              rng)
 
     def pixels(self, image: Path, rng: random.Random | None = None,
                size: tuple[int, int] | None = None) -> torch.Tensor:
-        """The image cropped to the training resolution (with buckets: fitted to ``size``,
-        default its own bucket) as a ``[-1, 1]`` tensor (a random crop drawn from ``rng``,
-        else the image's own fixed one, as cached latents keep)."""
-        rng = rng if rng is not None else self._rng("crop", image)
-        if self.bucket_of is None:
-            return to_tensor(crop_and_resize(load_image(image), self.resolution,
-                                             self.center_crop, rng))
-
-        return to_tensor(fit_to_bucket(load_image(image), size or self.bucket_of[image],
-                                       self.center_crop, rng))
+        """:meth:`crop` as a ``[-1, 1]`` tensor."""
+        return to_tensor(self.crop(image, rng, size).image)
 
     def size_of(self, image: Path) -> tuple[int, int]:
         """The (width, height) ``image`` trains at: its bucket, else the square resolution."""
@@ -295,8 +301,10 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             seen.update(dict.fromkeys(e.image for e in pool))
         return list(seen)
 
-    def use_latents(self, latents: dict[tuple, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Serve cached latent distributions keyed by :meth:`latent_key` instead of pixels."""
+    def use_latents(self, latents: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+                    ) -> None:
+        """Serve cached latent distributions ``(mean, std, time_ids)`` keyed by
+        :meth:`latent_key` instead of pixels."""
         self.latents = latents
 
 
@@ -311,4 +319,5 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     else:
         pixels, latent_mean, latent_std = torch.stack(images), None, None
     return {"pixels": pixels, "latent_mean": latent_mean, "latent_std": latent_std,
-            "prompts": [r[1] for r in rows], "num_instance": len(items)}
+            "prompts": [r[1] for r in rows], "time_ids": torch.stack([r[2] for r in rows]),
+            "num_instance": len(items)}

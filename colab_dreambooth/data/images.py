@@ -115,6 +115,48 @@ def check_folders(folders: Iterable[str | Path], resolution: int, *,
             for p in check_images(folder, resolution, min_fraction=min_fraction)[1]]
 
 
+@dataclass(frozen=True)
+class Crop:
+    """An image resized to cover a size and cropped to it, and where the crop came from: what
+    SDXL is conditioned on (original size, crop top-left, target size)."""
+
+    image: Image.Image
+    original_size: tuple[int, int]  # (width, height) before resizing
+    cover_size: tuple[int, int]  # (width, height) after resizing, before the crop
+    left: int
+    top: int
+
+    def time_ids(self, flipped: bool = False) -> tuple[int, int, int, int, int, int]:
+        """SDXL's size/crop conditioning: original (height, width), the crop's (top, left) in
+        the resized image (mirrored when the image is flipped) and the target (height, width),
+        in diffusers' and kohya's order."""
+        width, height = self.image.size
+        left = self.cover_size[0] - self.left - width if flipped else self.left
+        return (self.original_size[1], self.original_size[0], self.top, left, height, width)
+
+
+def cover_and_crop(image: Image.Image, size: tuple[int, int], center_crop: bool,
+                   rng: random.Random | None = None) -> Crop:
+    """Resize ``image`` to cover ``size`` (width, height) and crop what sticks out: centred
+    when ``center_crop``, otherwise at a place drawn from ``rng`` (a fresh unseeded generator
+    when None). An image of the size's own aspect ratio loses nothing."""
+    width, height = size
+    original = image.size
+    scale = max(width / image.width, height / image.height)
+    cover = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    if cover != image.size:
+        image = image.resize(cover, Image.Resampling.LANCZOS)
+    spare_x, spare_y = cover[0] - width, cover[1] - height
+    if center_crop:
+        left, top = spare_x // 2, spare_y // 2
+    else:
+        rng = rng if rng is not None else random.Random()
+        left, top = rng.randint(0, spare_x), rng.randint(0, spare_y)
+    if (spare_x, spare_y) != (0, 0):
+        image = image.crop((left, top, left + width, top + height))
+    return Crop(image, original, cover, left, top)
+
+
 def crop_and_resize(image: Image.Image, resolution: int, center_crop: bool,
                     rng: random.Random | None = None) -> Image.Image:
     """Resize so the short side is `resolution`, then crop a resolution x resolution square.
@@ -123,17 +165,7 @@ def crop_and_resize(image: Image.Image, resolution: int, center_crop: bool,
     (a fresh unseeded generator when None). Same result as center-cropping to a square
     first and resizing, as the A1111 extension describes it.
     """
-    w, h = image.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.LANCZOS)
-    if center_crop:
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    else:
-        rng = rng if rng is not None else random.Random()
-        left, top = rng.randint(0, size[0] - resolution), rng.randint(0, size[1] - resolution)
-    return image.crop((left, top, left + resolution, top + resolution))
+    return cover_and_crop(image, (resolution, resolution), center_crop, rng).image
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from colab_dreambooth.data.buckets import assign_buckets, bucket_report
 from colab_dreambooth.data.dataset import DreamBoothDataset, TrainingData, collate
+from colab_dreambooth.data.images import to_tensor
 from colab_dreambooth.data.samplers import (
     BucketBatchSampler,
     EpochBatchSampler,
@@ -78,23 +79,26 @@ def build_loader(data: TrainingData, config: "DreamBoothConfig", seed: int, *, v
 def cache_latents(dataset: DreamBoothDataset, vae, device: torch.device | str,
                   dtype: torch.dtype, progress: bool = True) -> dict:
     """Run the VAE once over every image (and its mirror image when flipping); keep the latent
-    distributions on the CPU."""
+    distributions, with each crop's SDXL size/crop conditioning, on the CPU."""
     cache = {}
     flips = (False, True) if dataset.flip else (False,)
     for image, size in tqdm(dataset.cache_entries(), desc="Caching latents",
                             disable=not progress):
-        pixels = dataset.pixels(image, size=size)
+        crop = dataset.crop(image, size=size)
+        pixels = to_tensor(crop.image)
         for flipped in flips:
             x = (pixels.flip(-1) if flipped else pixels)[None].to(device, dtype=dtype)
             dist = vae.encode(x).latent_dist
-            cache[dataset.latent_key(image, size, flipped)] = (dist.mean[0].float().cpu(),
-                                                               dist.std[0].float().cpu())
+            cache[dataset.latent_key(image, size, flipped)] = (
+                dist.mean[0].float().cpu(), dist.std[0].float().cpu(),
+                torch.tensor(crop.time_ids(flipped), dtype=torch.float32))
     return cache
 
 
 @torch.no_grad()
 def encode_latents(batch: dict, vae, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Scaled latents of a batch: sampled from the cached distribution or from the VAE."""
+    """Scaled latents of a batch: sampled from the cached distribution or from the VAE (run
+    in ``dtype``)."""
     if batch["latent_mean"] is not None:
         mean = batch["latent_mean"].to(device)
         latents = mean + batch["latent_std"].to(device) * torch.randn_like(mean)

@@ -34,8 +34,12 @@ from colab_dreambooth.config.prompts import FILEWORDS, PromptError, build_prompt
 from colab_dreambooth.data.captions import Caption, folder_captions
 from colab_dreambooth.data.dataset import DataError
 from colab_dreambooth.errors import ConfigError, Problem
-from colab_dreambooth.models.pipelines import load_pipeline, load_trained_pipeline
-from colab_dreambooth.models.text_encoding import encode_prompts
+from colab_dreambooth.models.pipelines import (
+    load_pipeline,
+    load_trained_pipeline,
+    pipeline_text_encoder,
+)
+from colab_dreambooth.models.text_encoding import encode_token_ids, prompt_token_ids
 
 if TYPE_CHECKING:
     from colab_dreambooth.config.settings import DreamBoothConfig
@@ -69,13 +73,24 @@ def generate_samples(pipe, prompt: str, *, n: int = 1, seed: int = -1,
 def _prompt_embeds(pipe, prompt: str, negative_prompt: str, clip_skip: int,
                    max_token_length: int) -> dict:
     """Prompt and negative-prompt states as training makes them (75-token chunks, clip
-    skip), padded to the same length so classifier-free guidance can pair them."""
-
-    positive, negative = (encode_prompts(pipe.tokenizer, pipe.text_encoder, [text],
-                                         max_token_length=max_token_length,
-                                         clip_skip=clip_skip)
-                          for text in (prompt, negative_prompt or ""))
-    return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
+    skip), padded to the same length so classifier-free guidance can pair them; for SDXL also
+    the pooled embeddings (a blank negative prompt gives zeros where the model asks for it,
+    as its pipeline does)."""
+    text_encoder = pipeline_text_encoder(pipe)
+    tokenizers = (pipe.tokenizer,) + ((pipe.tokenizer_2,) if text_encoder is not
+                                      pipe.text_encoder else ())
+    positive, negative = (
+        encode_token_ids(text_encoder, prompt_token_ids(tokenizers, [text],
+                                                        max_token_length=max_token_length),
+                         clip_skip) for text in (prompt, negative_prompt or ""))
+    embeds = {"prompt_embeds": positive.states, "negative_prompt_embeds": negative.states}
+    if positive.pooled is not None:
+        if not negative_prompt and pipe.config.get("force_zeros_for_empty_prompt", False):
+            negative.states.zero_()
+            negative.pooled.zero_()
+        embeds.update(pooled_prompt_embeds=positive.pooled,
+                      negative_pooled_prompt_embeds=negative.pooled)
+    return embeds
 
 
 # ----------------------------------------------------------------------------- sample runs

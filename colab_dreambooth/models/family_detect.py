@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from colab_dreambooth.config.settings import TINY_MODEL, TINY_SDXL_MODEL
+from colab_dreambooth.models.single_file.readers import open_model_file
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,6 @@ def folder_family(folder: str | Path) -> str:
 
 def file_family(path: str | Path) -> str:
     """The family of a single-file model, from its weight names alone."""
-    from colab_dreambooth.models.single_file.readers import open_model_file
-
     source = open_model_file(path)
     try:
         return SDXL if any(_SDXL_FILE_KEY.match(k) for k in source.shapes) else SD

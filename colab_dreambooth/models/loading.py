@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from colab_dreambooth.config.settings import TINY_MODEL
+from colab_dreambooth.config.settings import TINY_MODEL, TINY_SDXL_MODEL
 from colab_dreambooth.config.validation import looks_like_local_path
 from colab_dreambooth.console import quiet_known_warnings
 from colab_dreambooth.errors import ModelLoadError
+from colab_dreambooth.models.family_detect import SD, SDXL, folder_family
 from colab_dreambooth.models.single_file.convert import convert_single_file
-from colab_dreambooth.models.tiny import tiny_model_path
+from colab_dreambooth.models.text_encoding import DualTextEncoder
+from colab_dreambooth.models.tiny import tiny_model_path, tiny_sdxl_model_path
 
 log = logging.getLogger(__name__)
 quiet_known_warnings()  # e.g. transformers' "requires torchvision" on every model load
@@ -26,15 +28,23 @@ quiet_known_warnings()  # e.g. transformers' "requires torchvision" on every mod
 
 @dataclass
 class Components:
-    """The parts of a Stable Diffusion model that training touches."""
+    """The parts of a Stable Diffusion (1.x, 2.x or XL) model that training touches."""
 
     tokenizer: Any
-    text_encoder: Any
+    text_encoder: Any  # SDXL: both encoders as one DualTextEncoder
     vae: Any
     unet: Any
     noise_scheduler: Any  # DDPM, for adding noise during training
     inference_scheduler: Any  # the model's own sampling scheduler, saved with the result
     source: str  # the local folder it was read from
+    tokenizer_2: Any = None  # SDXL's second tokenizer
+    family: str = SD  # colab_dreambooth.models.family_detect.SD or SDXL
+
+    @property
+    def tokenizers(self) -> tuple:
+        """The tokenizer of each text encoder, in order."""
+        return (self.tokenizer,) if self.tokenizer_2 is None else (self.tokenizer,
+                                                                   self.tokenizer_2)
 
     @property
     def prediction_type(self) -> str:
@@ -43,28 +53,40 @@ class Components:
 
 
 def load_components(name: str) -> Components:
-    """Load tokenizer, text encoder, VAE, UNet and schedulers of a base model.
+    """Load tokenizer(s), text encoder(s), VAE, UNet and schedulers of a base model.
 
-    ``name`` is ``tiny``, a local diffusers folder, a ``.safetensors``/``.ckpt`` single file, or
-    a Hugging Face Hub id (downloaded once into the Hub cache).
+    ``name`` is ``tiny``, ``tiny-sdxl``, a local diffusers folder, a ``.safetensors``/``.ckpt``
+    single file, or a Hugging Face Hub id (downloaded once into the Hub cache). The family
+    (SD 1.x/2.x or SDXL) is read from the folder.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = resolve_model_folder(name)
+    family = folder_family(folder)
+    parts = "tokenizer, text_encoder, vae, unet, scheduler"
+    if family == SDXL:
+        parts = "tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, scheduler"
     try:
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+        tokenizer_2 = None
+        if family == SDXL:
+            tokenizer_2 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                folder, subfolder="text_encoder_2")
+            text_encoder = DualTextEncoder(text_encoder, text_encoder_2)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
         scheduler_config = _read_scheduler_config(folder)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{folder} is not a complete Stable Diffusion diffusers folder "
-                             f"(tokenizer, text_encoder, vae, unet, scheduler): {exc}") from exc
+        kind = "Stable Diffusion XL" if family == SDXL else "Stable Diffusion"
+        raise ModelLoadError(f"{folder} is not a complete {kind} diffusers folder ({parts}): "
+                             f"{exc}") from exc
     noise_scheduler = DDPMScheduler.from_config(scheduler_config)
     inference_scheduler = _scheduler_class(scheduler_config).from_config(scheduler_config)
     return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, inference_scheduler,
-                      str(folder))
+                      str(folder), tokenizer_2, family)
 
 
 def dtype_argument(dtype: Any) -> dict[str, Any]:
@@ -84,6 +106,8 @@ def resolve_model_folder(name: str) -> Path:
     name = name.strip()
     if name == TINY_MODEL:
         return tiny_model_path()
+    if name == TINY_SDXL_MODEL:
+        return tiny_sdxl_model_path()
     path = Path(name).expanduser()
     if path.is_dir():
         return path
@@ -108,7 +132,7 @@ def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["model_index.json", "scheduler/*", "tokenizer/*", "text_encoder/*", "vae/*",
-                "unet/*"]
+                "unet/*", "tokenizer_2/*", "text_encoder_2/*"]  # the last two: SDXL
     try:
         # Only the safetensors weights: the .bin/.ckpt copies would double the download.
         return Path(snapshot_download(repo_id, allow_patterns=patterns,

@@ -38,12 +38,12 @@ from colab_dreambooth.models.lora_file import (
     ADAPTER_NAME,
     LOHA_NAMES,
     LOKR_NAMES,
-    TEXT_ENCODER_PREFIX,
-    UNET_PREFIX,
     ModuleAdapter,
     file_modules,
     kohya_key,
+    model_prefixes,
 )
+from colab_dreambooth.models.text_encoding import text_parts
 
 if TYPE_CHECKING:
     from colab_dreambooth.config.settings import DreamBoothConfig
@@ -173,11 +173,12 @@ def add_lora(unet, text_encoder, config: "DreamBoothConfig") -> list[torch.nn.Pa
     _check_ranks(unet, plan, config.lora_conv_rank)
     trained = [unet]
     if config.train_text_encoder is not False:  # blank (auto): every preset trains it with LoRA
-        plan = adapter_plan(text_encoder, lora_type, text_encoder=True)
-        text_encoder.add_adapter(peft_config(lora_type, plan, rank=config.lora_txt_rank,
-                                             alpha=config.lora_alpha, dora=dora),
-                                 adapter_name=ADAPTER_NAME)
-        trained.append(text_encoder)
+        for encoder in text_parts(text_encoder).values():  # SDXL: both
+            plan = adapter_plan(encoder, lora_type, text_encoder=True)
+            encoder.add_adapter(peft_config(lora_type, plan, rank=config.lora_txt_rank,
+                                            alpha=config.lora_alpha, dora=dora),
+                                adapter_name=ADAPTER_NAME)
+            trained.append(encoder)
     params = [p for model in trained for p in model.parameters() if p.requires_grad]
     for param in params:
         param.data = param.data.float()
@@ -204,8 +205,9 @@ def adapter_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- loading
 def load_adapters(state: dict[str, torch.Tensor], unet, text_encoder, *,
                   adapter_name: str = "lora", scale: float = 1.0) -> int:
-    """Put a LoRA file's adapters onto ``unet`` and ``text_encoder`` through peft (any type:
-    LoRA, LoCon, LoHa, LoKr, DoRA); return how many modules got one.
+    """Put a LoRA file's adapters onto ``unet`` and ``text_encoder`` (SDXL: both encoders, as
+    ``lora_te1_``/``lora_te2_``) through peft (any type: LoRA, LoCon, LoHa, LoKr, DoRA); return
+    how many modules got one.
 
     ``scale`` is the WebUI's ``<lora:name:scale>`` multiplier. Raises :class:`ModelLoadError`
     when the file's modules are not in these models (another model family, SD 1 vs SD 2) or a
@@ -213,9 +215,9 @@ def load_adapters(state: dict[str, torch.Tensor], unet, text_encoder, *,
     """
     modules = file_modules(state)
     placed: set[str] = set()
-    for model, prefix in ((unet, UNET_PREFIX), (text_encoder, TEXT_ENCODER_PREFIX)):
+    for model, prefix in model_prefixes(unet, text_encoder):
         ours = {k: v for k, v in modules.items() if k.startswith(prefix)}
-        if ours and model is not None:
+        if ours:
             placed |= _load_into(model, prefix, ours, adapter_name, scale)
     missing = sorted(set(modules) - placed)
     if missing:
@@ -336,9 +338,11 @@ def lora_metadata(config: "DreamBoothConfig", unet, *, steps: int, epochs: int, 
     Holds settings, counts and prompts only: never a token or a path beyond the base model's
     name.
     """
-    v2 = getattr(unet.config, "cross_attention_dim", 768) == 1024  # OpenCLIP ViT-H
+    xl = getattr(unet.config, "addition_embed_type", None) == "text_time"  # SDXL
+    v2 = not xl and getattr(unet.config, "cross_attention_dim", 768) == 1024  # OpenCLIP ViT-H
     v_pred = prediction_type == "v_prediction"
-    base_version = ("sd_v2" if v2 else "sd_v1") + ("_v" if v_pred else "")  # kohya's names
+    base_version = ("sdxl_base_v1-0" if xl else  # kohya's names
+                    ("sd_v2" if v2 else "sd_v1") + ("_v" if v_pred else ""))
     te_trained = config.train_text_encoder is not False  # blank (auto): on, as in add_lora
     unet_alpha = effective_alpha(config.lora_alpha, config.lora_unet_rank)
     lora_type = config.lora_type
@@ -400,7 +404,8 @@ def lora_metadata(config: "DreamBoothConfig", unet, *, steps: int, epochs: int, 
                                                           for c in config.concepts_list)),
         "ss_instance_prompts": json.dumps(sorted(set(instance_prompts))),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ("stable-diffusion-v2-768-v" if v2 and v_pred else
+        "modelspec.architecture": ("stable-diffusion-xl-v1-base" if xl else
+                                   "stable-diffusion-v2-768-v" if v2 and v_pred else
                                    "stable-diffusion-v2-512" if v2 else
                                    "stable-diffusion-v1") + "/"
                                   + ("lora" if lora_type == "LoRA" else "lycoris"),

@@ -23,7 +23,9 @@ peft's own (peft ported LyCORIS). Two conventions differ and are converted here:
   loads DoRA (and LoHa/LoKr, which diffusers does not read) through peft.
 
 Text-encoder names keep CLIP's ``text_model.`` level even where transformers 5 flattened it
-away, because the WebUI matches ``lora_te_text_model_encoder_layers_<n>_...``.
+away, because the WebUI matches ``lora_te_text_model_encoder_layers_<n>_...``. SDXL's two text
+encoders are ``lora_te1_`` (CLIP-L) and ``lora_te2_`` (OpenCLIP bigG), kohya's SDXL layout,
+which diffusers' SDXL ``load_lora_weights`` reads too.
 """
 
 from __future__ import annotations
@@ -36,10 +38,13 @@ import torch
 
 from colab_dreambooth.errors import ModelLoadError
 from colab_dreambooth.files import file_mode, temp_file_beside
+from colab_dreambooth.models.text_encoding import text_parts
 
 UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
-PREFIXES = (UNET_PREFIX, TEXT_ENCODER_PREFIX)
+# SDXL: each text encoder (by diffusers sub-folder) has its own prefix.
+SDXL_TEXT_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+PREFIXES = (UNET_PREFIX, TEXT_ENCODER_PREFIX) + tuple(SDXL_TEXT_PREFIXES.values())
 ADAPTER_NAME = "default"
 
 # The tensor names of each adapter type after ``<key>.``; ``alpha`` and ``dora_scale`` apart.
@@ -55,19 +60,31 @@ def kohya_key(prefix: str, module_name: str) -> str:
 
     Text-encoder names keep CLIP's ``text_model.`` level, which transformers 5 flattened away.
     """
-    if prefix == TEXT_ENCODER_PREFIX and not module_name.startswith("text_model."):
+    if prefix != UNET_PREFIX and not module_name.startswith("text_model."):
         module_name = "text_model." + module_name
     return prefix + module_name.replace(".", "_")
 
 
 # ----------------------------------------------------------------------------- writing
+def model_prefixes(unet, text_encoder=None) -> list[tuple[torch.nn.Module, str]]:
+    """``(model, kohya prefix)`` of the UNet and each text encoder of ``text_encoder`` (SD's
+    CLIP, or SDXL's :class:`~colab_dreambooth.models.text_encoding.DualTextEncoder`)."""
+    found = [(unet, UNET_PREFIX)] if unet is not None else []
+    if text_encoder is not None:
+        parts = text_parts(text_encoder)
+        if len(parts) == 1:
+            found.append((parts["text_encoder"], TEXT_ENCODER_PREFIX))
+        else:
+            found += [(parts[name], prefix) for name, prefix in SDXL_TEXT_PREFIXES.items()]
+    return found
+
+
 def kohya_state_dict(unet, text_encoder=None) -> dict[str, torch.Tensor]:
-    """The adapters of ``unet`` (and ``text_encoder``) under kohya/LyCORIS keys, fp32 on the
-    CPU, whatever the adapter type (peft's LoRA with or without DoRA, LoHa, LoKr)."""
+    """The adapters of ``unet`` (and ``text_encoder``'s encoders) under kohya/LyCORIS keys,
+    fp32 on the CPU, whatever the adapter type (peft's LoRA with or without DoRA, LoHa,
+    LoKr)."""
     state: dict[str, torch.Tensor] = {}
-    for model, prefix in ((unet, UNET_PREFIX), (text_encoder, TEXT_ENCODER_PREFIX)):
-        if model is None:
-            continue
+    for model, prefix in model_prefixes(unet, text_encoder):
         for name, tensors in adapter_tensors(model).items():
             key = kohya_key(prefix, name)
             state.update({f"{key}.{part}": value for part, value in tensors.items()})
@@ -222,12 +239,20 @@ def state_for_diffusers(state: dict[str, torch.Tensor], text_encoder) -> dict[st
 
     from packaging.version import Version
 
-    if Version(version("diffusers")) >= Version("0.40") or hasattr(text_encoder, "text_model"):
+    if Version(version("diffusers")) >= Version("0.40") or hasattr(
+            text_parts(text_encoder)["text_encoder"], "text_model"):
         return state
-    return {k.replace("lora_te_text_model_", "lora_te_", 1): v for k, v in state.items()}
+    renamed = {}
+    for key, value in state.items():
+        for prefix in (TEXT_ENCODER_PREFIX, *SDXL_TEXT_PREFIXES.values()):
+            if key.startswith(prefix + "text_model_"):
+                key = prefix + key[len(prefix + "text_model_"):]
+        renamed[key] = value
+    return renamed
 
 
-__all__ = ["UNET_PREFIX", "TEXT_ENCODER_PREFIX", "PREFIXES", "ADAPTER_NAME", "ModuleAdapter",
+__all__ = ["UNET_PREFIX", "TEXT_ENCODER_PREFIX", "SDXL_TEXT_PREFIXES", "PREFIXES",
+           "model_prefixes", "ADAPTER_NAME", "ModuleAdapter",
            "kohya_key", "kohya_state_dict", "adapter_tensors", "save_lora",
            "read_lora", "file_modules", "file_adapter_type", "needs_peft_loader",
            "state_for_diffusers"]

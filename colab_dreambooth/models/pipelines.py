@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from colab_dreambooth.errors import ModelLoadError
+from colab_dreambooth.models.family_detect import SDXL, folder_family
 from colab_dreambooth.models.loading import Components, dtype_argument, resolve_model_folder
 from colab_dreambooth.models.lora import load_adapters, lora_file_path
 from colab_dreambooth.models.lora_file import needs_peft_loader, read_lora, state_for_diffusers
+from colab_dreambooth.models.text_encoding import DualTextEncoder, text_parts
 
 if TYPE_CHECKING:
     from colab_dreambooth.config.settings import DreamBoothConfig
@@ -26,41 +28,67 @@ if TYPE_CHECKING:
 
 def pipeline_from_components(parts: Components, *, unet: Any = None,
                              text_encoder: Any = None) -> Any:
-    """A ``StableDiffusionPipeline`` of ``parts`` with its sampling scheduler, without safety
-    checker and with its progress bar off.
+    """A ``StableDiffusionPipeline`` (SDXL: ``StableDiffusionXLPipeline``) of ``parts`` with
+    its sampling scheduler, without safety checker and with its progress bar off.
 
-    ``unet`` and ``text_encoder`` replace those of ``parts``: training passes the ones it is
-    training, to preview or save them. The pipeline holds the modules themselves (no copy),
-    where they are.
+    ``unet`` and ``text_encoder`` (SDXL: both encoders as one ``DualTextEncoder``) replace
+    those of ``parts``: training passes the ones it is training, to preview or save them. The
+    pipeline holds the modules themselves (no copy), where they are.
     """
-    from diffusers import StableDiffusionPipeline
+    unet = parts.unet if unet is None else unet
+    encoders = text_parts(parts.text_encoder if text_encoder is None else text_encoder)
+    if parts.family == SDXL:
+        from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder if text_encoder is None else text_encoder,
-        tokenizer=parts.tokenizer, unet=parts.unet if unet is None else unet,
-        scheduler=parts.inference_scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        pipe = StableDiffusionXLPipeline(
+            vae=parts.vae, text_encoder=encoders["text_encoder"],
+            text_encoder_2=encoders["text_encoder_2"], tokenizer=parts.tokenizer,
+            tokenizer_2=parts.tokenizer_2, unet=unet, scheduler=parts.inference_scheduler,
+            force_zeros_for_empty_prompt=_index_setting(parts.source,
+                                                        "force_zeros_for_empty_prompt", True))
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=parts.vae, text_encoder=encoders["text_encoder"], tokenizer=parts.tokenizer,
+            unet=unet, scheduler=parts.inference_scheduler, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
+def _index_setting(folder: str, name: str, default: Any) -> Any:
+    """A pipeline setting from a model folder's ``model_index.json`` (default when absent)."""
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return default
+    return index.get(name, default)
+
+
 def load_pipeline(model_dir: str | Path, device: str | None = None,
                   dtype: torch.dtype | None = None):
-    """A ``StableDiffusionPipeline`` from a model, on the GPU when there is one (in fp16
-    there, fp32 on the CPU, unless ``dtype`` says otherwise).
+    """A ``StableDiffusionPipeline`` (an SDXL model: ``StableDiffusionXLPipeline``) from a
+    model, on the GPU when there is one (in fp16 there, fp32 on the CPU, unless ``dtype`` says
+    otherwise).
 
     ``model_dir`` is a diffusers folder, a model's working folder holding ``model/`` (what
-    :func:`~colab_dreambooth.training.train.train` writes), ``tiny``, a single
+    :func:`~colab_dreambooth.training.train.train` writes), ``tiny``, ``tiny-sdxl``, a single
     ``.safetensors``/``.ckpt`` file or a Hub id.
     """
-    from diffusers import StableDiffusionPipeline
-
     folder = resolve_model(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), **dtype_argument(dtype),
-                                                   safety_checker=None,
-                                                   requires_safety_checker=False)
+    if folder_family(folder) == SDXL:
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(folder), **dtype_argument(dtype))
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder), **dtype_argument(dtype),
+                                                       safety_checker=None,
+                                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -120,16 +148,25 @@ def resolve_model(model: str | Path) -> Path:
     return resolve_model_folder(str(model))
 
 
+def pipeline_text_encoder(pipe) -> Any:
+    """A pipeline's text encoder(s) as training holds them: SDXL's two as one
+    :class:`~colab_dreambooth.models.text_encoding.DualTextEncoder` (sharing the modules)."""
+    encoder_2 = getattr(pipe, "text_encoder_2", None)
+    return pipe.text_encoder if encoder_2 is None else DualTextEncoder(pipe.text_encoder,
+                                                                       encoder_2)
+
+
 def load_lora_pipeline(base_model: str, lora_file: str | os.PathLike, *,
                        device: str | None = None, scale: float = 1.0):
     """The base model's ``StableDiffusionPipeline`` with the LoRA file applied (diffusers'
     ``load_lora_weights``). ``scale`` is the WebUI's ``<lora:name:scale>`` multiplier."""
     pipe = load_pipeline(resolve_model_folder(base_model), device=device)
     state = read_lora(lora_file)[0]
+    text_encoder = pipeline_text_encoder(pipe)
     if needs_peft_loader(state):  # LoHa, LoKr, DoRA: diffusers cannot apply them to SD
-        load_adapters(state, pipe.unet, pipe.text_encoder, adapter_name="lora", scale=scale)
+        load_adapters(state, pipe.unet, text_encoder, adapter_name="lora", scale=scale)
         return pipe
-    pipe.load_lora_weights(state_for_diffusers(state, pipe.text_encoder), adapter_name="lora")
+    pipe.load_lora_weights(state_for_diffusers(state, text_encoder), adapter_name="lora")
     if scale != 1.0:
         pipe.set_adapters(["lora"], adapter_weights=[scale])
     return pipe

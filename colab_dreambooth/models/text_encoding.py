@@ -8,11 +8,19 @@ end state (1 + 75 n + 1 positions). The UNet's cross-attention takes any number 
 
 Clip skip N takes the hidden state N layers from the end (1 = the last layer) and passes it
 through CLIP's final layer norm, as SD 1.x's users and the extension do.
+
+SDXL (:class:`DualTextEncoder`) conditions on both encoders' penultimate hidden states side by
+side (no final layer norm; Clip Skip N goes N - 1 layers further back, as diffusers' SDXL
+``clip_skip=N-1``) and on the second encoder's pooled, projected output of the first chunk
+(kohya's choice for long prompts). Every model's text encoder(s) go through
+:func:`prompt_token_ids` and :func:`encode_token_ids`, which return a :class:`Conditioning`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -59,13 +67,7 @@ def encode_chunks(text_encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> 
         states = _final_layer_norm(text_encoder)(states)
     else:
         states = text_encoder(flat)[0]
-    states = states.reshape(batch, chunks, length, states.shape[-1])
-    if chunks == 1:
-        return states[:, 0]
-    parts = [states[:, 0, :1]]  # the first begin token
-    parts += [states[:, c, 1:length - 1] for c in range(chunks)]  # 75 prompt states each
-    parts.append(states[:, -1, length - 1:])  # the last chunk's end token
-    return torch.cat(parts, dim=1)
+    return _join_chunks(states, batch, chunks, length)
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], *, pad_tokens: bool = True,
@@ -77,8 +79,8 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], *, pad_tokens: b
 
 
 def num_text_layers(text_encoder) -> int:
-    """Transformer layers of the text encoder (the most Clip Skip can skip back to)."""
-    return _unwrap(text_encoder).config.num_hidden_layers
+    """Transformer layers of the text encoder(s) (the most Clip Skip can skip back to)."""
+    return min(m.config.num_hidden_layers for m in text_parts(text_encoder).values())
 
 
 def _unwrap(module):
@@ -93,11 +95,103 @@ def _final_layer_norm(text_encoder):
 
 
 def freeze_final_layer_norm(text_encoder) -> list[torch.nn.Parameter]:
-    """Stop CLIP's final layer norm from training (Freeze CLIP Normalization); return its
-    parameters so they can be left out of the optimizer."""
-    params = list(_final_layer_norm(text_encoder).parameters())
+    """Stop CLIP's final layer norm (of each text encoder) from training (Freeze CLIP
+    Normalization); return its parameters so they can be left out of the optimizer."""
+    params = [p for part in text_parts(text_encoder).values()
+              for p in _final_layer_norm(part).parameters()]
     for p in params:
         p.requires_grad_(False)
     return params
 
 
+
+
+# ----------------------------------------------------------------------------- SDXL, both
+class DualTextEncoder(torch.nn.Module):
+    """SDXL's two text encoders as one module, so training handles them as it handles SD's one
+    (one ``requires_grad_``, one optimizer group, one entry in a checkpoint, one module for
+    accelerate to wrap). Its forward gives the UNet's states and the pooled embedding."""
+
+    def __init__(self, text_encoder: torch.nn.Module, text_encoder_2: torch.nn.Module):
+        super().__init__()
+        # Named as their diffusers sub-folders: checkpoint keys and LoRA prefixes follow them.
+        self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+
+    def forward(self, input_ids: torch.Tensor, input_ids_2: torch.Tensor,
+                clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(states, pooled)`` for ``(batch, chunks, length)`` ids of each tokenizer: the two
+        encoders' hidden states concatenated feature-wise and the second's pooled projection."""
+        pick = (lambda out: out.hidden_states[-(clip_skip + 1)])
+        states, _ = _chunked_states(self.text_encoder, input_ids, pick)
+        states_2, out = _chunked_states(self.text_encoder_2, input_ids_2, pick)
+        # The pooled projection of each prompt's first chunk.
+        pooled = out.text_embeds.reshape(input_ids_2.shape[0], input_ids_2.shape[1], -1)[:, 0]
+        return torch.cat([states, states_2], dim=-1), pooled
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute both encoders' activations in the backward pass."""
+        for encoder in (self.text_encoder, self.text_encoder_2):
+            encoder.gradient_checkpointing_enable()
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on for a batch of prompts: the text states, and for SDXL
+    the pooled text embedding (the size/crop numbers come with each image)."""
+
+    states: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def unet_kwargs(self, time_ids: torch.Tensor | None) -> dict[str, Any]:
+        """The UNet's keyword arguments beyond the states: SDXL's ``added_cond_kwargs``."""
+        if self.pooled is None:
+            return {}
+        if time_ids is None:
+            raise ValueError("SDXL needs the size/crop conditioning (time ids) of each image")
+        return {"added_cond_kwargs": {"text_embeds": self.pooled,
+                                      "time_ids": time_ids.to(self.pooled.device,
+                                                              self.pooled.dtype)}}
+
+
+def text_parts(text_module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The text encoders inside a model's text module by diffusers sub-folder name:
+    ``{"text_encoder": ...}``, and for SDXL also ``"text_encoder_2"``."""
+    module = _unwrap(text_module)
+    if isinstance(module, DualTextEncoder):
+        return {"text_encoder": module.text_encoder, "text_encoder_2": module.text_encoder_2}
+    return {"text_encoder": module}
+
+
+def prompt_token_ids(tokenizers: tuple, prompts: list[str], *, max_token_length: int = CHUNK,
+                     pad_tokens: bool = True) -> tuple[torch.Tensor, ...]:
+    """:func:`chunked_input_ids` of ``prompts`` for each of a model's tokenizers."""
+    return tuple(chunked_input_ids(t, prompts, max_token_length=max_token_length,
+                                   pad_tokens=pad_tokens) for t in tokenizers)
+
+
+def encode_token_ids(text_module: torch.nn.Module, ids: tuple[torch.Tensor, ...],
+                     clip_skip: int = 1) -> Conditioning:
+    """The :class:`Conditioning` of :func:`prompt_token_ids`' ids."""
+    if len(ids) == 2:
+        return Conditioning(*text_module(ids[0], ids[1], clip_skip))
+    return Conditioning(encode_chunks(text_module, ids[0], clip_skip))
+
+
+def _chunked_states(encoder, input_ids: torch.Tensor, pick) -> tuple[torch.Tensor, Any]:
+    """Hidden states chosen by ``pick`` for chunked ids, joined as :func:`encode_chunks` does,
+    and the encoder's whole output."""
+    batch, chunks, length = input_ids.shape
+    device = next(encoder.parameters()).device
+    out = encoder(input_ids.reshape(batch * chunks, length).to(device), output_hidden_states=True)
+    return _join_chunks(pick(out), batch, chunks, length), out
+
+
+def _join_chunks(states: torch.Tensor, batch: int, chunks: int, length: int) -> torch.Tensor:
+    states = states.reshape(batch, chunks, length, states.shape[-1])
+    if chunks == 1:
+        return states[:, 0]
+    parts = [states[:, 0, :1]]  # the first begin token
+    parts += [states[:, c, 1:length - 1] for c in range(chunks)]  # 75 prompt states each
+    parts.append(states[:, -1, length - 1:])  # the last chunk's end token
+    return torch.cat(parts, dim=1)

@@ -18,7 +18,11 @@ import torch
 from colab_dreambooth.errors import ConfigError, Problem
 from colab_dreambooth.models.attention import set_memory_attention
 from colab_dreambooth.models.lora import add_lora
-from colab_dreambooth.models.text_encoding import freeze_final_layer_norm, num_text_layers
+from colab_dreambooth.models.text_encoding import (
+    DualTextEncoder,
+    freeze_final_layer_norm,
+    num_text_layers,
+)
 from colab_dreambooth.runtime.device import DeviceInfo
 from colab_dreambooth.training.numerics import half_model_dtype
 
@@ -41,6 +45,7 @@ class PlacedModels:
     vae: torch.nn.Module
     weight_dtype: torch.dtype  # the frozen parts' dtype: the compute dtype
     half: torch.dtype | None  # Half model: the trained weights' own dtype, else None (fp32)
+    vae_dtype: torch.dtype = torch.float32  # the compute dtype, or fp32 for a VAE that needs it
 
 
 def make_accelerator(config: "DreamBoothConfig", device: DeviceInfo) -> "Accelerator":
@@ -101,9 +106,26 @@ def place_models(unet: torch.nn.Module, text_encoder: torch.nn.Module, vae: torc
         unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
             text_encoder.gradient_checkpointing_enable()
-    for module in [vae] + ([] if config.train_text_encoder else [text_encoder]):
-        _to(module, accelerator.device, weight_dtype)
-    return PlacedModels(unet, text_encoder, vae, weight_dtype, half)
+    if not config.train_text_encoder:
+        _to(text_encoder, accelerator.device, weight_dtype)
+    vae_dtype = vae_compute_dtype(vae, weight_dtype, sdxl=isinstance(text_encoder,
+                                                                     DualTextEncoder))
+    _to(vae, accelerator.device, vae_dtype)
+    return PlacedModels(unet, text_encoder, vae, weight_dtype, half, vae_dtype)
+
+
+def vae_compute_dtype(vae: torch.nn.Module, weight_dtype: torch.dtype, *, sdxl: bool
+                      ) -> torch.dtype:
+    """The dtype the VAE encodes in: the compute dtype, except fp32 for SDXL's own VAE, which
+    overflows in fp16 (NaN latents, black images; its config says ``force_upcast``, while a
+    fixed fp16 VAE such as madebyollin/sdxl-vae-fp16-fix says it does not). bf16 has fp32's
+    range; SD 1.x/2.x's VAE is fine in fp16 (diffusers' default ``force_upcast`` is on for
+    every VAE, so only SDXL's is taken at its word)."""
+    if sdxl and weight_dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        log.info("The VAE encodes in fp32 (it overflows in fp16); a fixed fp16 VAE would halve "
+                 "its memory, or Cache latents moves it off the GPU")
+        return torch.float32
+    return weight_dtype
 
 
 def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:

@@ -18,6 +18,7 @@ from colab_dreambooth.models.loading import Components
 from colab_dreambooth.models.lora import lora_file_path, lora_metadata
 from colab_dreambooth.models.lora_file import kohya_state_dict, save_lora
 from colab_dreambooth.models.pipelines import pipeline_from_components
+from colab_dreambooth.models.text_encoding import text_parts
 from colab_dreambooth.training.optim import EMA, StepPlan
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,13 @@ def save_model(accelerator, config: DreamBoothConfig, parts: Components, unet, t
         pipeline_from_components(parts, unet=unet, text_encoder=text_encoder).save_pretrained(
             folder)
         # Frozen parts cast to fp16/bf16 for training are saved as the base's exact files.
-        frozen = ["vae"] + ([] if config.train_text_encoder else ["text_encoder"])
-        for name in frozen if parts.vae.dtype != torch.float32 else []:
-            shutil.rmtree(folder / name)
-            shutil.copytree(Path(parts.source) / name, folder / name)
+        frozen = {"vae": parts.vae}
+        if not config.train_text_encoder:
+            frozen.update(text_parts(text_encoder))  # SDXL: both encoders
+        for name, module in frozen.items():
+            if next(module.parameters()).dtype != torch.float32:
+                shutil.rmtree(folder / name)
+                shutil.copytree(Path(parts.source) / name, folder / name)
         if ema is not None:
             ema_unet = type(unet).from_config(unet.config)
             ema.copy_to(ema_unet.parameters())

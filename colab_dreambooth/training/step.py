@@ -1,7 +1,8 @@
 """One DreamBooth training step, as the paper describes it, in one place.
 
 Encode the batch's images to latents, add noise at random timesteps, predict the noise (or
-the velocity) from the noisy latents and the prompts' text states, take the MSE on the
+the velocity) from the noisy latents and the prompts' text states (SDXL: also the pooled text
+embedding and each image's size/crop numbers), take the MSE on the
 instance rows plus Prior Loss Weight times the MSE on the class rows (prior preservation),
 backward, clip, step. :class:`TrainingStep` is that step; ``train()`` runs it in its loop and
 ``benchmarks/gpu_train.py`` times it.
@@ -17,7 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from colab_dreambooth.data.loader import encode_latents
-from colab_dreambooth.models.text_encoding import chunked_input_ids, encode_chunks
+from colab_dreambooth.models.text_encoding import (
+    Conditioning,
+    encode_token_ids,
+    prompt_token_ids,
+)
 from colab_dreambooth.training.noise import add_noise, min_snr_weights, sample_noise, velocity
 
 # Batches of prompts remembered (token ids; text states while the text encoder is frozen). A
@@ -28,20 +33,21 @@ REMEMBERED_BATCHES = 128
 
 def dreambooth_loss(unet, noise_scheduler, latents: torch.Tensor, text_states: torch.Tensor,
                     num_instance: int, prior_loss_weight: float, *, offset_noise: float = 0.0,
-                    min_snr_gamma: float = 0.0) -> torch.Tensor:
+                    min_snr_gamma: float = 0.0, unet_kwargs: dict | None = None) -> torch.Tensor:
     """The DreamBooth objective on one batch (instance rows first, then class rows).
 
     Noise the latents at random timesteps (plus Offset Noise), predict the noise (or the
     velocity for v-prediction models, as the model's scheduler config says), and return the
     instance MSE plus Prior Loss Weight times the MSE on the class rows (prior
     preservation). With Min SNR Gamma each row's MSE is first weighted by its timestep's
-    min-SNR weight (:func:`colab_dreambooth.training.noise.min_snr_weights`).
+    min-SNR weight (:func:`colab_dreambooth.training.noise.min_snr_weights`). ``unet_kwargs``
+    is the rest of the conditioning (SDXL's ``added_cond_kwargs``).
     """
     noise = sample_noise(latents, offset_noise)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
                               (latents.shape[0],), device=latents.device)
     noisy_latents = add_noise(noise_scheduler, latents, noise, timesteps)
-    prediction = unet(noisy_latents, timesteps, text_states).sample
+    prediction = unet(noisy_latents, timesteps, text_states, **(unet_kwargs or {})).sample
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = velocity(noise_scheduler, latents, noise, timesteps)
     else:
@@ -59,42 +65,43 @@ def dreambooth_loss(unet, noise_scheduler, latents: torch.Tensor, text_states: t
 
 
 class PromptStates:
-    """The text-encoder states a batch of prompts trains with.
+    """The conditioning (text states; SDXL: also the pooled embedding) a batch of prompts
+    trains with.
 
-    Token ids are remembered per batch of prompts; the states too while the text encoder is
-    frozen (it then gives the same states for the same batch every time, so a remembered
-    batch costs no encoder pass). A training text encoder encodes every step.
+    Token ids are remembered per batch of prompts; the conditioning too while the text
+    encoder(s) are frozen (they then give the same output for the same batch every time, so a
+    remembered batch costs no encoder pass). Training text encoders encode every step.
     """
 
-    def __init__(self, tokenizer, text_encoder, *, pad_tokens: bool, max_token_length: int,
-                 clip_skip: int):
-        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+    def __init__(self, tokenizers: tuple, text_encoder, *, pad_tokens: bool,
+                 max_token_length: int, clip_skip: int):
+        self.tokenizers, self.text_encoder = tuple(tokenizers), text_encoder
         self.pad_tokens, self.max_token_length = pad_tokens, max_token_length
         self.clip_skip = clip_skip
-        self._ids: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
-        self._states: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
+        self._ids: OrderedDict[tuple[str, ...], tuple[torch.Tensor, ...]] = OrderedDict()
+        self._states: OrderedDict[tuple[str, ...], Conditioning] = OrderedDict()
 
-    def __call__(self, prompts: list[str], trains_text: bool) -> torch.Tensor:
-        """States of ``prompts`` (with gradients when ``trains_text``)."""
+    def __call__(self, prompts: list[str], trains_text: bool) -> Conditioning:
+        """The conditioning of ``prompts`` (with gradients when ``trains_text``)."""
         # Keyed by the whole batch: without Pad Tokens a prompt's padding depends on the
         # longest prompt beside it, so only the same batch gives the same states.
         key = tuple(prompts)
         ids = self._ids.get(key)
         if ids is None:
-            ids = _remember(self._ids, key, chunked_input_ids(
-                self.tokenizer, prompts, max_token_length=self.max_token_length,
+            ids = _remember(self._ids, key, prompt_token_ids(
+                self.tokenizers, prompts, max_token_length=self.max_token_length,
                 pad_tokens=self.pad_tokens))
         if trains_text:
-            return encode_chunks(self.text_encoder, ids, self.clip_skip)
+            return encode_token_ids(self.text_encoder, ids, self.clip_skip)
         states = self._states.get(key)
         if states is None:
             with torch.no_grad():
                 states = _remember(self._states, key,
-                                   encode_chunks(self.text_encoder, ids, self.clip_skip))
+                                   encode_token_ids(self.text_encoder, ids, self.clip_skip))
         return states
 
 
-def _remember(cache: OrderedDict, key: Any, value: torch.Tensor) -> torch.Tensor:
+def _remember(cache: OrderedDict, key: Any, value: Any) -> Any:
     cache[key] = value
     if len(cache) > REMEMBERED_BATCHES:
         cache.popitem(last=False)
@@ -108,7 +115,7 @@ class TrainingStep:
     accelerator: Any
     unet: torch.nn.Module
     text_encoder: torch.nn.Module
-    vae: torch.nn.Module
+    vae: torch.nn.Module  # encodes in vae_dtype (fp32 for SDXL's own VAE under fp16)
     prompts: PromptStates
     noise_scheduler: Any
     optimizer: Any
@@ -118,6 +125,7 @@ class TrainingStep:
     offset_noise: float = 0.0
     min_snr_gamma: float = 0.0
     max_grad_norm: float = 1.0
+    vae_dtype: torch.dtype | None = None  # None: weight_dtype
     _trained: dict[bool, list[torch.nn.Parameter]] = field(default_factory=dict, repr=False)
 
     def __call__(self, batch: dict, trains_text: bool) -> torch.Tensor:
@@ -125,12 +133,14 @@ class TrainingStep:
         Returns the batch's loss, detached (no host sync)."""
         accelerator = self.accelerator
         with accelerator.accumulate(self.unet, self.text_encoder):
-            latents = encode_latents(batch, self.vae, accelerator.device, self.weight_dtype)
-            text_states = self.prompts(batch["prompts"], trains_text)
-            loss = dreambooth_loss(self.unet, self.noise_scheduler, latents, text_states,
+            latents = encode_latents(batch, self.vae, accelerator.device,
+                                     self.vae_dtype or self.weight_dtype)
+            condition = self.prompts(batch["prompts"], trains_text)
+            loss = dreambooth_loss(self.unet, self.noise_scheduler, latents, condition.states,
                                    batch["num_instance"], self.prior_loss_weight,
                                    offset_noise=self.offset_noise,
-                                   min_snr_gamma=self.min_snr_gamma)
+                                   min_snr_gamma=self.min_snr_gamma,
+                                   unet_kwargs=condition.unet_kwargs(batch.get("time_ids")))
             accelerator.backward(loss)
             if accelerator.sync_gradients and self.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(self.trained(trains_text), self.max_grad_norm)

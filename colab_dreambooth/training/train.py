@@ -141,7 +141,7 @@ def _train(config: DreamBoothConfig, cleanup: contextlib.ExitStack, *, device: D
 
     # ---- the data, with the VAE run once up front when caching latents
     batches = build_loader(data, config, seed, vae=models.vae, device=accelerator.device,
-                           dtype=models.weight_dtype, progress=main_bar)
+                           dtype=models.vae_dtype, progress=main_bar)
     if config.cache_latents:
         models.vae.to("cpu")  # no longer needed on the GPU
 
@@ -174,11 +174,11 @@ def _train(config: DreamBoothConfig, cleanup: contextlib.ExitStack, *, device: D
     # ---- the loop, then a checkpoint and the model
     step = TrainingStep(
         accelerator, unet, text_encoder, models.vae,
-        PromptStates(parts.tokenizer, text_encoder, pad_tokens=config.pad_tokens,
+        PromptStates(parts.tokenizers, text_encoder, pad_tokens=config.pad_tokens,
                      max_token_length=config.max_token_length, clip_skip=config.clip_skip),
         make_noise_scheduler(config.noise_scheduler, parts.noise_scheduler.config),
         optimizer, lr_scheduler, models.weight_dtype, config.prior_loss_weight,
-        config.offset_noise, config.min_snr_gamma, config.max_grad_norm)
+        config.offset_noise, config.min_snr_gamma, config.max_grad_norm, models.vae_dtype)
     stop = stop if stop is not None else threading.Event()
     clean = _loop(config, plan, run, batches, step, ema, checkpoints, parts, stop=stop,
                   bar=main_bar, on_step=on_step)

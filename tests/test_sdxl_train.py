@@ -1,0 +1,308 @@
+"""SDXL training on the tiny SDXL model: the conditioning diffusers' SDXL pipeline makes, each
+image's size/crop numbers, a LoRA run whose file diffusers loads back, a full fine-tune that
+loads as an SDXL pipeline, sampling, and an exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from run_helpers import train_whole_and_killed
+from safetensors.torch import load_file
+
+from colab_dreambooth.data.dataset import (
+    DreamBoothDataset,
+    Example,
+    TrainingData,
+    collate,
+)
+from colab_dreambooth.data.images import cover_and_crop
+from colab_dreambooth.demo import demo_config
+from colab_dreambooth.generation.sample import generate_samples
+from colab_dreambooth.models import lora_file
+from colab_dreambooth.models.family_detect import SD, SDXL, detect_family
+from colab_dreambooth.models.loading import load_components
+from colab_dreambooth.models.lora_file import read_lora
+from colab_dreambooth.models.pipelines import load_lora_pipeline, load_pipeline
+from colab_dreambooth.models.text_encoding import (
+    DualTextEncoder,
+    encode_token_ids,
+    prompt_token_ids,
+    text_parts,
+)
+from colab_dreambooth.models.tiny import tiny_sdxl_model_path
+from colab_dreambooth.training import saving as saving_module
+from colab_dreambooth.training.placement import vae_compute_dtype
+from colab_dreambooth.training.train import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT = "a photo of zwx toy"
+
+
+@pytest.fixture(scope="module")
+def sdxl_parts():
+    return load_components("tiny-sdxl")
+
+
+def sdxl_pipeline():
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def outputs(unet, text_encoder, tokenizers) -> dict[str, torch.Tensor]:
+    """Text states, pooled embedding and one UNet prediction (with size/crop numbers)."""
+    ids = prompt_token_ids(tokenizers, [PROMPT])
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    time_ids = torch.tensor([[64.0, 96.0, 0.0, 16.0, 64.0, 64.0]])
+    with torch.no_grad():
+        condition = encode_token_ids(text_encoder, ids)
+        noise = unet(latents, 500, condition.states, **condition.unet_kwargs(time_ids)).sample
+    return {"states": condition.states, "pooled": condition.pooled, "noise": noise}
+
+
+def pipe_outputs(pipe) -> dict[str, torch.Tensor]:
+    return outputs(pipe.unet, DualTextEncoder(pipe.text_encoder, pipe.text_encoder_2),
+                   (pipe.tokenizer, pipe.tokenizer_2))
+
+
+# ----------------------------------------------------------------------------- the family
+def test_family_is_read_from_the_model(sdxl_parts):
+    assert detect_family("tiny-sdxl") == SDXL and detect_family("tiny") == SD
+    assert detect_family(str(tiny_sdxl_model_path())) == SDXL
+    assert sdxl_parts.family == SDXL and len(sdxl_parts.tokenizers) == 2
+    assert isinstance(sdxl_parts.text_encoder, DualTextEncoder)
+    assert set(text_parts(sdxl_parts.text_encoder)) == {"text_encoder", "text_encoder_2"}
+    assert load_components("tiny").family == SD
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_conditioning_is_what_the_sdxl_pipeline_makes(sdxl_parts, clip_skip):
+    """Both encoders' penultimate states side by side and the second's pooled projection, as
+    diffusers' SDXL pipeline encodes a prompt; Clip Skip 2 is the pipeline's clip_skip=1."""
+    pipe = sdxl_pipeline()
+    expected, _, pooled, _ = pipe.encode_prompt(
+        PROMPT, device="cpu", do_classifier_free_guidance=False,
+        clip_skip=None if clip_skip == 1 else clip_skip - 1)
+    with torch.no_grad():
+        ours = encode_token_ids(sdxl_parts.text_encoder,
+                                prompt_token_ids(sdxl_parts.tokenizers, [PROMPT]), clip_skip)
+    torch.testing.assert_close(ours.states, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.pooled, pooled, rtol=1e-5, atol=1e-6)
+
+
+def test_long_prompts_pool_their_first_chunk(sdxl_parts):
+    long = ", ".join(["zwx toy on a red table"] * 20)  # > 75 tokens
+    with torch.no_grad():
+        ids = prompt_token_ids(sdxl_parts.tokenizers, [long, PROMPT], max_token_length=150)
+        both = encode_token_ids(sdxl_parts.text_encoder, ids)
+        first = sdxl_parts.text_encoder.text_encoder_2(ids[1][:, 0]).text_embeds
+    assert both.states.shape == (2, 1 + 150 + 1, 64)
+    torch.testing.assert_close(both.pooled, first)
+
+
+# ----------------------------------------------------------------------------- size and crop
+def test_time_ids_are_the_crop_of_each_image():
+    image = Image.new("RGB", (96, 64))  # (width, height)
+    centred = cover_and_crop(image, (64, 64), center_crop=True)
+    assert centred.time_ids() == (64, 96, 0, 16, 64, 64)  # orig (h, w), crop (top, left), target
+    assert centred.time_ids(flipped=True) == (64, 96, 0, 16, 64, 64)  # a centred crop mirrors
+    for seed in range(5):
+        crop = cover_and_crop(image, (64, 64), center_crop=False, rng=random.Random(seed))
+        top, left = crop.time_ids()[2:4]
+        assert crop.image.tobytes() == image.crop((left, top, left + 64, top + 64)).tobytes()
+        assert crop.time_ids(flipped=True)[3] == 96 - 64 - left
+    # a bucket: target size is the bucket's, the crop is in the resized image
+    tall = cover_and_crop(Image.new("RGB", (300, 500)), (128, 192), center_crop=True)
+    assert tall.cover_size == (128, 213)
+    assert tall.time_ids() == (500, 300, 10, 0, 192, 128)
+
+
+def test_batches_carry_each_rows_time_ids(tmp_path):
+    shapes = {"wide.png": (96, 64), "tall.png": (64, 128)}
+    for name, size in shapes.items():
+        Image.new("RGB", size, (200, 30, 30)).save(tmp_path / name)
+    data = TrainingData([Example(tmp_path / "wide.png", "zwx", 0)],
+                        {0: [Example(tmp_path / "tall.png", "toy", 0)]})
+    dataset = DreamBoothDataset(data, 64, center_crop=True, flip=False, seed=1)
+    batch = collate([dataset[0]])
+    assert batch["time_ids"].tolist() == [[64, 96, 0, 16, 64, 64], [128, 64, 32, 0, 64, 64]]
+    # cached latents keep the same numbers (center crop: the crop cached is the crop trained)
+    from colab_dreambooth.data.loader import cache_latents
+
+    vae = load_components("tiny-sdxl").vae
+    cached = copy.copy(dataset)
+    cached.use_latents(cache_latents(dataset, vae, "cpu", torch.float32, progress=False))
+    assert torch.equal(collate([cached[0]])["time_ids"], batch["time_ids"])
+
+
+def test_only_sdxls_own_vae_encodes_in_fp32(sdxl_parts):
+    sd_vae = load_components("tiny").vae
+    assert vae_compute_dtype(sdxl_parts.vae, torch.float16, sdxl=True) == torch.float32
+    assert vae_compute_dtype(sdxl_parts.vae, torch.bfloat16, sdxl=True) == torch.bfloat16
+    assert vae_compute_dtype(sd_vae, torch.float16, sdxl=False) == torch.float16
+    fixed = copy.deepcopy(sdxl_parts.vae)
+    fixed.register_to_config(force_upcast=False)  # madebyollin/sdxl-vae-fp16-fix says so
+    assert vae_compute_dtype(fixed, torch.float16, sdxl=True) == torch.float16
+
+
+# ----------------------------------------------------------------------------- a LoRA run
+@pytest.fixture(scope="module")
+def lora_run(demo_root, tmp_path_factory):
+    """A 3-step SDXL LoRA run with prior preservation (class images generated by the SDXL
+    pipeline) and both text encoders' adapters; outputs captured at the final save and the
+    time ids every UNet call saw."""
+    out = tmp_path_factory.mktemp("sdxl-lora")
+    config = demo_config(demo_root, steps=3).copy(
+        pretrained_model_name_or_path="tiny-sdxl", models_root=str(out), model_name="zwx-xl",
+        use_lora=True, lora_unet_rank=4, lora_txt_rank=2, lora_alpha=2.0,
+        lora_learning_rate=1e-2, lora_txt_learning_rate=1e-2, train_batch_size=1,
+        cache_latents=False)
+    config.concepts_list[0].num_class_images = 3
+    captured: dict = {}
+    original = saving_module.save_lora_model
+
+    def spy(config, parts, unet, text_encoder, step, *rest):
+        unet.eval()
+        text_encoder.eval()
+        captured.update(outputs(unet, text_encoder, parts.tokenizers))
+        return original(config, parts, unet, text_encoder, step, *rest)
+
+    seen: list[torch.Tensor] = []
+    from diffusers import UNet2DConditionModel
+
+    forward = UNet2DConditionModel.forward
+
+    def spy_forward(self, *args, added_cond_kwargs=None, **kwargs):
+        if self.training and added_cond_kwargs is not None:
+            seen.append(added_cond_kwargs["time_ids"].detach().clone())
+        return forward(self, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(saving_module, "save_lora_model", spy)
+        mp.setattr(UNet2DConditionModel, "forward", spy_forward)
+        result = train(config, progress=False)
+    state, meta = read_lora(result.lora_file)
+    return SimpleNamespace(config=config, result=result, captured=captured, state=state,
+                           meta=meta, time_ids=seen)
+
+
+def test_lora_file_has_kohyas_sdxl_layout(lora_run):
+    prefixes = {k.split("_")[1] for k in lora_run.state}
+    assert prefixes == {"unet", "te1", "te2"}
+    for prefix in ("lora_te1_text_model_encoder_layers_", "lora_te2_text_model_encoder_layers_"):
+        moved = [v.abs().max().item() for k, v in lora_run.state.items()
+                 if k.startswith(prefix) and k.endswith("lora_up.weight")]
+        assert moved and max(moved) > 1e-4  # both encoders trained
+    assert lora_run.meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert lora_run.meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert lora_run.meta["ss_v2"] == "False"
+
+
+def test_training_conditions_on_each_images_size(lora_run):
+    """Every training call got one (original h, w, top, left, h, w) row per image: the demo's
+    128 px squares at 64 px."""
+    assert len(lora_run.time_ids) == 3
+    for ids in lora_run.time_ids:
+        assert ids.shape == (2, 6)  # the instance row and its class row
+        assert ids[:, [0, 1, 4, 5]].tolist() == [[128, 128, 64, 64]] * 2
+
+
+def test_diffusers_sdxl_loader_reproduces_the_trained_model(lora_run):
+    base = sdxl_pipeline()
+    before = pipe_outputs(base)
+    state = lora_file.state_for_diffusers(lora_run.state, base.text_encoder)
+    base.load_lora_weights(state)
+    loaded = pipe_outputs(base)
+    for name in ("states", "pooled", "noise"):
+        torch.testing.assert_close(loaded[name], lora_run.captured[name], rtol=1e-5, atol=1e-5)
+        assert (loaded[name] - before[name]).abs().max() > 1e-4  # and training changed it
+
+
+def test_load_lora_pipeline_on_the_sdxl_base(lora_run):
+    pipe = load_lora_pipeline("tiny-sdxl", lora_run.result.lora_file, device="cpu")
+    torch.testing.assert_close(pipe_outputs(pipe)["noise"], lora_run.captured["noise"],
+                               rtol=1e-5, atol=1e-5)
+    image = generate_samples(pipe, PROMPT, seed=3, steps=2, height=64, width=64,
+                             progress=False)[0]
+    assert image.size == (64, 64)
+
+
+# ----------------------------------------------------------------------------- full fine-tune
+@pytest.fixture(scope="module")
+def full_run(demo_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sdxl-full")
+    config = demo_config(demo_root, steps=2).copy(
+        pretrained_model_name_or_path="tiny-sdxl", models_root=str(out), model_name="zwx-xl",
+        train_batch_size=1, use_ema=True, enable_bucket=True, cache_latents=True)
+    config.concepts_list[0].num_class_images = 2
+    return SimpleNamespace(config=config, result=train(config, progress=False))
+
+
+def test_full_fine_tune_saves_an_sdxl_pipeline(full_run):
+    from diffusers import StableDiffusionXLPipeline
+
+    model = full_run.result.model_dir
+    for part in ("unet", "unet_ema", "text_encoder", "text_encoder_2", "tokenizer_2", "vae"):
+        assert (model / part).is_dir(), part
+    base = tiny_sdxl_model_path()
+
+    def weights(folder: Path, part: str) -> dict[str, torch.Tensor]:
+        return {k: v for f in sorted((folder / part).glob("*.safetensors"))
+                for k, v in load_file(f).items()}
+
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        trained, original = weights(model, part), weights(base, part)
+        assert set(trained) == set(original)
+        assert any(not torch.equal(trained[k], original[k]) for k in trained), part
+    assert all(torch.equal(v, weights(base, "vae")[k]) for k, v in weights(model, "vae").items())
+    pipe = load_pipeline(model, device="cpu")
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    image = generate_samples(pipe, PROMPT, seed=1, steps=2, height=64, width=64,
+                             progress=False)[0]
+    assert image.size == (64, 64)
+
+
+def test_sampling_with_clip_skip_and_long_prompts(full_run):
+    """Clip Skip and Max Token Length encode the prompts as training did; with neither, the
+    pipeline's own encoding gives the same image as ours."""
+    pipe = load_pipeline(full_run.result.model_dir, device="cpu")
+    kwargs = dict(seed=5, steps=2, height=64, width=64, progress=False)
+    plain = generate_samples(pipe, PROMPT, **kwargs)[0]
+    ours = generate_samples(pipe, PROMPT, clip_skip=1, max_token_length=150, **kwargs)[0]
+    assert ours.size == plain.size == (64, 64)
+    skipped = generate_samples(pipe, PROMPT, clip_skip=2, **kwargs)[0]
+    assert skipped.tobytes() != plain.tobytes()
+    from colab_dreambooth.generation.sample import _prompt_embeds
+
+    embeds = _prompt_embeds(pipe, PROMPT, "", clip_skip=1, max_token_length=75)
+    assert not embeds["negative_pooled_prompt_embeds"].any()  # zeros, as the pipeline's own
+    same = pipe(**embeds, num_inference_steps=2, height=64, width=64, output_type="np",
+                generator=torch.Generator().manual_seed(5)).images
+    again = pipe(PROMPT, num_inference_steps=2, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(5)).images
+    assert abs(same - again).max() < 1e-5
+
+
+# ----------------------------------------------------------------------------- resume
+def test_sigkill_then_resume_matches_an_uninterrupted_sdxl_lora_run(demo_root, tmp_path):
+    base = demo_config(demo_root, steps=8).copy(
+        pretrained_model_name_or_path="tiny-sdxl", models_root=str(tmp_path), seed=7,
+        use_lora=True, lora_unet_rank=4, lora_txt_rank=2, lora_learning_rate=1e-2,
+        lora_txt_learning_rate=1e-2, hflip=True, center_crop=False, train_batch_size=1,
+        cache_latents=False, save_every_steps=2, checkpoints_to_keep=2,
+        save_preview_every=0, save_preview_every_steps=0)
+    base.concepts_list[0].num_class_images = 2
+    whole, killed = train_whole_and_killed(base, tmp_path)
+    a = read_lora(whole / "lora" / "whole.safetensors")[0]
+    b = read_lora(killed / "lora" / "killed.safetensors")[0]
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
