@@ -306,3 +306,87 @@ def test_sigkill_then_resume_matches_an_uninterrupted_sdxl_lora_run(demo_root, t
     b = read_lora(killed / "lora" / "killed.safetensors")[0]
     assert set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_model_card_of_an_sdxl_lora(lora_run):
+    from colab_dreambooth.publish.model_card import card_text
+
+    card = card_text(lora_run.config)
+    assert "StableDiffusionXLPipeline.from_pretrained" in card
+    assert "- stable-diffusion-xl" in card and "StableDiffusionPipeline" not in card
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_prompts_encoded_up_front_equal_those_encoded_per_batch(model):
+    """With frozen text encoders every prompt is encoded once before the run (so the encoders
+    can leave the GPU); a batch then gets the states and pooled embeddings it would have got."""
+    from colab_dreambooth.training.step import PromptStates
+
+    parts = load_components(model)
+    prompts = [PROMPT, "a toy, toy", ", ".join(["zwx toy on a table"] * 16)]
+
+    def states():
+        return PromptStates(parts.tokenizers, parts.text_encoder, pad_tokens=True,
+                            max_token_length=150, clip_skip=2)
+
+    per_batch = states()(prompts, trains_text=False)
+    up_front = states()
+    up_front.encode_all(prompts + prompts[:1], "cpu")
+    cached = up_front(prompts, trains_text=False)
+    torch.testing.assert_close(cached.states, per_batch.states, rtol=1e-5, atol=1e-5)
+    if model == "tiny-sdxl":
+        torch.testing.assert_close(cached.pooled, per_batch.pooled, rtol=1e-5, atol=1e-5)
+    else:
+        assert cached.pooled is None
+
+
+# ----------------------------------------------------------------------------- another VAE
+def _fixed_vae(folder: Path) -> Path:
+    """A copy of the tiny SDXL VAE that says it runs in fp16 (as sdxl-vae-fp16-fix does),
+    with weights of its own."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_sdxl_model_path() / "vae")
+    vae.register_to_config(force_upcast=False)
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.25)
+    vae.save_pretrained(folder)
+    return folder
+
+
+def test_another_vae_trains_and_is_saved_with_the_model(demo_root, tmp_path):
+    from colab_dreambooth.models.loading import load_vae
+
+    fixed = _fixed_vae(tmp_path / "fixed-vae")
+    config = demo_config(demo_root, steps=1).copy(
+        pretrained_model_name_or_path="tiny-sdxl", models_root=str(tmp_path / "runs"),
+        model_name="vae-run", pretrained_vae_name_or_path=str(fixed), train_batch_size=1,
+        train_text_encoder=False)
+    config.concepts_list[0].num_class_images = 2
+    result = train(config, progress=False)
+    saved = load_file(next((result.model_dir / "vae").glob("*.safetensors")))
+    own = load_file(next(fixed.glob("*.safetensors")))
+    assert all(torch.equal(saved[k], own[k]) for k in own)
+    # a single-file VAE (the original layout) reads offline with the base model's config
+    from colab_dreambooth.models.single_file import ldm_keys
+
+    vae = load_vae(str(fixed), tiny_sdxl_model_path())[0]
+    state = vae.state_dict()
+    ldm = {}
+    for link in ldm_keys.vae_links(state, vae.config):
+        tensor = state[link.diffusers[0]]
+        ldm[link.ldm] = tensor[:, :, None, None] if link.conv1x1 and tensor.dim() == 2 else tensor
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in ldm.items()}, tmp_path / "vae.safetensors")
+    single, folder = load_vae(str(tmp_path / "vae.safetensors"), tiny_sdxl_model_path())
+    assert folder is None
+    assert all(torch.equal(single.state_dict()[k], v) for k, v in state.items())
+
+
+def test_a_missing_vae_is_named_before_anything_loads(tiny_config, tmp_path):
+    from colab_dreambooth.config.validation import validate
+
+    config = tiny_config.copy(pretrained_vae_name_or_path=str(tmp_path / "no-such-vae"))
+    problems = [p for p in validate(config) if p.where == "pretrained_vae_name_or_path"]
+    assert problems and "does not exist" in problems[0].message

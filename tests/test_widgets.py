@@ -739,3 +739,17 @@ def test_lora_type_fields_show_only_where_they_apply(tiny_config):
     type_into(form, "lora_conv_rank", "8")
     type_into(form, "lora_type", "LoRA")
     assert not shown("lora_conv_rank") and form.config.lora_conv_rank == 8  # value kept
+
+
+def test_an_sdxl_base_model_brings_its_resolution(tiny_config):
+    """Choosing an SDXL model proposes 1024 px (its training size), and going back to SD 1.x
+    gives 512 again; a resolution the user typed stays whatever the model."""
+    form = form_for(tiny_config.copy(resolution=512))
+    base = form.fields["pretrained_model_name_or_path"].input
+    base.value = "stabilityai/stable-diffusion-xl-base-1.0"
+    assert form.config.resolution == 1024
+    base.value = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert form.config.resolution == 512
+    form.fields["resolution"].set(640)
+    base.value = "tiny-sdxl"
+    assert form.config.resolution == 640

@@ -23,6 +23,7 @@ from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.config.validation import validate
 from colab_dreambooth.errors import ConfigError, Problem
 from colab_dreambooth.runtime.device import DeviceInfo, detect_device
+from colab_dreambooth.models.family_detect import DEFAULT_RESOLUTION, detect_family
 
 from .compat import set_titles
 from .controls import INPUT_WIDTH, FieldControl, make_control, read_controls
@@ -99,6 +100,9 @@ class ConfigForm:
 
         for control in self.fields.values():
             control.observe(self.refresh)
+        self._family: str | None = None  # SD or SDXL, as the base model says
+        for name in ("pretrained_model_name_or_path", "src"):
+            self.fields[name].observe(self._base_model_changed)
 
         self.header = w.HTML(runtime_banner(self.device, preset))
         self.params_file = ParamsFile(params_path, read=lambda: self.config, show=self.set_config)
@@ -185,7 +189,20 @@ class ConfigForm:
                 self.concepts_box.selected_index = 0  # show the first concept open
         finally:
             self._quiet = False
+        self._family = detect_family(config.base_model)
         self.refresh()
+
+    def _base_model_changed(self) -> None:
+        """A base model of another family (SD 1.x/2.x, SDXL) brings its own resolution (512,
+        1024) when Resolution is still the old family's; a resolution the user chose stays."""
+        if self._quiet:
+            return
+        config = self._read()[0]
+        family = detect_family(config.base_model)
+        if self._family is not None and family != self._family \
+                and config.resolution == DEFAULT_RESOLUTION[self._family]:
+            self.fields["resolution"].set(DEFAULT_RESOLUTION[family])
+        self._family = family
 
     @property
     def problems(self) -> list[Problem]:

@@ -37,7 +37,7 @@ EXTENSION_ONLY_KEYS = frozenset("""
     freeze_spectral_norm gradient_set_to_none graph_smoothing half_model has_ema infer_ema
     initial_revision learning_rate_min lifetime_revision lora_model_name lora_txt_weight
     lora_use_buggy_requires_grad lora_weight lr_factor lr_scale_pos model_dir model_path
-    model_type pretrained_vae_name_or_path prior_loss_scale prior_loss_target
+    model_type prior_loss_scale prior_loss_target
     prior_loss_weight_min revision sanity_prompt sanity_seed save_ckpt_after save_ckpt_cancel
     save_ckpt_during save_class_txt save_ema save_lora_after save_lora_cancel save_lora_during
     save_lora_for_extra_net save_safetensors save_state_after save_state_cancel

@@ -51,6 +51,11 @@ class DreamBoothConfig:
         "", "Create Model (source checkpoint)", "A single-file .ckpt/.safetensors to convert "
         "to the diffusers layout once; when set it is the base model.", "Model", path=True,
         must_match=True)
+    pretrained_vae_name_or_path: str = setting(
+        "", "VAE", "Another VAE to train and sample with instead of the base model's own: a "
+        "Hub id (madebyollin/sdxl-vae-fp16-fix: SDXL's VAE fixed to run in fp16, where the "
+        "original overflows and is kept in fp32), a diffusers VAE folder, or a single-file "
+        ".safetensors VAE. Blank = the base model's.", "Model", path=True, must_match=True)
     models_root: str = setting(
         "", "Models root", "Folder that holds dreambooth/<model name>/. Blank = ./models in "
         "the current folder.", "Model", path=True)

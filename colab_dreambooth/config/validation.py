@@ -65,7 +65,7 @@ def validate(config: "DreamBoothConfig", device: "DeviceInfo | None" = None, *,
                                 "Mixed precision fp16 (or bf16) for its loss scaling: choose "
                                 "one, or turn Half model off"))
     if check_paths:
-        problems += _base_model_problems(config)
+        problems += _base_model_problems(config) + _vae_problems(config)
     if check_paths:
         problems += _unmounted_drive_problems(config)
     problems += _hub_repo_problems(_text(config.checkpoint_hub_repo))
@@ -240,6 +240,16 @@ def _base_model_problems(config) -> list[Problem]:
         return [Problem(field, f"{name} does not exist on this machine "
                         f"({Path(name).expanduser().absolute()}): point it at a diffusers "
                         "folder or a .safetensors/.ckpt file, or give a Hub id")]
+    return []
+
+
+def _vae_problems(config) -> list[Problem]:
+    name = _text(config.pretrained_vae_name_or_path)
+    if name and looks_like_local_path(name) and not Path(name).expanduser().exists():
+        return [Problem("pretrained_vae_name_or_path", f"{name} does not exist on this machine "
+                        f"({Path(name).expanduser().absolute()}): point it at a diffusers VAE "
+                        "folder or a .safetensors VAE, give a Hub id, or leave it blank for "
+                        "the base model's VAE")]
     return []
 
 

@@ -185,7 +185,7 @@ def _pipeline(config: "DreamBoothConfig"):
 
 
     on_cuda = torch.cuda.is_available() and not config.use_cpu
-    parts = load_components(config.base_model)
+    parts = load_components(config.base_model, vae=config.pretrained_vae_name_or_path)
     pipe = pipeline_from_components(parts)
     if on_cuda:
         set_memory_attention(parts.unet, config.attention, on_cuda)

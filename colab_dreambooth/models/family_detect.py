@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 SD = "SD"  # Stable Diffusion 1.x and 2.x: one CLIP text encoder
 SDXL = "SDXL"  # Stable Diffusion XL: two text encoders, pooled and size/crop conditioning
 FAMILIES = (SD, SDXL)
+# The side length each family was trained at: what a form proposes when the family changes.
+DEFAULT_RESOLUTION = {SD: 512, SDXL: 1024}
 
 # Pipelines of the SDXL family in model_index.json (base, and fine-tunes saved by any tool).
 _SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
@@ -107,4 +109,4 @@ def _hub_model_index(repo_id: str) -> dict | None:
         return None
 
 
-__all__ = ["FAMILIES", "SD", "SDXL", "detect_family", "file_family", "folder_family"]
+__all__ = ["DEFAULT_RESOLUTION", "FAMILIES", "SD", "SDXL", "detect_family", "file_family", "folder_family"]

@@ -39,6 +39,7 @@ class Components:
     source: str  # the local folder it was read from
     tokenizer_2: Any = None  # SDXL's second tokenizer
     family: str = SD  # colab_dreambooth.models.family_detect.SD or SDXL
+    vae_folder: str | None = None  # the VAE's diffusers folder (None: not a folder on disk)
 
     @property
     def tokenizers(self) -> tuple:
@@ -52,12 +53,13 @@ class Components:
         return self.noise_scheduler.config.prediction_type
 
 
-def load_components(name: str) -> Components:
+def load_components(name: str, vae: str = "") -> Components:
     """Load tokenizer(s), text encoder(s), VAE, UNet and schedulers of a base model.
 
     ``name`` is ``tiny``, ``tiny-sdxl``, a local diffusers folder, a ``.safetensors``/``.ckpt``
     single file, or a Hugging Face Hub id (downloaded once into the Hub cache). The family
-    (SD 1.x/2.x or SDXL) is read from the folder.
+    (SD 1.x/2.x or SDXL) is read from the folder. ``vae`` (the VAE field) replaces the model's
+    VAE: see :func:`load_vae`.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -76,7 +78,11 @@ def load_components(name: str) -> Components:
             text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
                 folder, subfolder="text_encoder_2")
             text_encoder = DualTextEncoder(text_encoder, text_encoder_2)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+        vae_folder = str(folder / "vae")
+        if vae.strip():
+            vae_module, vae_folder = load_vae(vae, folder)
+        else:
+            vae_module = AutoencoderKL.from_pretrained(folder, subfolder="vae")
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
         scheduler_config = _read_scheduler_config(folder)
     except (OSError, ValueError) as exc:
@@ -85,8 +91,47 @@ def load_components(name: str) -> Components:
                              f"{exc}") from exc
     noise_scheduler = DDPMScheduler.from_config(scheduler_config)
     inference_scheduler = _scheduler_class(scheduler_config).from_config(scheduler_config)
-    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, inference_scheduler,
-                      str(folder), tokenizer_2, family)
+    return Components(tokenizer, text_encoder, vae_module, unet, noise_scheduler,
+                      inference_scheduler, str(folder), tokenizer_2, family, vae_folder)
+
+
+def load_vae(name: str, base_folder: str | Path) -> tuple[Any, str | None]:
+    """Another VAE for a model: a Hub id (e.g. ``madebyollin/sdxl-vae-fp16-fix``), a diffusers
+    VAE folder (or a model folder, whose ``vae/`` is taken) or a single-file ``.safetensors``/
+    ``.ckpt`` VAE (in the original layout; read with the base model's VAE config, offline).
+    Returns the VAE and its diffusers folder (None for a single file)."""
+    from diffusers import AutoencoderKL
+
+    name = name.strip()
+    path = Path(name).expanduser()
+    try:
+        if path.is_file():
+            if path.suffix.lower() not in (".safetensors", ".ckpt", ".pt"):
+                raise ModelLoadError(f"the VAE {path} is neither a diffusers folder nor a "
+                                     ".safetensors/.ckpt file")
+            vae = AutoencoderKL.from_single_file(str(path), config=str(Path(base_folder)),
+                                                 subfolder="vae", local_files_only=True)
+            return vae, None
+        if path.is_dir():
+            folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+            return AutoencoderKL.from_pretrained(folder), str(folder)
+        if looks_like_local_path(name):
+            raise ModelLoadError(f"the VAE {name} does not exist ({path.absolute()})")
+        from huggingface_hub import snapshot_download
+
+        # Only the diffusers weights: VAE repos often hold single-file copies beside them.
+        weights = ["config.json", "diffusion_pytorch_model.safetensors"]
+        folder = Path(snapshot_download(name, allow_patterns=weights + [f"vae/{w}"
+                                                                         for w in weights]))
+        if (folder / "vae" / "config.json").is_file():
+            folder = folder / "vae"
+        return AutoencoderKL.from_pretrained(folder), str(folder)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # the Hub client and the loaders raise many types
+        raise ModelLoadError(f"could not load the VAE {name} ({type(exc).__name__}: {exc}): "
+                             "give a Hub id, a diffusers VAE folder or a .safetensors VAE, or "
+                             "leave VAE blank for the base model's own") from exc
 
 
 def dtype_argument(dtype: Any) -> dict[str, Any]:

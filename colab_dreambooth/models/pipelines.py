@@ -17,7 +17,12 @@ import torch
 
 from colab_dreambooth.errors import ModelLoadError
 from colab_dreambooth.models.family_detect import SDXL, folder_family
-from colab_dreambooth.models.loading import Components, dtype_argument, resolve_model_folder
+from colab_dreambooth.models.loading import (
+    Components,
+    dtype_argument,
+    load_vae,
+    resolve_model_folder,
+)
 from colab_dreambooth.models.lora import load_adapters, lora_file_path
 from colab_dreambooth.models.lora_file import needs_peft_loader, read_lora, state_for_diffusers
 from colab_dreambooth.models.text_encoding import DualTextEncoder, text_parts
@@ -102,7 +107,8 @@ def load_trained_pipeline(config: "DreamBoothConfig", device: str | None = None)
         if not file.is_file():
             raise ModelLoadError(f"no trained LoRA at {file}: train first (notebook 03), or set "
                                  "Models root and Model name to those of the run")
-        return load_lora_pipeline(config.base_model, file, device=device)
+        return load_lora_pipeline(config.base_model, file, device=device,
+                                  vae=config.pretrained_vae_name_or_path)
     model = config.model_dir / "model"
     if not (model / "model_index.json").is_file():
         raise ModelLoadError(f"no trained model in {model}: train first (notebook 03), or set "
@@ -157,10 +163,14 @@ def pipeline_text_encoder(pipe) -> Any:
 
 
 def load_lora_pipeline(base_model: str, lora_file: str | os.PathLike, *,
-                       device: str | None = None, scale: float = 1.0):
-    """The base model's ``StableDiffusionPipeline`` with the LoRA file applied (diffusers'
-    ``load_lora_weights``). ``scale`` is the WebUI's ``<lora:name:scale>`` multiplier."""
-    pipe = load_pipeline(resolve_model_folder(base_model), device=device)
+                       device: str | None = None, scale: float = 1.0, vae: str = ""):
+    """The base model's pipeline with the LoRA file applied (diffusers' ``load_lora_weights``;
+    peft for the types it cannot read). ``scale`` is the WebUI's ``<lora:name:scale>``
+    multiplier; ``vae`` another VAE (the run's VAE field), see :func:`load_vae`."""
+    folder = resolve_model_folder(base_model)
+    pipe = load_pipeline(folder, device=device)
+    if vae.strip():
+        pipe.vae = load_vae(vae, folder)[0].to(pipe.device, pipe.dtype)
     state = read_lora(lora_file)[0]
     text_encoder = pipeline_text_encoder(pipe)
     if needs_peft_loader(state):  # LoHa, LoKr, DoRA: diffusers cannot apply them to SD

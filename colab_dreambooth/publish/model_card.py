@@ -27,11 +27,12 @@ from PIL import Image
 from colab_dreambooth.config.concept import Concept
 from colab_dreambooth.config.params import read_params
 from colab_dreambooth.config.prompts import FILEWORDS
-from colab_dreambooth.config.settings import TINY_MODEL, DreamBoothConfig
+from colab_dreambooth.config.settings import TINY_MODEL, TINY_SDXL_MODEL, DreamBoothConfig
 from colab_dreambooth.config.validation import looks_like_local_path
 from colab_dreambooth.errors import UserError
 from colab_dreambooth.files import copy_file_atomic, write_text_atomic
 from colab_dreambooth.generation.sample import save_image_atomic
+from colab_dreambooth.models.family_detect import SDXL, detect_family
 from colab_dreambooth.models.lora import effective_alpha, lora_file_path, uses_conv, uses_dora
 from colab_dreambooth.runtime.environment import mount_drive_if_needed
 
@@ -104,7 +105,8 @@ def card_text(config: DreamBoothConfig, info: dict[str, Any] | None = None, *,
         front.append(f"base_model: {hub_base}")
     if concepts:
         front.append(f"instance_prompt: {_yaml_str(card_prompt(concepts[0]))}")
-    front += ["tags:"] + [f"- {tag}" for tag in TAGS + (LORA_TAGS if lora else ())]
+    xl = ("stable-diffusion-xl",) if detect_family(config.base_model) == SDXL else ()
+    front += ["tags:"] + [f"- {tag}" for tag in TAGS + xl + (LORA_TAGS if lora else ())]
     front += ["library_name: diffusers", "pipeline_tag: text-to-image", "inference: true", "---"]
 
     title = repo_id.split("/")[-1] if repo_id else config.model_name
@@ -136,9 +138,10 @@ def card_text(config: DreamBoothConfig, info: dict[str, Any] | None = None, *,
     if lora:
         lines += _lora_usage(config, info, base, hub_base, repo_id, prompt)
     else:
-        lines += ["```python", "import torch", "from diffusers import StableDiffusionPipeline",
+        pipeline = _pipeline_class(config)
+        lines += ["```python", "import torch", f"from diffusers import {pipeline}",
                   "",
-                  f"pipe = StableDiffusionPipeline.from_pretrained({json.dumps(repo_id or '.')}, "
+                  f"pipe = {pipeline}.from_pretrained({json.dumps(repo_id or '.')}, "
                   "torch_dtype=torch.float16).to(\"cuda\")",
                   f"image = pipe({json.dumps(prompt)}, num_inference_steps=30, "
                   "guidance_scale=7.5).images[0]",
@@ -162,8 +165,9 @@ def _lora_usage(config: DreamBoothConfig, info: dict[str, Any], base: str,
                 "", f"pipe = load_lora_pipeline({json.dumps(base_id)}, {json.dumps(file)})",
                 f"image = pipe({json.dumps(prompt)}, num_inference_steps=30, "
                 "guidance_scale=7.5).images[0]", "image.save(\"sample.png\")", "```", ""]
-    return ["```python", "import torch", "from diffusers import StableDiffusionPipeline", "",
-            f"pipe = StableDiffusionPipeline.from_pretrained({json.dumps(base_id)}, "
+    pipeline = _pipeline_class(config)
+    return ["```python", "import torch", f"from diffusers import {pipeline}", "",
+            f"pipe = {pipeline}.from_pretrained({json.dumps(base_id)}, "
             "torch_dtype=torch.float16).to(\"cuda\")",
             *([] if repo_id else ['# "." is the folder that holds the LoRA file']),
             *(["# diffusers 0.40 or newer: older ones with transformers 5 cannot place the "
@@ -272,6 +276,12 @@ def folder_name(path: str) -> str:
 
 
 # ----------------------------------------------------------------------------- internals
+def _pipeline_class(config: DreamBoothConfig) -> str:
+    """The diffusers pipeline that runs the model: SDXL's for an SDXL base."""
+    sdxl = detect_family(config.base_model) == SDXL
+    return "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+
+
 def _words(text: str) -> list[str]:
     return re.findall(r"[\w'-]+", text)
 
@@ -283,6 +293,8 @@ def _is_hub_id(name: str) -> bool:
 def _display_model(name: str) -> str:
     if name == TINY_MODEL:
         return "tiny (colab-dreambooth's built-in test model)"
+    if name == TINY_SDXL_MODEL:
+        return "tiny-sdxl (colab-dreambooth's built-in SDXL-shaped test model)"
     if _is_hub_id(name):
         return name
     return f"{folder_name(name)} (a local model)"

@@ -30,8 +30,11 @@ def preview_samples(accelerator, config: DreamBoothConfig, parts: Components, un
         return None
     unet, text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
     was_training = unet.training, text_encoder.training
+    # The VAE and frozen text encoders may wait on the CPU (cached latents and prompts).
     vae_device = next(parts.vae.parameters()).device
+    text_device = next(text_encoder.parameters()).device
     parts.vae.to(accelerator.device)
+    text_encoder.to(accelerator.device)
     pipe = pipeline_from_components(parts, unet=unet, text_encoder=text_encoder)
     images, labels = [], []
     autocast = torch.autocast(accelerator.device.type,
@@ -52,6 +55,7 @@ def preview_samples(accelerator, config: DreamBoothConfig, parts: Components, un
     unet.train(was_training[0])
     text_encoder.train(was_training[1])
     parts.vae.to(vae_device)
+    text_encoder.to(text_device)
     if not images:
         return None
     out = config.model_dir / "samples"

@@ -45,10 +45,12 @@ def save_model(accelerator, config: DreamBoothConfig, parts: Components, unet, t
         frozen = {"vae": parts.vae}
         if not config.train_text_encoder:
             frozen.update(text_parts(text_encoder))  # SDXL: both encoders
+        sources = {"vae": parts.vae_folder}  # another VAE: its own folder (or None)
         for name, module in frozen.items():
-            if next(module.parameters()).dtype != torch.float32:
+            source = sources.get(name, str(Path(parts.source) / name))
+            if next(module.parameters()).dtype != torch.float32 and source is not None:
                 shutil.rmtree(folder / name)
-                shutil.copytree(Path(parts.source) / name, folder / name)
+                shutil.copytree(source, folder / name)
         if ema is not None:
             ema_unet = type(unet).from_config(unet.config)
             ema.copy_to(ema_unet.parameters())

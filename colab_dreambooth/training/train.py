@@ -134,7 +134,7 @@ def _train(config: DreamBoothConfig, cleanup: contextlib.ExitStack, *, device: D
     main_bar = progress and accelerator.is_local_main_process
 
     # ---- the models, placed for training (global torch flags put back when the run ends)
-    parts = load_components(config.base_model)
+    parts = load_components(config.base_model, vae=config.pretrained_vae_name_or_path)
     cleanup.callback(apply_numerics(tf32=config.allow_tf32,
                                     deterministic=config.deterministic).restore)
     models = place_models(parts.unet, parts.text_encoder, parts.vae, config, accelerator)
@@ -179,6 +179,12 @@ def _train(config: DreamBoothConfig, cleanup: contextlib.ExitStack, *, device: D
         make_noise_scheduler(config.noise_scheduler, parts.noise_scheduler.config),
         optimizer, lr_scheduler, models.weight_dtype, config.prior_loss_weight,
         config.offset_noise, config.min_snr_gamma, config.max_grad_norm, models.vae_dtype)
+    if _prompts_known(config):
+        # Frozen text encoder(s): every prompt encoded once, and the encoders leave the GPU.
+        step.prompts.encode_all([e.prompt for e in data.instance]
+                                + [e.prompt for pool in data.classes.values() for e in pool],
+                                accelerator.device)
+        accelerator.unwrap_model(text_encoder).to("cpu")
     stop = stop if stop is not None else threading.Event()
     clean = _loop(config, plan, run, batches, step, ema, checkpoints, parts, stop=stop,
                   bar=main_bar, on_step=on_step)
@@ -236,6 +242,13 @@ def _prepare(config: DreamBoothConfig, device: DeviceInfo, *, resume: bool, forc
         seed = config.seed if config.seed is not None else random.randrange(2**32)
     log.info("Seed %d", seed)
     return config, data, seed, resume_from
+
+
+def _prompts_known(config: DreamBoothConfig) -> bool:
+    """True when every prompt's text states can be computed before the run: the text
+    encoder(s) never train, and each prompt's states stand alone (Pad Tokens; no Shuffle Tags,
+    which makes new prompts every epoch)."""
+    return (not config.train_text_encoder and config.pad_tokens and not config.shuffle_tags)
 
 
 def _start(config: DreamBoothConfig, plan: StepPlan, accelerator, unet, text_encoder, optimizer,
