@@ -390,3 +390,44 @@ def test_a_missing_vae_is_named_before_anything_loads(tiny_config, tmp_path):
     config = tiny_config.copy(pretrained_vae_name_or_path=str(tmp_path / "no-such-vae"))
     problems = [p for p in validate(config) if p.where == "pretrained_vae_name_or_path"]
     assert problems and "does not exist" in problems[0].message
+
+
+def _tuned_sdxl(target: Path) -> Path:
+    """The tiny SDXL model with every attention/MLP weight of its UNet and both text encoders
+    changed (layers a LoRA holds), saved as a full fine-tune is."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(tiny_sdxl_model_path(), target)
+    g = torch.Generator().manual_seed(0)
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        for file in (target / part).glob("*.safetensors"):
+            state = load_file(file)
+            for name, tensor in state.items():
+                if tensor.dim() >= 2 and any(k in name for k in ("attn", "mlp.fc")):
+                    state[name] = tensor + 0.05 * torch.randn(tensor.shape, generator=g)
+            save_file(state, file, metadata={"format": "pt"})
+    return target
+
+
+def test_extract_lora_from_a_full_sdxl_fine_tune(tmp_path):
+    """extract-lora on SDXL: both text encoders as lora_te1_/lora_te2_; at full rank without
+    clamping, diffusers' SDXL loader on the base gives the fine-tuned model's outputs."""
+    from colab_dreambooth.models.lora_extract import extract_lora
+
+    tuned = _tuned_sdxl(tmp_path / "tuned")
+    out = tmp_path / "x.safetensors"
+    report = extract_lora("tiny-sdxl", tuned, out, rank=64, clamp_quantile=1.0,
+                          save_precision="fp32", progress=False)
+    assert report.layers["text_encoder"] and report.layers["text_encoder_2"]
+    state, meta = read_lora(out)
+    assert {k.split("_")[1] for k in state} == {"unet", "te1", "te2"}
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    base = sdxl_pipeline()
+    before = pipe_outputs(base)
+    base.load_lora_weights(lora_file.state_for_diffusers(state, base.text_encoder))
+    got, want = pipe_outputs(base), pipe_outputs(load_pipeline(tuned, device="cpu"))
+    for name in ("states", "pooled", "noise"):
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4)
+        assert (want[name] - before[name]).abs().max() > 1e-3

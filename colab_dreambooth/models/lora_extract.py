@@ -5,7 +5,8 @@ What kohya's ``networks/extract_lora_from_models.py`` does, on the models this p
 
 * the layers are kohya's LoRA targets: every ``Linear`` and 1x1 ``Conv2d`` inside the UNet's
   ``Transformer2DModel`` blocks (``proj_in``, ``proj_out``, ``to_q/k/v``, ``to_out.0``,
-  ``ff.net.0.proj``, ``ff.net.2``) and the text encoder's ``CLIPAttention``/``CLIPMLP``; with a
+  ``ff.net.0.proj``, ``ff.net.2``) and the text encoder's ``CLIPAttention``/``CLIPMLP`` (SDXL:
+  both text encoders, as ``lora_te1_``/``lora_te2_``); with a
   conv rank also the layers of ``ResnetBlock2D``/``Downsample2D``/``Upsample2D`` (their 3x3
   convolutions at the conv rank, kohya's LoCon; their ``Linear``/1x1 layers at the rank);
 * per layer ``delta = tuned - base`` (a 3x3 kernel flattened to ``out x in*9``), its SVD
@@ -47,6 +48,7 @@ from tqdm.auto import tqdm
 from colab_dreambooth.errors import ModelLoadError, UserError
 from colab_dreambooth.models.lora import AdapterPlan, adapter_plan, metadata_model_name
 from colab_dreambooth.models.lora_file import (
+    SDXL_TEXT_PREFIXES,
     TEXT_ENCODER_PREFIX,
     UNET_PREFIX,
     kohya_key,
@@ -67,6 +69,8 @@ SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.floa
                "float": torch.float32}  # "float": kohya's name for fp32
 UNET = "unet"
 TEXT_ENCODER = "text_encoder"
+TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's second (OpenCLIP bigG)
+PARTS = (UNET, TEXT_ENCODER, TEXT_ENCODER_2)
 
 
 class ExtractError(UserError, ValueError):
@@ -77,7 +81,7 @@ class ExtractError(UserError, ValueError):
 class Layer:
     """One layer to extract: where its weight is and what kohya calls it."""
 
-    part: str  # "unet" or "text_encoder" (the diffusers sub-folder)
+    part: str  # "unet", "text_encoder" or "text_encoder_2" (the diffusers sub-folder)
     weight: str  # the weight's name in that sub-folder's files (text_model. stripped)
     key: str  # kohya's name, e.g. lora_unet_..._attn1_to_q
     conv3x3: bool  # a 3x3 convolution (takes the conv rank)
@@ -93,18 +97,19 @@ class ExtractReport:
     save_precision: str
     layers: dict[str, int]  # layers written per part
     unchanged: dict[str, int]  # layers left out because tuned == base there
-    text_encoder: bool  # whether the text encoder is in the file
+    text_encoder: bool  # whether the text encoder(s) are in the file
     text_encoder_max_diff: float  # its largest weight change (compared with min_diff)
     min_diff: float
     # ||delta - up @ down|| / ||delta|| per kohya key, with the factors as saved.
     errors: dict[str, float] = field(default_factory=dict)
+    key_parts: dict[str, str] = field(default_factory=dict)  # kohya key -> part
     file_bytes: int = 0
     seconds: float = 0.0
 
     def error_summary(self, part: str | None = None) -> tuple[float, float, str]:
         """``(mean, max, worst layer)`` of the relative errors of ``part`` (all when None)."""
-        prefix = {UNET: UNET_PREFIX, TEXT_ENCODER: TEXT_ENCODER_PREFIX}.get(part or "", "")
-        errors = {k: e for k, e in self.errors.items() if k.startswith(prefix)}
+        errors = {k: e for k, e in self.errors.items()
+                  if part is None or self.key_parts.get(k) == part}
         if not errors:
             return 0.0, 0.0, ""
         worst = max(errors, key=errors.__getitem__)
@@ -115,7 +120,7 @@ class ExtractReport:
         conv = f", conv rank {self.conv_rank}" if self.conv_rank else ""
         lines = [f"Wrote {self.path} ({self.file_bytes / 1e6:.1f} MB, rank {self.rank}{conv}, "
                  f"{self.save_precision}) in {self.seconds:.1f} s."]
-        for part in (UNET, TEXT_ENCODER):
+        for part in PARTS:
             if not self.layers.get(part):
                 continue
             mean, worst, key = self.error_summary(part)
@@ -125,7 +130,7 @@ class ExtractReport:
                 line += f"; {self.unchanged[part]} unchanged layers left out"
             lines.append(line)
         if not self.text_encoder:
-            lines.append(f"  text_encoder left out: its largest change, "
+            lines.append(f"  text encoder left out: its largest change, "
                          f"{self.text_encoder_max_diff:.3g}, is not above min_diff "
                          f"{self.min_diff:g} (lower --min-diff to include it)")
         lines.append("  (error: ||change - LoRA|| / ||change|| per layer; a higher rank lowers "
@@ -168,7 +173,7 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike,
     base_weights, tuned_weights = BaseWeights(base_folder), BaseWeights(tuned_folder)
     try:
         _check_same_shapes(layers, base_weights, tuned_weights, base, tuned)
-        te_layers = [layer for layer in layers if layer.part == TEXT_ENCODER]
+        te_layers = [layer for layer in layers if layer.part != UNET]  # SDXL: both
         te_diff = _max_change(te_layers, base_weights, tuned_weights, stop_above=min_diff)
         with_te = te_diff > min_diff
         if not with_te and te_layers:
@@ -188,15 +193,15 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike,
                 "lower --min-diff to extract it)" if te_diff > 0 else "")
         raise ExtractError(f"{tuned} does not differ from {base} in any layer a LoRA holds"
                            f"{hint}: nothing to extract. Is it the fine-tuned model?")
-    written = {part: sum(1 for k in errors if k.startswith(prefix))
-               for part, prefix in ((UNET, UNET_PREFIX), (TEXT_ENCODER, TEXT_ENCODER_PREFIX))}
+    key_parts = {layer.key: layer.part for layer in layers}
+    written = {part: sum(1 for k in errors if key_parts[k] == part) for part in PARTS}
     metadata = extract_metadata(base, tuned, tuned_folder, out, rank=rank, conv_rank=conv_rank,
                                 clamp_quantile=clamp_quantile, text_encoder=with_te)
     save_lora(out, state, metadata)
     report = ExtractReport(
         path=out, rank=rank, conv_rank=conv_rank, save_precision=save_precision, layers=written,
         unchanged=unchanged, text_encoder=with_te, text_encoder_max_diff=te_diff,
-        min_diff=min_diff, errors=errors, file_bytes=out.stat().st_size,
+        min_diff=min_diff, errors=errors, key_parts=key_parts, file_bytes=out.stat().st_size,
         seconds=time.monotonic() - start)
     log.debug("%s", report.summary())  # the caller shows it (the CLI prints it)
     return report
@@ -226,23 +231,26 @@ def default_output(tuned: str | os.PathLike, rank: int, conv_rank: int = 0) -> P
 def target_layers(folder: Path, *, conv: bool) -> list[Layer]:
     """kohya's LoRA targets in the model ``folder``, from its configs (no weights loaded)."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    sdxl = (folder / TEXT_ENCODER_2).is_dir()
+    prefixes = SDXL_TEXT_PREFIXES if sdxl else {TEXT_ENCODER: TEXT_ENCODER_PREFIX}
+    classes = {TEXT_ENCODER: CLIPTextModel, TEXT_ENCODER_2: CLIPTextModelWithProjection}
     try:
         with torch.device("meta"):  # modules without memory: only their names and types
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(
                 folder, subfolder="unet"))
-            text_encoder = (CLIPTextModel(CLIPTextConfig.from_pretrained(folder / TEXT_ENCODER))
-                            if (folder / TEXT_ENCODER).is_dir() else None)
+            encoders = {part: classes[part](CLIPTextConfig.from_pretrained(folder / part))
+                        for part in prefixes if (folder / part).is_dir()}
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{folder} is not a Stable Diffusion diffusers folder with a UNet "
                              f"and a text encoder: {exc}") from exc
     # kohya's LoRA targets are LoCon's layers (the convolution blocks only with a conv rank).
     layers = _layers(unet, UNET, UNET_PREFIX,
                      adapter_plan(unet, "LoCon", text_encoder=False, conv=conv))
-    if text_encoder is not None:
-        layers += _layers(text_encoder, TEXT_ENCODER, TEXT_ENCODER_PREFIX,
-                          adapter_plan(text_encoder, "LoCon", text_encoder=True))
+    for part, encoder in encoders.items():
+        layers += _layers(encoder, part, prefixes[part],
+                          adapter_plan(encoder, "LoCon", text_encoder=True))
     return layers
 
 
@@ -311,7 +319,7 @@ def _extract(layers: list[Layer], base: BaseWeights, tuned: BaseWeights, *, rank
              progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, int]]:
     state: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
-    unchanged = {UNET: 0, TEXT_ENCODER: 0}
+    unchanged = dict.fromkeys(PARTS, 0)
     with torch.no_grad():
         for layer in tqdm(layers, desc="extract LoRA", unit="layer", disable=not progress):
             delta = (_weight(tuned, layer).to(device, torch.float32)
@@ -341,15 +349,17 @@ def extract_metadata(base: str | os.PathLike, tuned: str | os.PathLike, tuned_fo
     plus what it was extracted from (model names only, never paths of this machine)."""
     unet_config = _read_json(tuned_folder / UNET / "config.json")
     scheduler = _read_json(tuned_folder / "scheduler" / "scheduler_config.json")
-    v2 = unet_config.get("cross_attention_dim", 768) == 1024  # OpenCLIP ViT-H: SD 2.x
+    xl = unet_config.get("addition_embed_type") == "text_time"  # SDXL
+    v2 = not xl and unet_config.get("cross_attention_dim", 768) == 1024  # OpenCLIP ViT-H
     v_pred = scheduler.get("prediction_type") == "v_prediction"
     args = {"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_rank))} if conv_rank else {}
-    resolution = 768 if v2 and v_pred else 512
+    resolution = 1024 if xl else 768 if v2 and v_pred else 512
     now = time.time()
     base_name, tuned_name = metadata_model_name(str(base)), metadata_model_name(str(tuned))
     return {
         "ss_v2": str(v2),
-        "ss_base_model_version": ("sd_v2" if v2 else "sd_v1") + ("_v" if v_pred else ""),
+        "ss_base_model_version": ("sdxl_base_v1-0" if xl else
+                                  ("sd_v2" if v2 else "sd_v1") + ("_v" if v_pred else "")),
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(rank)),
@@ -363,7 +373,8 @@ def extract_metadata(base: str | os.PathLike, tuned: str | os.PathLike, tuned_fo
                                 + f", clamp quantile {clamp_quantile:g}"),
         "colab_dreambooth.extracted_from": tuned_name,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ("stable-diffusion-v2-768-v" if v2 and v_pred else
+        "modelspec.architecture": ("stable-diffusion-xl-v1-base" if xl else
+                                   "stable-diffusion-v2-768-v" if v2 and v_pred else
                                    "stable-diffusion-v2-512" if v2 else
                                    "stable-diffusion-v1") + "/lora",
         "modelspec.implementation": "diffusers",
