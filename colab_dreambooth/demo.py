@@ -102,11 +102,12 @@ def _draw_toy(draw: ImageDraw.ImageDraw, rng: random.Random, size: int, shape: s
 
 
 def run_demo(out: str | Path = "demo-output", *, steps: int = 150, save_every: int = 0,
-             resume: bool = False) -> "TrainResult":
+             resume: bool = False, model: str = "tiny") -> "TrainResult":
     """Make the data, train the tiny model, sample it, and print what was made where.
 
     ``save_every`` writes a checkpoint every that many steps; ``resume`` continues the run
-    already in ``out`` from its newest checkpoint (stop the demo with Ctrl-C to try it).
+    already in ``out`` from its newest checkpoint (stop the demo with Ctrl-C to try it);
+    ``model`` is ``tiny`` or ``tiny-sdxl`` (the same run on the SDXL-shaped model).
     Returns the training result (``stopped_early`` when it was stopped)."""
     import time
 
@@ -116,7 +117,8 @@ def run_demo(out: str | Path = "demo-output", *, steps: int = 150, save_every: i
         instance_dir, class_dir = root / "data" / "instance", root / "data" / "class"
     else:
         instance_dir, class_dir = make_demo_data(root / "data")
-    config = demo_config(root, steps=steps).copy(save_every_steps=save_every)
+    config = demo_config(root, steps=steps).copy(save_every_steps=save_every,
+                                                 pretrained_model_name_or_path=model)
     params = save_params(config, root / "params.json")
     result = train(config, resume=resume)
 

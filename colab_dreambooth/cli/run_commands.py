@@ -16,7 +16,7 @@ from colab_dreambooth.config.params import (
     resolve_concepts,
     save_params,
 )
-from colab_dreambooth.config.settings import DreamBoothConfig
+from colab_dreambooth.config.settings import TINY_MODEL, TINY_MODELS, DreamBoothConfig
 from colab_dreambooth.config.validation import validate
 from colab_dreambooth.data.dataset import collect_training_data
 from colab_dreambooth.data.images import check_folders
@@ -79,6 +79,8 @@ def add_run_commands(sub) -> None:
                    help="write a checkpoint every K steps (to try --resume)")
     p.add_argument("--resume", action="store_true",
                    help="continue the demo run in --out from its newest checkpoint")
+    p.add_argument("--model", choices=TINY_MODELS, default=TINY_MODEL,
+                   help="the built-in model: tiny (SD 1.x-shaped) or tiny-sdxl (SDXL-shaped)")
     p.set_defaults(run=_demo)
 
 
@@ -195,5 +197,5 @@ def _demo(args: argparse.Namespace) -> int:
     from colab_dreambooth.demo import run_demo
 
     result = run_demo(args.out, steps=args.steps, save_every=args.save_every,
-                      resume=args.resume)
+                      resume=args.resume, model=args.model)
     return EXIT_STOPPED if result.stopped_early else EXIT_OK
