@@ -229,7 +229,11 @@ def test_env_command(tmp_path, capsys):
     assert "train_batch_size        2        yours" in out
     assert "Estimated peak memory" in out
     assert "| T4 | NVIDIA T4, 16 GB |" in out
-    assert len(PRESETS) == out.count("\n| ") - 1  # every row, after the header
+    sd_table, sdxl_table = out.split("SDXL models")
+    assert len(PRESETS) == sd_table.count("\n| ") - 1  # every row, after the header
+    # Then the SDXL rows: full fine-tuning and LoRA per GPU class, with their estimates.
+    assert sdxl_table.count("\n| ") - 1 == 2 * (len(PRESETS) - 1)
+    assert "| T4 | NVIDIA T4, 16 GB | full |" in sdxl_table and "Use LORA" in sdxl_table
 
 
 # ----------------------------------------------------------------------------- the benchmark

@@ -6,9 +6,10 @@ so that Stable Diffusion 1.5 at 512 px fits with a margin, and says why it chose
 Every row was sized with :func:`colab_dreambooth.training.memory.estimate_peak_memory` (the tests
 check that each row's estimate stays under 85% of its GPU's memory, with prior preservation on).
 
-SDXL (the family :func:`~colab_dreambooth.models.family_detect.detect_family` reads from the
-base model) at 1024 px has a UNet three times SD 1.5's and about seven times its activations
-per image: each row's ``sdxl`` and ``sdxl_lora`` maps replace the values that must differ
+SDXL (the ``family`` a caller passes: what
+:func:`~colab_dreambooth.models.family_detect.detect_family` reads from the base model) at
+1024 px has a UNet three times SD 1.5's and about seven times its activations per image: each
+row's ``sdxl`` and ``sdxl_lora`` maps replace the values that must differ
 (gradient checkpointing, smaller batches, 8-bit Adam, the UNet alone), each with its reason.
 Full fine-tuning of SDXL does not fit GPUs under ~32 GB: those rows say to turn on Use LORA.
 """
@@ -21,11 +22,13 @@ from typing import Any, Mapping
 
 from colab_dreambooth.config.fields import preset_fields
 from colab_dreambooth.config.settings import DreamBoothConfig
-from colab_dreambooth.models.family_detect import SD, SDXL, detect_family
 from colab_dreambooth.runtime.device import DeviceInfo, detect_device
 
 # The fields a preset decides, in the order its table shows them (each declares its column).
 PRESET_FIELDS = preset_fields(DreamBoothConfig)
+# The model families of colab_dreambooth.models.family_detect (a layer above this one: callers
+# detect the family and pass it).
+SD, SDXL = "SD", "SDXL"
 
 _FP16 = ("fp16", "no bf16 on this GPU; fp16 runs on its tensor cores")
 _BF16 = ("bf16", "bf16 tensor cores: fp16's speed without its overflow risk")
@@ -233,16 +236,16 @@ def preset_values(preset: Preset, device: DeviceInfo, *, lora: bool = False,
     return values
 
 
-def apply_preset(config: DreamBoothConfig, device: DeviceInfo,
-                 preset: Preset | None = None) -> tuple[DreamBoothConfig, list[Choice]]:
+def apply_preset(config: DreamBoothConfig, device: DeviceInfo, preset: Preset | None = None,
+                 *, family: str = SD) -> tuple[DreamBoothConfig, list[Choice]]:
     """``config`` with every blank preset field filled from ``preset`` (the device's own by
-    default), and one :class:`Choice` per preset field saying what it is and why. Fields the
-    user set are kept: their choice wins."""
+    default) for a model of ``family`` (``detect_family(config.base_model)``), and one
+    :class:`Choice` per preset field saying what it is and why. Fields the user set are kept:
+    their choice wins."""
     if config.use_cpu:
         device = DeviceInfo.cpu()
     preset = preset or preset_for(config, device)
-    values = preset_values(preset, device, lora=bool(config.use_lora),
-                           family=detect_family(config.base_model))
+    values = preset_values(preset, device, lora=bool(config.use_lora), family=family)
     changes, choices = {}, []
     for name in PRESET_FIELDS:
         current = getattr(config, name)
@@ -255,12 +258,13 @@ def apply_preset(config: DreamBoothConfig, device: DeviceInfo,
     return (config.copy(**changes) if changes else config), choices
 
 
-def resolve_auto(config: DreamBoothConfig, device: DeviceInfo | None = None
-                 ) -> DreamBoothConfig:
-    """``config`` with its blank preset fields filled for ``device`` (detected when None)."""
+def resolve_auto(config: DreamBoothConfig, device: DeviceInfo | None = None, *,
+                 family: str = SD) -> DreamBoothConfig:
+    """``config`` with its blank preset fields filled for ``device`` (detected when None) and
+    a model of ``family``."""
     if device is None:
         device = DeviceInfo.cpu() if config.use_cpu else detect_device()
-    return apply_preset(config, device)[0]
+    return apply_preset(config, device, family=family)[0]
 
 
 def format_choices(choices: list[Choice], preset: Preset | None = None) -> str:
@@ -290,7 +294,8 @@ def describe_presets() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Choice", "PRESETS", "PRESETS_BY_NAME", "PRESET_FIELDS", "Preset", "apply_preset",
+__all__ = ["Choice", "PRESETS", "PRESETS_BY_NAME", "PRESET_FIELDS", "Preset", "SD", "SDXL",
+           "apply_preset",
            "choose_preset", "describe_presets", "format_choices", "preset_for", "preset_values",
            "resolve_auto"]
 

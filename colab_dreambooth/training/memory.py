@@ -266,8 +266,8 @@ def estimate_peak_memory(config: "DreamBoothConfig", device: DeviceInfo, *,
     changes that lower it, each with the estimate once made (see :func:`memory_fixes`).
     """
 
-    original, config = config, apply_preset(config, device)[0]
     sizes = sizes or model_sizes(config.base_model)
+    original, config = config, apply_preset(config, device, family=sizes.family)[0]
     on_gpu = device.kind == "cuda" and not config.use_cpu
     if bitsandbytes is None:
         bitsandbytes = importable("bitsandbytes")
@@ -412,8 +412,8 @@ def memory_fixes(config: "DreamBoothConfig", device: DeviceInfo, *,
 
     if bitsandbytes is None:
         bitsandbytes = importable("bitsandbytes")
-    resolved = apply_preset(config, device)[0]
     family = (sizes or model_sizes(config.base_model)).family
+    resolved = apply_preset(config, device, family=family)[0]
 
     def estimate(changed: "DreamBoothConfig", bnb: bool = bitsandbytes) -> float:
         return estimate_peak_memory(changed, device, sizes=sizes, bitsandbytes=bnb,
