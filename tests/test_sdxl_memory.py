@@ -210,6 +210,10 @@ def test_sdxl_costs_what_sdxl_costs():
     half = estimate_peak_memory(base.copy(cache_latents=False), t4, sizes=fixed,
                                 bitsandbytes=True, fixes=False)
     assert next(gb for label, gb in half.items if label.startswith("VAE")) < vae / 1.9
+    a100 = DeviceInfo("cuda", "NVIDIA A100-SXM4-40GB", 39.4, True, 1, (8, 0))
+    bf16 = estimate_peak_memory(base.copy(cache_latents=False), a100, sizes=SDXL_BASE,
+                                bitsandbytes=True, fixes=False)  # bf16 has fp32's range
+    assert next(gb for label, gb in bf16.items if label.startswith("VAE")) < vae / 1.9
     # Full fine-tuning with Train Text Encoder trains both encoders.
     full = sdxl(train_text_encoder=True, use_8bit_adam=True, gradient_checkpointing=True,
                 train_batch_size=1)
@@ -253,3 +257,26 @@ def test_env_names_the_family(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"Model:        {SDXL_ID} (SDXL)" in out and "Preset: T4" in out
     assert "SDXL at 1024 px keeps ~9 GB" in out and "It will not fit" not in out
+
+
+def test_gpu_benchmark_has_sdxl(capsys, one_thread):
+    """``--family sdxl``: SDXL base's shapes from the benchmark's own configs (built here on
+    the meta device), and a run of the tiny SDXL model through train()'s phases on the CPU."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_train.py"
+    spec = importlib.util.spec_from_file_location("gpu_train_sdxl", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    unet, text, vae, _, tokenizers = bench.build_models(False, "meta", "sdxl")
+    assert (_numel(unet), _numel(text), _numel(vae)) == (
+        SDXL_BASE.unet, SDXL_BASE.text_encoders, SDXL_BASE.vae)
+    assert [t.pad_token_id for t in tokenizers] == [49407, 0]
+    assert bench.step_flops(1, 1024, SDXL_BASE.unet, 0, checkpointing=False, lora=True,
+                            trains_text=False, sdxl=True) == pytest.approx(2 * 6.76e12)
+    [result] = bench.main(["--tiny", "--cpu", "--preset", "T4", "--family", "sdxl", "--lora"])
+    assert result["family"] == "sdxl" and result["s_per_step"] > 0
+    assert result["checkpointing"] and result["batch"] == 1  # the T4's SDXL LoRA values
+    assert "T4 SDXL LoRA | " in capsys.readouterr().out

@@ -44,9 +44,9 @@ figures (the estimate in brackets):
 - kohya-ss/sd-scripts issue 1152 and bmaltais/kohya_ss issue 1103: full SDXL with Prodigy
   or 8-bit AdamW runs out of 24 GB; with Adafactor and the UNet alone it fits.
 
-SDXL's VAE runs in fp32 (it overflows in fp16: diffusers' ``force_upcast``, kohya's
-``--no_half_vae``) unless a fixed fp16 VAE's config says otherwise; without cached latents it
-encodes 1024 px images, four times SD 1.5's area, in fp32.
+SDXL's VAE runs in fp32 under fp16 (it overflows in fp16: diffusers' ``force_upcast``, kohya's
+``--no_half_vae``; bf16 has fp32's range) unless a fixed fp16 VAE's config says otherwise;
+without cached latents it encodes 1024 px images, four times SD 1.5's area, in fp32.
 
 The sum is deliberately simple and errs high at batch 1 without checkpointing, where the
 backward pass frees activations while it creates gradients.
@@ -277,7 +277,7 @@ def estimate_peak_memory(config: "DreamBoothConfig", device: DeviceInfo, *,
     half = 2 if precision in ("fp16", "bf16") else 4
     notes: list[str] = []
     items = _trained_items(config, sizes, half, on_gpu, bitsandbytes, processes, notes)
-    items += _step_items(config, device, sizes, half, on_gpu)
+    items += _step_items(config, device, sizes, half, on_gpu, precision)
     if sizes.label not in (SD15.label, SD2.label, SDXL_BASE.label):
         notes.append(f"model sizes counted from {sizes.label}")
 
@@ -340,7 +340,7 @@ def _trained_items(config: "DreamBoothConfig", sizes: ModelSizes, half: int, on_
 
 
 def _step_items(config: "DreamBoothConfig", device: DeviceInfo, sizes: ModelSizes, half: int,
-                on_gpu: bool) -> list[tuple[str, float]]:
+                on_gpu: bool, precision: str = "fp16") -> list[tuple[str, float]]:
     """What a training step adds on top of the weights: activations, the VAE when latents are
     not cached, the EMA copy and the CUDA context (GiB)."""
     # Activations scale with the width and the image area (from the family's own figures).
@@ -364,10 +364,12 @@ def _step_items(config: "DreamBoothConfig", device: DeviceInfo, sizes: ModelSize
         items.append(("text embeddings (77 x 2048, pooled 1280, size/crop ids)",
                       rows * (77 * 2048 + 1280 + 6) * half / GIB))
     if not config.cache_latents:
-        vae_bytes = 4 if sizes.vae_fp32 else half
+        # SDXL's VAE encodes in fp32 under fp16 (training.placement.vae_compute_dtype); bf16
+        # has fp32's range.
+        upcast = sizes.vae_fp32 and precision == "fp16"
+        vae_bytes = 4 if upcast else half
         vae_area = (config.resolution / 512) ** 2  # the VAE is the same in both families
-        items.append((f"VAE ({_dtype(vae_bytes)}"
-                      f"{': it overflows in fp16' if sizes.vae_fp32 and half == 2 else ''}) "
+        items.append((f"VAE ({_dtype(vae_bytes)}{': it overflows in fp16' if upcast else ''}) "
                       "and encoding each step",
                       sizes.vae * vae_bytes / GIB
                       + rows * VAE_ENCODE_GB * vae_area * (vae_bytes / 2)))
