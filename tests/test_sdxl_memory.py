@@ -280,3 +280,27 @@ def test_gpu_benchmark_has_sdxl(capsys, one_thread):
     assert result["family"] == "sdxl" and result["s_per_step"] > 0
     assert result["checkpointing"] and result["batch"] == 1  # the T4's SDXL LoRA values
     assert "T4 SDXL LoRA | " in capsys.readouterr().out
+
+
+def test_sdxl_activations_are_sd15s_times_the_counted_ratio(one_thread):
+    """memory.py's SDXL figures: SD 1.5's measured ones times what the two UNets keep for the
+    backward pass (benchmarks/count_activations.py, on the meta device)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location("count_activations",
+                                                      folder / "count_activations.py")
+        counting = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(counting)
+        found = counting.counts()
+    finally:
+        sys.path.remove(str(folder))
+    ratio = found["SDXL"] / found["SD 1.5"]
+    ratio_checkpointed = found["SDXL checkpointed"] / found["SD 1.5 checkpointed"]
+    assert memory.SDXL_ACTIVATIONS_GB == pytest.approx(memory.ACTIVATIONS_GB * ratio, rel=0.02)
+    assert memory.SDXL_ACTIVATIONS_CHECKPOINTED_GB == pytest.approx(
+        memory.ACTIVATIONS_CHECKPOINTED_GB * ratio_checkpointed, rel=0.02)
