@@ -146,8 +146,9 @@ def test_memory_estimate_meets_the_targets_on_a_t4():
     full_fp32 = estimate(sd15(mixed_precision="no", use_8bit_adam=False,
                               gradient_checkpointing=False), T4)
     assert full_fp32 > 16
-    # The published T4 figure (9.92 GB, torch 1.12's larger context) is matched within 10%.
-    published = estimate(sd15(train_text_encoder=False), T4) - SD15.text_encoder * 2 / 2**30
+    # The published T4 figure (9.92 GB, torch 1.12's larger context) is matched within 10%
+    # (the frozen text encoder is off the GPU there as here: prompts encoded once).
+    published = estimate(sd15(train_text_encoder=False), T4)
     assert abs(published - 9.92) / 9.92 < 0.10
 
 

@@ -210,6 +210,11 @@ def test_sdxl_costs_what_sdxl_costs():
     half = estimate_peak_memory(base.copy(cache_latents=False), t4, sizes=fixed,
                                 bitsandbytes=True, fixes=False)
     assert next(gb for label, gb in half.items if label.startswith("VAE")) < vae / 1.9
+    other = estimate_peak_memory(  # the VAE field: SDXL's VAE fixed to run in fp16
+        base.copy(cache_latents=False,
+                  pretrained_vae_name_or_path="madebyollin/sdxl-vae-fp16-fix"),
+        t4, sizes=SDXL_BASE, bitsandbytes=True, fixes=False)
+    assert next(gb for label, gb in other.items if label.startswith("VAE")) < vae / 1.9
     a100 = DeviceInfo("cuda", "NVIDIA A100-SXM4-40GB", 39.4, True, 1, (8, 0))
     bf16 = estimate_peak_memory(base.copy(cache_latents=False), a100, sizes=SDXL_BASE,
                                 bitsandbytes=True, fixes=False)  # bf16 has fp32's range
@@ -223,6 +228,26 @@ def test_sdxl_costs_what_sdxl_costs():
     # SDXL on the same settings needs far more than SD 1.5.
     assert total(base) > 2 * estimate_peak_memory(base.copy(resolution=512), t4, sizes=SD15,
                                                   bitsandbytes=True).total_gb
+
+
+def test_another_vae_upcasts_as_its_config_says(tmp_path):
+    import json
+
+    from colab_dreambooth.training.memory import vae_upcasts
+
+    assert vae_upcasts("", SDXL_BASE) and not vae_upcasts("", SD15)
+    folder = tmp_path / "fixed"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**SDXL_VAE, "force_upcast": False}))
+    assert not vae_upcasts(str(folder), SDXL_BASE)
+    (folder / "config.json").write_text(json.dumps(SDXL_VAE))
+    assert vae_upcasts(str(folder), SDXL_BASE)
+    single = tmp_path / "vae.safetensors"
+    single.write_bytes(b"")
+    assert vae_upcasts(str(single), SDXL_BASE)  # read with the base model's config
+    assert vae_upcasts("someone/sdxl-vae", SDXL_BASE)
+    assert not vae_upcasts("someone/sdxl-vae-fp16-fix", SDXL_BASE)
+    assert not vae_upcasts("someone/sdxl-vae", SD15)  # SD's VAE runs in fp16
 
 
 def test_resolution_fix_follows_the_family():

@@ -70,6 +70,7 @@ from colab_dreambooth.models.lora import uses_conv, uses_dora
 from colab_dreambooth.models.tiny import tiny_model_path, tiny_sdxl_model_path
 from colab_dreambooth.runtime.device import DeviceInfo
 from colab_dreambooth.runtime.packages import INSTALL_HINT, importable
+from colab_dreambooth.training.step import prompts_known
 
 if TYPE_CHECKING:
     from colab_dreambooth.config.settings import DreamBoothConfig
@@ -320,18 +321,22 @@ def _trained_items(config: "DreamBoothConfig", sizes: ModelSizes, half: int, on_
         config, on_gpu, half, bitsandbytes, notes)
     text_label = ("text encoders 1+2 weights ("
                   if sizes.text_encoder_2 else "text encoder weights (")
+    # Frozen encoders whose prompts are all encoded before the run leave the GPU.
+    frozen_text = 0.0 if prompts_known(config) else sizes.text_encoders * half / GIB
+    frozen_label = (f"{text_label}{_dtype(half)}, frozen)" if frozen_text else
+                    f"{text_label}frozen): prompts encoded once, off the GPU)")
     if config.use_lora:
         adapters = adapter_parameters(config, sizes)
         return [
             (f"UNet weights ({_dtype(half)}, frozen)", sizes.unet * half / GIB),
-            (f"{text_label}{_dtype(half)}, frozen)", sizes.text_encoders * half / GIB),
+            (frozen_label, frozen_text),
             (f"{config.lora_type} adapters: fp32 weights, gradients, AdamW states",
              adapters * (4 + 4 + 8) / GIB)]
     trained = sizes.unet + (sizes.text_encoders if trains_text else 0)
     trained_dtype = _dtype(weight_bytes)
     items = [(f"UNet weights ({trained_dtype}, trained)", sizes.unet * weight_bytes / GIB),
-             (f"{text_label}{trained_dtype + ', trained' if trains_text else _dtype(half)})",
-              sizes.text_encoders * (weight_bytes if trains_text else half) / GIB),
+             (f"{text_label}{trained_dtype}, trained)", sizes.text_encoders * weight_bytes / GIB)
+             if trains_text else (frozen_label, frozen_text),
              (f"gradients ({trained_dtype})", trained * weight_bytes / GIB),
              (f"optimizer states ({optimizer_label})", trained * optimizer_bytes / GIB)]
     if processes > 1:
@@ -367,7 +372,7 @@ def _step_items(config: "DreamBoothConfig", device: DeviceInfo, sizes: ModelSize
     if not config.cache_latents:
         # SDXL's VAE encodes in fp32 under fp16 (training.placement.vae_compute_dtype); bf16
         # has fp32's range.
-        upcast = sizes.vae_fp32 and precision == "fp16"
+        upcast = precision == "fp16" and vae_upcasts(config.pretrained_vae_name_or_path, sizes)
         vae_bytes = 4 if upcast else half
         vae_area = (config.resolution / 512) ** 2  # the VAE is the same in both families
         items.append((f"VAE ({_dtype(vae_bytes)}{': it overflows in fp16' if upcast else ''}) "
@@ -503,6 +508,39 @@ def model_sizes(base_model: str) -> ModelSizes:
                    or "v2-1" in lowered) else SD15
 
 
+def vae_upcasts(vae: str, sizes: ModelSizes) -> bool:
+    """True when training encodes in fp32 under fp16 (training.placement.vae_compute_dtype):
+    an SDXL model's own VAE does (``sizes.vae_fp32``), another VAE (the VAE field) as its
+    config's ``force_upcast`` says: a folder's or a Hub id's in the Hub cache; a single file
+    has the base model's config; an id not downloaded yet counts as fp32 unless its name says
+    fp16 (madebyollin/sdxl-vae-fp16-fix)."""
+    name = vae.strip()
+    if sizes.family != SDXL or not name:
+        return sizes.vae_fp32
+    return _vae_config_upcasts(name, sizes.vae_fp32)
+
+
+def _vae_config_upcasts(name: str, base: bool) -> bool:
+    path = Path(name).expanduser()
+    candidates = [path / "vae" / "config.json", path / "config.json"] if path.is_dir() else []
+    if not path.exists() and name.count("/") == 1:  # a Hub id: only its local cache
+        from huggingface_hub import try_to_load_from_cache
+
+        for file in ("config.json", "vae/config.json"):
+            found = try_to_load_from_cache(name, file)
+            if isinstance(found, str):
+                candidates.append(Path(found))
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                return bool(_read(candidate).get("force_upcast", True))
+            except (OSError, ValueError):
+                break
+    if path.is_file():
+        return base
+    return "fp16" not in name.lower()
+
+
 def _local_folder(name: str) -> Path | None:
     path = Path(name).expanduser()
     if (path / "unet" / "config.json").is_file():
@@ -554,4 +592,4 @@ def _numel(module) -> int:
 
 __all__ = ["Fix", "MemoryEstimate", "ModelSizes", "SD15", "SD2", "SDXL_BASE", "count_parameters",
            "estimate_peak_memory", "memory_fixes", "model_sizes", "smaller_resolution",
-           "warn_if_too_big"]
+           "vae_upcasts", "warn_if_too_big"]
