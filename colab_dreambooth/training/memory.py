@@ -33,12 +33,13 @@ figures (the estimate in brackets):
 
 - kohya-ss/sd-scripts, docs/train_SDXL-en.md: SDXL LoRA "can be done with 8GB GPU memory
   (10GB recommended)" at rank 4-8 with checkpointing, cached latents and cached text-encoder
-  outputs [6.2 GB at rank 8 with the encoders off the GPU; this package keeps both on it:
-  7.8 GB]; full fine-tuning "can be done with 24GB" at batch 1 with the UNet only,
+  outputs [6.2 GB at rank 8: frozen encoders leave the GPU here too once every prompt is
+  encoded]; full fine-tuning "can be done with 24GB" at batch 1 with the UNet only,
   checkpointing, cached text-encoder outputs and Adafactor, while "AdamW 8bit doesn't seem
-  to work" [encoders off the GPU: 20.4 GB with Adafactor, 25.2 GB with 8-bit AdamW].
+  to work" [20.4 GB with Adafactor, 25.2 GB with 8-bit AdamW].
 - bmaltais/kohya_ss issue 2530: the leanest full SDXL DreamBooth (batch 1, UNet only,
-  checkpointing, full fp16) "almost 19gb" [17.1 GB with 8-bit AdamW].
+  checkpointing, full fp16) "almost 19gb" [15.6 GB with 8-bit AdamW, 17.1 GB with both
+  encoders still on the GPU].
 - huggingface/diffusers PR 4470 and examples/dreambooth/README_sdxl.md: SDXL LoRA at 1024 px
   "with less than 16GB of VRAM" with checkpointing, 8-bit Adam and fp16 [T4 with prior
   preservation, rank 32: 9.4 GB].
