@@ -1,4 +1,4 @@
-"""Training speed and peak memory of full-size SD 1.5 per GPU preset, with random weights.
+"""Training speed and peak memory of full-size SD 1.5 (or SDXL) per GPU preset, random weights.
 
 What it measures
     For each GPU preset (:mod:`colab_dreambooth.config.presets`) it builds the SD 1.5 UNet, CLIP
@@ -40,6 +40,15 @@ Usage
     python benchmarks/gpu_train.py --preset H100 --batch 16 --compile --fused-adamw
     python benchmarks/gpu_train.py --preset T4 --no-text-encoder   # the UNet-only figure
     python benchmarks/gpu_train.py --tiny                   # tiny shapes, 2 steps, CPU is fine
+    python benchmarks/gpu_train.py --family sdxl --preset A100-80 H100   # SDXL at 1024 px
+    python benchmarks/gpu_train.py --family sdxl --lora --preset T4
+
+``--family sdxl`` builds SDXL base 1.0's UNet, both text encoders (CLIP-L, OpenCLIP bigG with
+projection) and VAE from the configs written in this file (:data:`SDXL_CONFIGS`, the fields of
+stabilityai/stable-diffusion-xl-base-1.0's config files that shape the models), with stand-in
+tokenizers, trains at 1024 px with each image's size/crop conditioning, takes each preset's
+SDXL values and compares with the SDXL estimate. Its UNet forward is ~6.8 TFLOP per row at
+1024 px (torch.utils.flop_counter on the meta device; SD 1.5's 0.80 at 512 px counts the same).
 
 ``--tiny`` uses the tiny built-in model (same topology, tiny widths) so the script runs (and is
 tested) on a CPU; its figures mean nothing. Record real figures, with the GPU's name, in
@@ -64,7 +73,41 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
 GIB = 2**30
 UNET_FORWARD_FLOP = 0.8e12  # per row at 512 px (64x64 latents), SD 1.5
 SD15_UNET_PARAMS = 859_520_964
+SDXL_UNET_FORWARD_FLOP = 6.76e12  # per row at 1024 px (128x128 latents), SDXL base
+SDXL_UNET_PARAMS = 2_567_463_684
 TOKENS = 77
+# SDXL base 1.0's configs (stabilityai/stable-diffusion-xl-base-1.0: unet/, text_encoder/,
+# text_encoder_2/, vae/, scheduler/), the fields that shape the models; the rest default.
+SDXL_CONFIGS = {
+    "unet": {
+        "act_fn": "silu", "addition_embed_type": "text_time",
+        "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256,
+        "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+        "cross_attention_dim": 2048,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "in_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 4,
+        "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+        "transformer_layers_per_block": [1, 2, 10],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "use_linear_projection": True},
+    "text_encoder": {
+        "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+        "num_attention_heads": 12, "vocab_size": 49408, "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu", "projection_dim": 768},
+    "text_encoder_2": {
+        "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+        "num_attention_heads": 20, "vocab_size": 49408, "max_position_embeddings": 77,
+        "hidden_act": "gelu", "projection_dim": 1280},
+    "vae": {
+        "block_out_channels": [128, 256, 512, 512], "latent_channels": 4,
+        "layers_per_block": 2, "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 1024,
+        "scaling_factor": 0.13025, "force_upcast": True},
+    "scheduler": {
+        "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000, "steps_offset": 1, "prediction_type": "epsilon",
+        "timestep_spacing": "leading"},
+}
 # Peak dense fp16/bf16 tensor-core FLOP/s (no sparsity), from the vendors' data sheets; the
 # first pattern that matches the GPU's name wins.
 PEAK_FLOPS = (
@@ -84,9 +127,13 @@ def peak_flops(gpu_name: str) -> float | None:
 
 
 def step_flops(rows: int, resolution: int, unet_params: int, text_params: int, *,
-               checkpointing: bool, lora: bool, trains_text: bool) -> float:
+               checkpointing: bool, lora: bool, trains_text: bool, sdxl: bool = False) -> float:
     """FLOPs of one training step over ``rows`` images (see the module docstring)."""
-    unet_forward = UNET_FORWARD_FLOP * (resolution / 512) ** 2 * unet_params / SD15_UNET_PARAMS
+    if sdxl:
+        unet_forward = (SDXL_UNET_FORWARD_FLOP * (resolution / 1024) ** 2
+                        * unet_params / SDXL_UNET_PARAMS)
+    else:
+        unet_forward = UNET_FORWARD_FLOP * (resolution / 512) ** 2 * unet_params / SD15_UNET_PARAMS
     unet_passes = 1 + (1 if lora else 2) + (1 if checkpointing else 0)
     text_forward = 2 * text_params * TOKENS
     text_passes = (1 + 2 + (1 if checkpointing else 0)) if trains_text else 1
@@ -94,9 +141,13 @@ def step_flops(rows: int, resolution: int, unet_params: int, text_params: int, *
 
 
 class _StandInTokenizer:
-    """Fixed token ids per prompt, for the SD 1.5 shapes (no tokenizer is downloaded)."""
+    """Fixed token ids per prompt, for the full-size shapes (no tokenizer is downloaded);
+    ``pad_token_id`` 0 ("!") is SDXL's second tokenizer."""
 
-    bos_token_id, eos_token_id, pad_token_id = 49406, 49407, 49407
+    bos_token_id, eos_token_id = 49406, 49407
+
+    def __init__(self, pad_token_id: int = 49407):
+        self.pad_token_id = pad_token_id
 
     def __call__(self, prompts: list[str], **_):
         from types import SimpleNamespace
@@ -105,19 +156,31 @@ class _StandInTokenizer:
                                           for p in prompts])
 
 
-def build_models(tiny: bool, device):
-    """UNet, text encoder, VAE, noise scheduler and tokenizer: SD 1.5 shapes with random
-    weights (created directly on ``device``) and a stand-in tokenizer, or the tiny model."""
+def build_models(tiny: bool, device, family: str = "sd"):
+    """UNet, text encoder (SDXL: both, as one DualTextEncoder), VAE, noise scheduler and
+    tokenizers: SD 1.5's or SDXL base's shapes with random weights (created directly on
+    ``device``) and stand-in tokenizers, or the tiny model of the family."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if tiny:
         from colab_dreambooth.models.loading import load_components
 
-        parts = load_components("tiny")
+        parts = load_components("tiny-sdxl" if family == "sdxl" else "tiny")
         return (parts.unet, parts.text_encoder, parts.vae, parts.noise_scheduler,
-                parts.tokenizer)
+                parts.tokenizers)
+    if family == "sdxl":
+        from colab_dreambooth.models.text_encoding import DualTextEncoder
+
+        with torch.device(device):
+            unet = UNet2DConditionModel.from_config(SDXL_CONFIGS["unet"])
+            text_encoder = DualTextEncoder(
+                CLIPTextModel(CLIPTextConfig(**SDXL_CONFIGS["text_encoder"])),
+                CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_CONFIGS["text_encoder_2"])))
+            vae = AutoencoderKL.from_config(SDXL_CONFIGS["vae"])
+        return (unet, text_encoder, vae, DDPMScheduler.from_config(SDXL_CONFIGS["scheduler"]),
+                (_StandInTokenizer(), _StandInTokenizer(pad_token_id=0)))
     configs = json.loads((REPO / "colab_dreambooth" / "models" / "single_file" / "configs"
                           / "sd1.json").read_text())
     text_config = {k: v for k, v in configs["text_encoder"].items() if k != "architectures"}
@@ -126,7 +189,7 @@ def build_models(tiny: bool, device):
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
         vae = AutoencoderKL.from_config(configs["vae"])
     return (unet, text_encoder, vae, DDPMScheduler.from_config(configs["scheduler"]),
-            _StandInTokenizer())
+            (_StandInTokenizer(),))
 
 
 def run_preset(name: str, args: argparse.Namespace) -> dict:
@@ -140,7 +203,12 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
     from colab_dreambooth.config.presets import PRESETS_BY_NAME, apply_preset
     from colab_dreambooth.config.settings import DreamBoothConfig
     from colab_dreambooth.runtime.device import DeviceInfo, detect_device
-    from colab_dreambooth.training.memory import SD15, count_parameters, estimate_peak_memory
+    from colab_dreambooth.training.memory import (
+        SD15,
+        SDXL_BASE,
+        count_parameters,
+        estimate_peak_memory,
+    )
 
     warnings.filterwarnings("ignore")
     device = detect_device() if not args.cpu else DeviceInfo.cpu()
@@ -156,14 +224,19 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
     concept = Concept(instance_prompt="photo of sks dog", instance_data_dir="/unused",
                       class_prompt="" if args.no_prior else "photo of a dog",
                       num_class_images=0 if args.no_prior else 100)
+    sdxl = args.family == "sdxl"
+    model = {(True, False): "tiny", (True, True): "tiny-sdxl", (False, False):
+             "stable-diffusion-v1-5", (False, True): "stabilityai/stable-diffusion-xl-base-1.0"}
     config = DreamBoothConfig(
-        pretrained_model_name_or_path="tiny" if args.tiny else "stable-diffusion-v1-5",
+        pretrained_model_name_or_path=model[args.tiny, sdxl],
         resolution=args.resolution, train_batch_size=args.batch, use_lora=args.lora,
         lora_type=args.lora_type, use_dora=args.dora, lora_conv_rank=args.conv_rank,
         train_text_encoder=False if args.no_text_encoder else None, concepts_list=[concept])
-    config = apply_preset(config, device, preset)[0]
+    sizes = (count_parameters(_tiny_folder(sdxl), "the tiny model") if args.tiny
+             else SDXL_BASE if sdxl else SD15)
+    config = apply_preset(config, device, preset, family=sizes.family)[0]
     rows = config.train_batch_size * (1 if args.no_prior else 2)
-    result = {"preset": name, "gpu": device.name, "memory_cap_gb": cap,
+    result = {"preset": name, "family": args.family, "gpu": device.name, "memory_cap_gb": cap,
               "precision": config.mixed_precision if on_cuda else "no",
               # What runs: make_optimizer falls back to torch AdamW without CUDA/bitsandbytes.
               "use_8bit_adam": bool(config.use_8bit_adam) and on_cuda
@@ -175,7 +248,6 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
               if config.use_lora else "",
               "train_text_encoder": bool(config.train_text_encoder), "compile": args.compile,
               "fused_adamw": args.fused_adamw, "resolution": config.resolution}
-    sizes = (count_parameters(_tiny_folder(), "the tiny model") if args.tiny else SD15)
     result["estimate_gb"] = estimate_peak_memory(
         config, device, sizes=sizes,
         bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None).total_gb
@@ -190,18 +262,18 @@ def run_preset(name: str, args: argparse.Namespace) -> dict:
     result["peak_host_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
     peak = peak_flops(device.name) if on_cuda else None
     if "s_per_step" in result:
-        flops = step_flops(rows, config.resolution, sizes.unet, sizes.text_encoder,
+        flops = step_flops(rows, config.resolution, sizes.unet, sizes.text_encoders,
                            checkpointing=bool(config.gradient_checkpointing), lora=config.use_lora,
-                           trains_text=bool(config.train_text_encoder))
+                           trains_text=bool(config.train_text_encoder), sdxl=sdxl)
         result["tflops"] = flops / result["s_per_step"] / 1e12
         result["fraction_of_peak"] = flops / result["s_per_step"] / peak if peak else None
     return result
 
 
-def _tiny_folder() -> Path:
-    from colab_dreambooth.models.tiny import tiny_model_path
+def _tiny_folder(sdxl: bool = False) -> Path:
+    from colab_dreambooth.models.tiny import tiny_model_path, tiny_sdxl_model_path
 
-    return tiny_model_path()
+    return tiny_sdxl_model_path() if sdxl else tiny_model_path()
 
 
 def _train_steps(config, args, on_cuda: bool, rows: int, sizes) -> dict:
@@ -222,8 +294,8 @@ def _train_steps(config, args, on_cuda: bool, rows: int, sizes) -> dict:
     config = config.copy(gradient_accumulation_steps=1, use_cpu=not on_cuda)
     device = detect_device() if on_cuda else DeviceInfo.cpu()
     accelerator = make_accelerator(config, device)
-    unet, text_encoder, vae, noise_scheduler, tokenizer = build_models(args.tiny,
-                                                                       accelerator.device)
+    unet, text_encoder, vae, noise_scheduler, tokenizers = build_models(
+        args.tiny, accelerator.device, args.family)
     numerics = apply_numerics(tf32=config.allow_tf32, deterministic=config.deterministic)
     models = place_models(unet, text_encoder, vae, config, accelerator)
     trains_text = bool(config.train_text_encoder)
@@ -245,11 +317,11 @@ def _train_steps(config, args, on_cuda: bool, rows: int, sizes) -> dict:
         if config.use_ema else None
     step = TrainingStep(
         accelerator, unet, text_encoder, models.vae,
-        PromptStates(tokenizer, text_encoder, pad_tokens=config.pad_tokens,
+        PromptStates(tokenizers, text_encoder, pad_tokens=config.pad_tokens,
                      max_token_length=config.max_token_length, clip_skip=config.clip_skip),
         make_noise_scheduler(config.noise_scheduler, noise_scheduler.config),
         optimizer, lr_scheduler, models.weight_dtype, config.prior_loss_weight,
-        config.offset_noise, config.min_snr_gamma, config.max_grad_norm)
+        config.offset_noise, config.min_snr_gamma, config.max_grad_norm, models.vae_dtype)
 
     side = config.resolution // 8
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -269,6 +341,9 @@ def _train_steps(config, args, on_cuda: bool, rows: int, sizes) -> dict:
                                     generator=generator) * 2 - 1
                 batch = {"pixels": pixels, "latent_mean": None, "latent_std": None}
             batch.update(prompts=prompts, num_instance=config.train_batch_size)
+            if len(tokenizers) == 2:  # SDXL: each image's size/crop conditioning
+                size = float(config.resolution)
+                batch["time_ids"] = torch.tensor([[size, size, 0.0, 0.0, size, size]] * rows)
             loss = step(batch, trains_text)
             if ema:
                 ema.update(unet.parameters())
@@ -306,7 +381,9 @@ def _table(results: list[dict]) -> str:
         def num(key, fmt):
             value = r.get(key)
             return fmt.format(value) if isinstance(value, (int, float)) else "-"
-        cells = [r["preset"] + (" " + (r.get("lora_type") or "LoRA") if r["lora"] else ""), str(r["batch"]), str(r["rows"]),
+        cells = [r["preset"] + (" SDXL" if r.get("family") == "sdxl" else "")
+                 + (" " + (r.get("lora_type") or "LoRA") if r["lora"] else ""),
+                 str(r["batch"]), str(r["rows"]),
                  r["precision"], "y" if r["use_8bit_adam"] else "n",
                  "y" if r["checkpointing"] else "n", "y" if r["train_text_encoder"] else "n",
                  num("memory_cap_gb", "{:.1f}"),
@@ -322,7 +399,7 @@ def _table(results: list[dict]) -> str:
 def _child_options(args: argparse.Namespace) -> list[str]:
     """The options of this run, for a child process that runs one preset."""
     options = ["--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--resolution", str(args.resolution)]
+               "--resolution", str(args.resolution), "--family", args.family]
     if args.batch is not None:
         options += ["--batch", str(args.batch)]
     if args.memory_cap_gb is not None:
@@ -346,7 +423,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "--tiny 1)")
     p.add_argument("--batch", type=int, default=None, help="instance images per step "
                    "(default: the preset's)")
-    p.add_argument("--resolution", type=int, default=None, help="default 512 (--tiny 64)")
+    p.add_argument("--family", choices=("sd", "sdxl"), default="sd", help="SD 1.5's shapes "
+                   "(default) or SDXL base's, with each preset's SDXL values")
+    p.add_argument("--resolution", type=int, default=None, help="default 512, SDXL 1024 "
+                   "(--tiny 64)")
     p.add_argument("--memory-cap-gb", type=float, default=None, help="cap the process's GPU "
                    "memory (default: the preset's GPU memory when smaller than this GPU's)")
     p.add_argument("--no-cap", action="store_true", help="never cap the GPU memory")
@@ -369,7 +449,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tiny = args.tiny
     args.steps = args.steps if args.steps is not None else (2 if tiny else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 3)
-    args.resolution = args.resolution or (64 if tiny else 512)
+    args.resolution = args.resolution or (64 if tiny else 1024 if args.family == "sdxl" else 512)
     return args
 
 

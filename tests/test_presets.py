@@ -146,8 +146,9 @@ def test_memory_estimate_meets_the_targets_on_a_t4():
     full_fp32 = estimate(sd15(mixed_precision="no", use_8bit_adam=False,
                               gradient_checkpointing=False), T4)
     assert full_fp32 > 16
-    # The published T4 figure (9.92 GB, torch 1.12's larger context) is matched within 10%.
-    published = estimate(sd15(train_text_encoder=False), T4) - SD15.text_encoder * 2 / 2**30
+    # The published T4 figure (9.92 GB, torch 1.12's larger context) is matched within 10%
+    # (the frozen text encoder is off the GPU there as here: prompts encoded once).
+    published = estimate(sd15(train_text_encoder=False), T4)
     assert abs(published - 9.92) / 9.92 < 0.10
 
 
@@ -229,7 +230,11 @@ def test_env_command(tmp_path, capsys):
     assert "train_batch_size        2        yours" in out
     assert "Estimated peak memory" in out
     assert "| T4 | NVIDIA T4, 16 GB |" in out
-    assert len(PRESETS) == out.count("\n| ") - 1  # every row, after the header
+    sd_table, sdxl_table = out.split("SDXL models")
+    assert len(PRESETS) == sd_table.count("\n| ") - 1  # every row, after the header
+    # Then the SDXL rows: full fine-tuning and LoRA per GPU class, with their estimates.
+    assert sdxl_table.count("\n| ") - 1 == 2 * (len(PRESETS) - 1)
+    assert "| T4 | NVIDIA T4, 16 GB | full |" in sdxl_table and "Use LORA" in sdxl_table
 
 
 # ----------------------------------------------------------------------------- the benchmark

@@ -182,7 +182,7 @@ def _params(args: argparse.Namespace) -> int:
 def _env(args: argparse.Namespace) -> int:
     from colab_dreambooth.config.presets import describe_presets
     from colab_dreambooth.runtime.device import gpu_by_name
-    from colab_dreambooth.training.fit import environment_report
+    from colab_dreambooth.training.fit import describe_sdxl_presets, environment_report
 
     config = resolve_concepts(load_params(args.config)) if args.config else DreamBoothConfig()
     device = gpu_by_name(args.gpu) if args.gpu else None
@@ -190,6 +190,9 @@ def _env(args: argparse.Namespace) -> int:
     if args.presets:
         print("\nAll presets (blank fields take the values of the GPU's row):")
         print(describe_presets())
+        print("\nSDXL models (the family is read from the base model) replace some of them; "
+              "the estimated peak at 1024 px with prior preservation, LoRA rank 32:")
+        print(describe_sdxl_presets())
     return 0
 
 

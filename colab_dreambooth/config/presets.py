@@ -5,6 +5,13 @@ Adam, gradient checkpointing, attention, latent caching, batch size and text-enc
 so that Stable Diffusion 1.5 at 512 px fits with a margin, and says why it chose each value.
 Every row was sized with :func:`colab_dreambooth.training.memory.estimate_peak_memory` (the tests
 check that each row's estimate stays under 85% of its GPU's memory, with prior preservation on).
+
+SDXL (the ``family`` a caller passes: what
+:func:`~colab_dreambooth.models.family_detect.detect_family` reads from the base model) at
+1024 px has a UNet three times SD 1.5's and about seven times its activations per image: each
+row's ``sdxl`` and ``sdxl_lora`` maps replace the values that must differ
+(gradient checkpointing, smaller batches, 8-bit Adam, the UNet alone), each with its reason.
+Full fine-tuning of SDXL does not fit GPUs under ~32 GB: those rows say to turn on Use LORA.
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ from colab_dreambooth.runtime.device import DeviceInfo, detect_device
 
 # The fields a preset decides, in the order its table shows them (each declares its column).
 PRESET_FIELDS = preset_fields(DreamBoothConfig)
+# The model families of colab_dreambooth.models.family_detect (a layer above this one: callers
+# detect the family and pass it).
+SD, SDXL = "SD", "SDXL"
 
 _FP16 = ("fp16", "no bf16 on this GPU; fp16 runs on its tensor cores")
 _BF16 = ("bf16", "bf16 tensor cores: fp16's speed without its overflow risk")
@@ -40,6 +50,26 @@ def _batch(n: int, why: str = "") -> tuple[int, str]:
     return n, why or f"{n} instance image(s) per step (x2 with class images) fits with margin"
 
 
+# SDXL at 1024 px (memory.py's calibration): ~9 GB of activations per image without
+# recomputing them, ~0.75 GB with; a 2.6 B-parameter UNet (4.8 GB in fp16, 9.6 GB in fp32).
+_SDXL_CHECKPOINT = (True, "SDXL at 1024 px keeps ~9 GB of activations per image: recompute "
+                          "them (~0.75 GB), ~25% slower")
+_SDXL_8BIT = (True, "SDXL's 2.6 B-parameter UNet: 8-bit AdamW states save ~14 GB")
+_SDXL_NO_FULL = {
+    "gradient_checkpointing": _SDXL_CHECKPOINT,
+    "train_batch_size": _batch(1, "SDXL: 1 image per step"),
+    "train_text_encoder": (False, "full fine-tuning of SDXL (a 2.6 B-parameter UNet) does not "
+                                  "fit this GPU even for the UNet alone: turn on Use LORA"),
+}
+_SDXL_UNET_ONLY = (False, "SDXL: both text encoders (818 M weights) trained too would not fit; "
+                          "the UNet alone (or turn on Use LORA to train both)")
+
+
+def _sdxl_batch(n: int) -> tuple[int, str]:
+    return _batch(n, f"SDXL at 1024 px: {n} instance image(s) per step (x2 with class "
+                     "images) fits with margin")
+
+
 @dataclass(frozen=True)
 class Preset:
     """One GPU class and what suits it.
@@ -47,7 +77,8 @@ class Preset:
     ``pattern`` matches the GPU's name as CUDA reports it (None: matched by memory only);
     ``memory_gb`` is the memory (GiB, as PyTorch reports it) the values were sized for;
     ``values`` maps each field of :data:`PRESET_FIELDS` to (value, reason); ``lora_values``
-    replaces some of them when Use LORA is on.
+    replaces some of them when Use LORA is on; for an SDXL model ``sdxl_values`` then replaces
+    some (full fine-tuning) and ``sdxl_lora_values`` (Use LORA).
     """
 
     name: str
@@ -56,6 +87,8 @@ class Preset:
     memory_gb: float
     values: Mapping[str, tuple[Any, str]]
     lora_values: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
+    sdxl_values: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
+    sdxl_lora_values: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
 
     def matches(self, gpu_name: str) -> bool:
         """True when ``gpu_name`` ("Tesla T4", "NVIDIA A100-SXM4-40GB", ...) is this class."""
@@ -73,15 +106,21 @@ class Choice:
 
 
 def _row(name: str, label: str, pattern: str | None, memory_gb: float, *, precision,
-         adam, checkpoint, attention, batch, text=_TEXT, lora=None) -> Preset:
+         adam, checkpoint, attention, batch, text=_TEXT, lora=None, sdxl=None,
+         sdxl_lora=None) -> Preset:
     values = {"mixed_precision": precision, "use_8bit_adam": adam,
               "gradient_checkpointing": checkpoint, "attention": attention,
               "cache_latents": _CACHE, "train_batch_size": batch, "train_text_encoder": text}
-    return Preset(name, label, pattern, memory_gb, values, lora or {})
+    return Preset(name, label, pattern, memory_gb, values, lora or {}, sdxl or {},
+                  sdxl_lora or {})
 
+
+_SDXL_LARGE = {"gradient_checkpointing": _SDXL_CHECKPOINT, "train_batch_size": _sdxl_batch(4)}
+_SDXL_LARGE_LORA = {"train_batch_size": _sdxl_batch(2)}
 
 # Sized with memory.estimate_peak_memory for SD 1.5 at 512 px with prior preservation (two
-# rows per instance image); "GB" are GiB as torch reports them (a 16 GB card shows ~15).
+# rows per instance image), and the sdxl maps for SDXL at 1024 px (LoRA rank 32); "GB" are
+# GiB as torch reports them (a 16 GB card shows ~15).
 PRESETS: tuple[Preset, ...] = (
     _row("CPU", "CPU only", None, 0.0,
          precision=("no", "the CPU trains in fp32"),
@@ -93,38 +132,61 @@ PRESETS: tuple[Preset, ...] = (
          text=(False, "full fine-tuning barely fits: UNet only (or turn on Use LORA)"),
          lora={"use_8bit_adam": _LORA_ADAM,
                "train_text_encoder": (True, "LoRA: text-encoder adapters cost almost nothing"),
-               "train_batch_size": _batch(2)}),
+               "train_batch_size": _batch(2)},
+         sdxl=_SDXL_NO_FULL,
+         sdxl_lora={"gradient_checkpointing": _SDXL_CHECKPOINT,
+                    "train_batch_size": _sdxl_batch(1),
+                    "train_text_encoder": (False, "SDXL: its two text encoders' activations "
+                                                  "do not fit 8 GB; the UNet's adapters only")}),
     _row("T4", "NVIDIA T4, 16 GB", r"\bT4\b", 14.7,
          precision=_FP16, adam=_8BIT, checkpoint=_CHECKPOINT, attention=_SDPA,
          batch=_batch(1, "1 image per step keeps text-encoder training under ~11 GB"),
          lora={"use_8bit_adam": _LORA_ADAM,
                "gradient_checkpointing": (False, "LoRA: activations fit without recomputing"),
-               "train_batch_size": _batch(2)}),
+               "train_batch_size": _batch(2)},
+         sdxl=_SDXL_NO_FULL,
+         sdxl_lora={"gradient_checkpointing": _SDXL_CHECKPOINT,
+                    "train_batch_size": _sdxl_batch(1)}),
     _row("V100-16", "NVIDIA V100, 16 GB", r"\bV100", 15.7,
          precision=_FP16, adam=_8BIT, checkpoint=_CHECKPOINT, attention=_SDPA, batch=_batch(1),
          lora={"use_8bit_adam": _LORA_ADAM,
                "gradient_checkpointing": (False, "LoRA: activations fit without recomputing"),
-               "train_batch_size": _batch(2)}),
+               "train_batch_size": _batch(2)},
+         sdxl=_SDXL_NO_FULL,
+         sdxl_lora={"gradient_checkpointing": _SDXL_CHECKPOINT,
+                    "train_batch_size": _sdxl_batch(1)}),
     _row("L4", "NVIDIA L4, 24 GB", r"\bL4\b", 22.0,
          precision=_BF16, adam=_8BIT, checkpoint=_NO_CHECKPOINT, attention=_FLASH,
          batch=_batch(2),
-         lora={"use_8bit_adam": _LORA_ADAM, "train_batch_size": _batch(4)}),
+         lora={"use_8bit_adam": _LORA_ADAM, "train_batch_size": _batch(4)},
+         sdxl=_SDXL_NO_FULL,
+         sdxl_lora={"gradient_checkpointing": _SDXL_CHECKPOINT,
+                    "train_batch_size": _sdxl_batch(2)}),
     _row("V100-32", "NVIDIA V100, 32 GB", r"\bV100", 31.7,
          precision=_FP16, adam=_EXACT_ADAM, checkpoint=_NO_CHECKPOINT, attention=_SDPA,
          batch=_batch(2),
-         lora={"use_8bit_adam": _LORA_ADAM, "train_batch_size": _batch(4)}),
+         lora={"use_8bit_adam": _LORA_ADAM, "train_batch_size": _batch(4)},
+         sdxl={"use_8bit_adam": _SDXL_8BIT, "gradient_checkpointing": _SDXL_CHECKPOINT,
+               "train_batch_size": _sdxl_batch(1), "train_text_encoder": _SDXL_UNET_ONLY},
+         sdxl_lora={"gradient_checkpointing": _SDXL_CHECKPOINT,
+                    "train_batch_size": _sdxl_batch(4)}),
     _row("A100-40", "NVIDIA A100, 40 GB", r"\bA100\b", 39.4,
          precision=_BF16, adam=_EXACT_ADAM, checkpoint=_NO_CHECKPOINT, attention=_FLASH,
          batch=_batch(4),
-         lora={"use_8bit_adam": _LORA_ADAM, "train_batch_size": _batch(8)}),
+         lora={"use_8bit_adam": _LORA_ADAM, "train_batch_size": _batch(8)},
+         sdxl={"use_8bit_adam": _SDXL_8BIT, "gradient_checkpointing": _SDXL_CHECKPOINT,
+               "train_batch_size": _sdxl_batch(2), "train_text_encoder": _SDXL_UNET_ONLY},
+         sdxl_lora={"train_batch_size": _sdxl_batch(1)}),
     _row("A100-80", "NVIDIA A100, 80 GB", r"\bA100\b", 79.1,
          precision=_BF16, adam=_EXACT_ADAM, checkpoint=_NO_CHECKPOINT, attention=_FLASH,
          batch=_batch(8),
-         lora={"use_8bit_adam": _LORA_ADAM, "train_batch_size": _batch(16)}),
+         lora={"use_8bit_adam": _LORA_ADAM, "train_batch_size": _batch(16)},
+         sdxl=_SDXL_LARGE, sdxl_lora=_SDXL_LARGE_LORA),
     _row("H100", "NVIDIA H100/H200, 80 GB+", r"\bH[12]00\b", 79.1,
          precision=_BF16, adam=_EXACT_ADAM, checkpoint=_NO_CHECKPOINT, attention=_FLASH,
          batch=_batch(8),
-         lora={"use_8bit_adam": _LORA_ADAM, "train_batch_size": _batch(16)}),
+         lora={"use_8bit_adam": _LORA_ADAM, "train_batch_size": _batch(16)},
+         sdxl=_SDXL_LARGE, sdxl_lora=_SDXL_LARGE_LORA),
 )
 PRESETS_BY_NAME = {p.name: p for p in PRESETS}
 # A card reports a little less than its label (a "16 GB" T4 shows 14.7-15.0 GiB).
@@ -152,13 +214,16 @@ def preset_for(config: DreamBoothConfig, device: DeviceInfo) -> Preset:
     return PRESETS_BY_NAME["CPU"] if config.use_cpu else choose_preset(device)
 
 
-def preset_values(preset: Preset, device: DeviceInfo, *,
-                  lora: bool = False) -> dict[str, tuple[Any, str]]:
-    """The preset's (value, reason) per field, fitted to what ``device`` can do: bf16 becomes
-    fp16 on a GPU without bf16, flash attention the default kernel where it cannot run."""
+def preset_values(preset: Preset, device: DeviceInfo, *, lora: bool = False,
+                  family: str = SD) -> dict[str, tuple[Any, str]]:
+    """The preset's (value, reason) per field for a model of ``family`` ("SD" or "SDXL"),
+    fitted to what ``device`` can do: bf16 becomes fp16 on a GPU without bf16, flash attention
+    the default kernel where it cannot run."""
     values = dict(preset.values)
     if lora:
         values.update(preset.lora_values)
+    if family == SDXL:
+        values.update(preset.sdxl_lora_values if lora else preset.sdxl_values)
     if device.kind == "cuda":
         if values["mixed_precision"][0] == "bf16" and not device.bf16:
             values["mixed_precision"] = _FP16
@@ -171,15 +236,16 @@ def preset_values(preset: Preset, device: DeviceInfo, *,
     return values
 
 
-def apply_preset(config: DreamBoothConfig, device: DeviceInfo,
-                 preset: Preset | None = None) -> tuple[DreamBoothConfig, list[Choice]]:
+def apply_preset(config: DreamBoothConfig, device: DeviceInfo, preset: Preset | None = None,
+                 *, family: str = SD) -> tuple[DreamBoothConfig, list[Choice]]:
     """``config`` with every blank preset field filled from ``preset`` (the device's own by
-    default), and one :class:`Choice` per preset field saying what it is and why. Fields the
-    user set are kept: their choice wins."""
+    default) for a model of ``family`` (``detect_family(config.base_model)``), and one
+    :class:`Choice` per preset field saying what it is and why. Fields the user set are kept:
+    their choice wins."""
     if config.use_cpu:
         device = DeviceInfo.cpu()
     preset = preset or preset_for(config, device)
-    values = preset_values(preset, device, lora=bool(config.use_lora))
+    values = preset_values(preset, device, lora=bool(config.use_lora), family=family)
     changes, choices = {}, []
     for name in PRESET_FIELDS:
         current = getattr(config, name)
@@ -192,12 +258,13 @@ def apply_preset(config: DreamBoothConfig, device: DeviceInfo,
     return (config.copy(**changes) if changes else config), choices
 
 
-def resolve_auto(config: DreamBoothConfig, device: DeviceInfo | None = None
-                 ) -> DreamBoothConfig:
-    """``config`` with its blank preset fields filled for ``device`` (detected when None)."""
+def resolve_auto(config: DreamBoothConfig, device: DeviceInfo | None = None, *,
+                 family: str = SD) -> DreamBoothConfig:
+    """``config`` with its blank preset fields filled for ``device`` (detected when None) and
+    a model of ``family``."""
     if device is None:
         device = DeviceInfo.cpu() if config.use_cpu else detect_device()
-    return apply_preset(config, device)[0]
+    return apply_preset(config, device, family=family)[0]
 
 
 def format_choices(choices: list[Choice], preset: Preset | None = None) -> str:
@@ -227,7 +294,8 @@ def describe_presets() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Choice", "PRESETS", "PRESETS_BY_NAME", "PRESET_FIELDS", "Preset", "apply_preset",
+__all__ = ["Choice", "PRESETS", "PRESETS_BY_NAME", "PRESET_FIELDS", "Preset", "SD", "SDXL",
+           "apply_preset",
            "choose_preset", "describe_presets", "format_choices", "preset_for", "preset_values",
            "resolve_auto"]
 

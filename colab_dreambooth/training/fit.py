@@ -15,18 +15,30 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from colab_dreambooth.config.presets import Choice, Preset, apply_preset, format_choices, preset_for
+from colab_dreambooth.config.concept import Concept
+from colab_dreambooth.config.presets import (
+    PRESET_FIELDS,
+    PRESETS,
+    Choice,
+    Preset,
+    apply_preset,
+    format_choices,
+    preset_for,
+)
 from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.errors import ConfigError, Problem
+from colab_dreambooth.models.family_detect import detect_family
 from colab_dreambooth.runtime.device import DeviceInfo, detect_device
 from colab_dreambooth.runtime.environment import Runtime, detect_runtime, package_versions
 from colab_dreambooth.runtime.packages import INSTALL_HINT, importable
 from colab_dreambooth.training.memory import (
+    SDXL_BASE,
     Fix,
     MemoryEstimate,
     ModelSizes,
     estimate_peak_memory,
     memory_fixes,
+    model_sizes,
 )
 
 log = logging.getLogger(__name__)
@@ -109,7 +121,8 @@ def plan_memory(config: "DreamBoothConfig", device: DeviceInfo, *,
     bnb = packages.get("bitsandbytes", False)
     device = DeviceInfo.cpu() if config.use_cpu else device
     preset = preset_for(config, device)
-    resolved, choices = apply_preset(config, device, preset)
+    family = (sizes or model_sizes(config.base_model)).family
+    resolved, choices = apply_preset(config, device, preset, family=family)
     by_field = {c.field: c for c in choices}
     on_gpu = device.kind == "cuda"
     if on_gpu and config.use_8bit_adam is None and resolved.use_8bit_adam and not bnb:
@@ -225,8 +238,53 @@ def environment_report(config=None, device: DeviceInfo | None = None,
     versions = package_versions()
     lines.append("Packages:     " + ", ".join(
         f"{name} {v or 'not installed'}" for name, v in versions.items()))
+    lines.append(f"Model:        {config.base_model} ({detect_family(config.base_model)})")
     lines += ["", str(plan_memory(config, device))]
     return "\n".join(lines)
 
 
-__all__ = ["AUTO_MARGIN", "GpuMemoryError", "MemoryPlan", "enforce", "plan_memory"]
+# What the SDXL table estimates: SDXL base at 1024 px, prior preservation (two rows per
+# instance image), LoRA at rank 32 (issue 15's targets).
+SDXL_TABLE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+_PRIOR = Concept(instance_prompt="photo of sks dog", class_prompt="photo of a dog",
+                 instance_data_dir="instance", num_class_images=100)
+
+
+def preset_device(preset: Preset) -> DeviceInfo:
+    """The GPU a preset row was sized for, as if detected (bf16 and flash attention where the
+    row uses them)."""
+    bf16 = preset.values["mixed_precision"][0] == "bf16"
+    return DeviceInfo("cuda", preset.label, preset.memory_gb, bf16, 1,
+                      (8, 0) if bf16 else (7, 5))
+
+
+def describe_sdxl_presets() -> str:
+    """The SDXL rows of the preset table as Markdown (``colab-dreambooth env --presets``): per
+    GPU class, full fine-tuning and LoRA, the values an SDXL model gets and the estimated peak
+    at 1024 px with prior preservation (LoRA rank 32), or what to do when it does not fit."""
+    head = ("| preset | GPU | SDXL | " + " | ".join(PRESET_FIELDS)
+            + " | peak GB (1024 px, prior) |")
+    lines = [head, "|" + "---|" * (len(PRESET_FIELDS) + 4)]
+    for preset in PRESETS:
+        if preset.name == "CPU":
+            continue
+        device = preset_device(preset)
+        for lora in (False, True):
+            config = DreamBoothConfig(pretrained_model_name_or_path=SDXL_TABLE_MODEL,
+                                      concepts_list=[_PRIOR], resolution=1024, use_lora=lora,
+                                      lora_unet_rank=32, lora_txt_rank=32)
+            resolved = apply_preset(config, device, preset, family=SDXL_BASE.family)[0]
+            estimate = estimate_peak_memory(resolved, device, sizes=SDXL_BASE,
+                                            bitsandbytes=True, fixes=False)
+            peak = f"{estimate.total_gb:.1f}"
+            if estimate.total_gb > AUTO_MARGIN * preset.memory_gb:
+                peak += (f" (does not fit {preset.memory_gb:.0f} GB"
+                         + (": turn on Use LORA)" if not lora else ")"))
+            cells = [_show(getattr(resolved, name)) for name in PRESET_FIELDS]
+            lines.append(f"| {preset.name} | {preset.label} | {'LoRA' if lora else 'full'} | "
+                         + " | ".join(cells) + f" | {peak} |")
+    return "\n".join(lines)
+
+
+__all__ = ["AUTO_MARGIN", "GpuMemoryError", "MemoryPlan", "describe_sdxl_presets", "enforce",
+           "plan_memory", "preset_device"]

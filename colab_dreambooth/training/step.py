@@ -64,6 +64,14 @@ def dreambooth_loss(unet, noise_scheduler, latents: torch.Tensor, text_states: t
     return loss
 
 
+def prompts_known(config) -> bool:
+    """True when every prompt's text states can be computed before the run (then
+    :meth:`PromptStates.encode_all` encodes them and the frozen encoders leave the GPU): the
+    text encoder(s) never train, and each prompt's states stand alone (Pad Tokens; no Shuffle
+    Tags, which makes new prompts every epoch)."""
+    return (not config.train_text_encoder and config.pad_tokens and not config.shuffle_tags)
+
+
 class PromptStates:
     """The conditioning (text states; SDXL: also the pooled embedding) a batch of prompts
     trains with.

@@ -61,7 +61,7 @@ from colab_dreambooth.training.resume import (
 )
 from colab_dreambooth.training.saving import save_model
 from colab_dreambooth.training.space import check_space
-from colab_dreambooth.training.step import PromptStates, TrainingStep
+from colab_dreambooth.training.step import PromptStates, TrainingStep, prompts_known
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def _train(config: DreamBoothConfig, cleanup: contextlib.ExitStack, *, device: D
         make_noise_scheduler(config.noise_scheduler, parts.noise_scheduler.config),
         optimizer, lr_scheduler, models.weight_dtype, config.prior_loss_weight,
         config.offset_noise, config.min_snr_gamma, config.max_grad_norm, models.vae_dtype)
-    if _prompts_known(config):
+    if prompts_known(config):
         # Frozen text encoder(s): every prompt encoded once, and the encoders leave the GPU.
         step.prompts.encode_all([e.prompt for e in data.instance]
                                 + [e.prompt for pool in data.classes.values() for e in pool],
@@ -242,13 +242,6 @@ def _prepare(config: DreamBoothConfig, device: DeviceInfo, *, resume: bool, forc
         seed = config.seed if config.seed is not None else random.randrange(2**32)
     log.info("Seed %d", seed)
     return config, data, seed, resume_from
-
-
-def _prompts_known(config: DreamBoothConfig) -> bool:
-    """True when every prompt's text states can be computed before the run: the text
-    encoder(s) never train, and each prompt's states stand alone (Pad Tokens; no Shuffle Tags,
-    which makes new prompts every epoch)."""
-    return (not config.train_text_encoder and config.pad_tokens and not config.shuffle_tags)
 
 
 def _start(config: DreamBoothConfig, plan: StepPlan, accelerator, unet, text_encoder, optimizer,
