@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 1 << 30  # 1 GiB: what diffusers itself uses for large models' shards
 
-KINDS = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
+KINDS = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x",
+         "sdxl": "Stable Diffusion XL"}
 
 
 @dataclass
@@ -62,7 +63,8 @@ class ConversionReport:
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        return (f"{KINDS[self.version]} ({self.prediction_type}, {self.prediction_source}), {self.dtype}"
+        return (f"{KINDS[self.version]} ({self.prediction_type}, {self.prediction_source}), "
+                f"{self.dtype}"
                 f"{', EMA UNet' if self.ema else ''} -> {self.folder}")
 
 

@@ -52,7 +52,8 @@ _UNET_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "o
 _UNET_TOP = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
              "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
              # SDXL: the embedding of the pooled text features and the size/crop numbers.
-             "add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2."}
+             "add_embedding.linear_1.": "label_emb.0.0.",
+             "add_embedding.linear_2.": "label_emb.0.2."}
 # Inside the VAE's mid-block attention: diffusers name -> LDM name (LDM uses 1x1 convs).
 _VAE_ATTENTION = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.",
                   "to_out.0.": "proj_out."}
