@@ -446,3 +446,20 @@ def test_dehydrate_rehydrate_round_trip(tiny, work):
     tensors[first] = tensors[first] + 1
     save_file(tensors, file, metadata={"format": "pt"})
     assert base_fingerprint(other) != base_fingerprint(tiny)
+
+
+def test_ckpt_export_and_cli_create_model(tiny, exported, work, capsys):
+    from colab_dreambooth import cli
+
+    ckpt = export_single_file(tiny, work / "tiny-sdxl.ckpt", progress=False).path
+    loaded = torch.load(ckpt, map_location="cpu", weights_only=True)
+    tensors = read(exported)[0]
+    assert loaded["state_dict"].keys() == tensors.keys()
+    assert all(torch.equal(loaded["state_dict"][k], tensors[k]) for k in tensors)
+    parser = cli.build_parser()
+    args = parser.parse_args(["create-model", str(ckpt), str(work / "from-ckpt")])
+    assert args.run(args) == 0
+    assert "Created Stable Diffusion XL (epsilon" in capsys.readouterr().out
+    for part in PARTS:
+        a, b = weights(tiny, part), weights(work / "from-ckpt", part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
