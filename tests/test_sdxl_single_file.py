@@ -463,3 +463,14 @@ def test_ckpt_export_and_cli_create_model(tiny, exported, work, capsys):
     for part in PARTS:
         a, b = weights(tiny, part), weights(work / "from-ckpt", part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_projection_saved_as_a_linear_weight_is_read_as_is(tiny, exported, work):
+    """Some tools save SDXL's projection as ``text_projection.weight`` (a linear layer's
+    weight, diffusers' orientation) instead of OpenCLIP's transposed matrix."""
+    state = read(exported)[0]
+    state[TE2 + "text_projection.weight"] = state.pop(TE2 + "text_projection").T.contiguous()
+    save_file(state, work / "linear.safetensors")
+    convert_single_file(work / "linear.safetensors", work / "linear", progress=False)
+    a, b = weights(tiny, "text_encoder_2"), weights(work / "linear", "text_encoder_2")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -155,6 +155,8 @@ def _plan(source: TensorFile, *, v_prediction: bool | None, ema: bool
         return ck.ema_name(key) if use_ema else key
 
     parts = [_map_part(source, enc.part, configs[enc.part], lambda k: k, enc) for enc in encoders]
+    for part in parts:
+        _accept_linear_projection(source, part)
     parts += [_map_part(source, "vae", configs["vae"], lambda k: k, None),
               _map_part(source, "unet", configs["unet"], unet_source, None)]
     _check_weights(source, parts, version, encoders,
@@ -319,6 +321,17 @@ def _map_part(source: TensorFile, name: str, config: dict[str, Any],
     known = {link.ldm for link in links} | {key for key, _ in sources.values()}
     transposed = {key for link in links if link.transpose for key in link.diffusers}
     return _Part(name, config, specs, sources, known, transposed)
+
+
+def _accept_linear_projection(source: TensorFile, part: _Part) -> None:
+    """Read a projection that a file keeps as a linear layer's weight (``text_projection.weight``,
+    as some tools save SDXL) instead of OpenCLIP's transposed matrix: as it is."""
+    for key in sorted(part.transposed):
+        name, index = part.sources[key]
+        if name not in source.shapes and name + ".weight" in source.shapes:
+            part.sources[key] = (name + ".weight", index)
+            part.known.add(name + ".weight")
+            part.transposed.discard(key)
 
 
 def _check_shapes(source: TensorFile, parts: list[_Part]) -> None:

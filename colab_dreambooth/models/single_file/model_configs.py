@@ -265,8 +265,11 @@ def text_config_from_weights(shapes: dict[str, tuple[int, ...]], base: dict[str,
     if hidden != base["hidden_size"]:
         config["num_attention_heads"] = max(1, hidden // 64) if hidden % 64 == 0 else 1
         config["projection_dim"] = hidden
-    if with_projection:  # OpenCLIP's matrix: [hidden, projection]
-        config["projection_dim"] = _dim(shapes, "text_projection", 1, config["projection_dim"])
+    if with_projection:  # OpenCLIP's matrix [hidden, projection], or a linear layer's weight
+        config["projection_dim"] = (_dim(shapes, "text_projection", 1, config["projection_dim"])
+                                    if "text_projection" in shapes else
+                                    _dim(shapes, "text_projection.weight", 0,
+                                         config["projection_dim"]))
     return config
 
 
