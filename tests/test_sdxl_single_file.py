@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from test_convert import weights
 from test_dehydrate import assert_bit_identical
 
-from colab_dreambooth.models.family_detect import SDXL, file_family, folder_family
+from colab_dreambooth.models.family_detect import SDXL, detect_family, file_family, folder_family
+from colab_dreambooth.models.loading import load_components
 from colab_dreambooth.models.single_file import convert as convert_module
 from colab_dreambooth.models.single_file import ldm_keys as ck
 from colab_dreambooth.models.single_file.base_weights import base_fingerprint
@@ -474,3 +475,14 @@ def test_projection_saved_as_a_linear_weight_is_read_as_is(tiny, exported, work)
     convert_single_file(work / "linear.safetensors", work / "linear", progress=False)
     a, b = weights(tiny, "text_encoder_2"), weights(work / "linear", "text_encoder_2")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_sdxl_file_is_a_base_model(tiny, work):
+    """A single SDXL file given as the base model is converted once and loads as SDXL."""
+    path = export_single_file(tiny, work / "base" / "my-sdxl.safetensors", progress=False).path
+    assert detect_family(str(path)) == SDXL
+    components = load_components(str(path))
+    assert components.family == SDXL and components.tokenizer_2.pad_token == "!"
+    assert Path(components.source) == work / "base" / "my-sdxl-diffusers"
+    assert torch.equal(components.unet.state_dict()["add_embedding.linear_1.weight"],
+                       weights(tiny, "unet")["add_embedding.linear_1.weight"])
