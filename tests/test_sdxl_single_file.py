@@ -160,14 +160,12 @@ def test_diffusers_converters_read_the_export_exactly(tiny, exported):
         convert_open_clip_checkpoint,
     )
 
-    from colab_dreambooth.models.single_file.model_configs import _plain
-
     state = read(exported)[0]
     configs = {p: json.loads((tiny / p / "config.json").read_text()) for p in PARTS}
     te2_model = meta_model("text_encoder_2", configs["text_encoder_2"])
     converted = {
-        "unet": convert_ldm_unet_checkpoint(state, _plain(configs["unet"])),
-        "vae": convert_ldm_vae_checkpoint(state, _plain(configs["vae"])),
+        "unet": convert_ldm_unet_checkpoint(state, configs["unet"]),
+        "vae": convert_ldm_vae_checkpoint(state, configs["vae"]),
         "text_encoder": convert_ldm_clip_checkpoint(state),
         "text_encoder_2": convert_open_clip_checkpoint(te2_model, state, prefix=TE2),
     }
