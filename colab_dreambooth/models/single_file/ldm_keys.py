@@ -105,7 +105,7 @@ def _unet_prefixes(config: Mapping) -> list[tuple[str, str]]:
     layers = config["layers_per_block"]
     if not isinstance(layers, int):
         raise UnmappedKeyError("a UNet with a different number of layers per block is not an "
-                               "SD 1.x/2.x UNet")
+                               "SD 1.x/2.x/XL UNet")
     up_attention = [t.startswith("CrossAttn") for t in config["up_block_types"]]
     table = dict(_UNET_TOP)
     for i in range(n_blocks):
@@ -136,7 +136,7 @@ def _unet_ldm_name(key: str, prefixes: list[tuple[str, str]]) -> str:
             if ".resnets." in hf or hf.startswith("mid_block.resnets"):
                 rest = _replace_first_part(rest, _UNET_RESNET)
             return ldm + rest
-    raise UnmappedKeyError(f"UNet weight {key!r} has no place in the SD 1.x/2.x layout")
+    raise UnmappedKeyError(f"UNet weight {key!r} has no place in the SD 1.x/2.x/XL layout")
 
 
 def _replace_first_part(rest: str, table: Iterable[tuple[str, str]]) -> str:
