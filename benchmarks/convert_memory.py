@@ -1,15 +1,17 @@
-"""Peak memory and time of Create Model (single-file import) on a full-size SD 1.5 checkpoint.
+"""Peak memory and time of Create Model (single-file import) on a full-size SD 1.5 (or, with
+``--model sdxl``, SDXL base 1.0) checkpoint.
 
 What it measures
     A full-size Stable Diffusion 1.5 checkpoint with random weights (UNet 860M, text encoder
-    123M, VAE 84M parameters: 4.27 GB in fp32), in the original single-file layout, converted
-    into a diffusers folder by
+    123M, VAE 84M parameters: 4.27 GB in fp32) or SDXL base 1.0 (UNet 2.57B, text encoders 123M
+    and 695M, VAE 84M: 6.94 GB in fp16, as SDXL ships), in the original single-file layout,
+    converted into a diffusers folder by
 
     * ``ours``: :func:`colab_dreambooth.models.single_file.convert.convert_single_file` (from
     ``.safetensors`` and
       from ``.ckpt``, fp32 and ``--fp16``), and
     * ``diffusers``: ``StableDiffusionPipeline.from_single_file(path, config=<our SD 1.5 config
-      folder>, local_files_only=True)``,
+      folder>, local_files_only=True)`` (``StableDiffusionXLPipeline`` for SDXL),
       followed by reading every weight once ("load+read") or by ``save_pretrained``
       ("load+save", the same job as ours);
 
@@ -23,15 +25,18 @@ What it measures
 
 How
     The checkpoint is made without building the models: the diffusers folder's weights are
-    written tensor by tensor (``torch.randn`` of each shape from the shipped SD 1.5 configs),
-    then exported with our exporter to ``.safetensors`` and ``.ckpt``. Everything lives in a
-    temporary folder (``--workdir`` to choose where; ~14 GB at most) that is removed at the end.
+    written tensor by tensor (``torch.randn`` of each shape from the shipped SD 1.5 or SDXL
+    configs), then exported with our exporter to ``.safetensors`` and ``.ckpt`` (SDXL: fp16;
+    ``--skip-ckpt`` leaves the ``.ckpt``, whose writing holds the whole model in memory, out).
+    Everything lives in a temporary folder (``--workdir`` to choose where; ~14 GB at most for
+    SD 1.5, ~35 GB for SDXL) that is removed at the end.
     Times are wall-clock on a machine that may be shared (the load average is printed). Nothing
     is asserted; target: ours under 4.6 GB, aiming for 2 GB.
 
 Usage
     .venv/bin/python benchmarks/convert_memory.py
     .venv/bin/python benchmarks/convert_memory.py --skip-diffusers --workdir /big/disk
+    .venv/bin/python benchmarks/convert_memory.py --model sdxl --skip-diffusers --skip-ckpt
 """
 
 from __future__ import annotations
@@ -54,20 +59,24 @@ from pathlib import Path
 from colab_dreambooth.models.single_file.model_configs import (load_model_config, meta_model,
                                                               write_config_folder)
 from colab_dreambooth.safetensors_stream import TensorSpec, write_sharded
-folder = Path(sys.argv[1])
-configs = load_model_config("sd1")
-write_config_folder(configs, folder)
+folder, variant = Path(sys.argv[1]), sys.argv[2]
+dtype = torch.float16 if variant == "sdxl" else torch.float32
+configs = load_model_config(variant)
+write_config_folder(configs, folder, dtype)
 gen = torch.Generator().manual_seed(0)
-for part in ("unet", "vae", "text_encoder"):
+for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    if part not in configs:
+        continue
     state = meta_model(part, configs[part]).state_dict()
-    specs = [TensorSpec(k, tuple(v.shape), torch.float32) for k, v in state.items()]
+    specs = [TensorSpec(k, tuple(v.shape), dtype) for k, v in state.items()]
     print(part, sum(math.prod(s.shape) for s in specs) / 1e6, "M parameters", flush=True)
-    stem = "model" if part == "text_encoder" else "diffusion_pytorch_model"
+    stem = "model" if part.startswith("text_encoder") else "diffusion_pytorch_model"
     write_sharded(folder / part, stem, specs,
-                  lambda s: torch.randn(s.shape, generator=gen) * 0.02, 10 << 30)
+                  lambda s: (torch.randn(s.shape, generator=gen) * 0.02).to(dtype), 10 << 30)
 """
 
 # (imports, the work that is timed); argv: 1 = source file, 2 = output, 3 = diffusers folder.
+# The diffusers rows name StableDiffusionPipeline; --model sdxl runs them with the XL pipeline.
 CASES = {
     "imports": ("import torch, diffusers, transformers; from diffusers import StableDiffusionPipeline",
                 "pass"),
@@ -90,10 +99,15 @@ CASES = {
 }
 
 
-def measure(case: str, *args: str) -> dict:
+def measure(case: str, *args: str, sdxl: bool = False) -> dict:
     """Run a case in a fresh interpreter: its peak RSS (wait4), sampled peak RssAnon, the time
     of its work alone and of the whole process (imports included)."""
     setup, work = CASES[case]
+    if sdxl:
+        setup = setup.replace("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+        work = (work.replace(", safety_checker=None", "")
+                .replace("p.text_encoder)", "p.text_encoder, p.text_encoder_2)")
+                .replace("e(sys.argv[3], sys.argv[2], ", "e(sys.argv[3], sys.argv[2], fp16=True, "))
     code = (f"import sys, time\n{setup}\nstart = time.perf_counter()\n{work}\n"
             "print('WORK_SECONDS', time.perf_counter() - start)")
     start = time.perf_counter()
@@ -124,7 +138,11 @@ def measure(case: str, *args: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=None, help="where the temp folder goes")
+    parser.add_argument("--model", choices=("sd1", "sdxl"), default="sd1",
+                        help="SD 1.5 (default) or SDXL base 1.0 shapes")
     parser.add_argument("--skip-diffusers", action="store_true", help="only our converter")
+    parser.add_argument("--skip-ckpt", action="store_true", help="no .ckpt (its export holds "
+                        "the whole model in memory)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -132,26 +150,35 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="convert-memory-", dir=args.workdir))
     results: dict[str, dict] = {}
     try:
-        folder, sft, ckpt = work / "sd15-diffusers", work / "sd15.safetensors", work / "sd15.ckpt"
+        sdxl = args.model == "sdxl"
+        name = "sdxl" if sdxl else "sd15"
+        folder, sft, ckpt = (work / f"{name}-diffusers", work / f"{name}.safetensors",
+                             work / f"{name}.ckpt")
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", BUILD, str(folder)], cwd=REPO, check=True)
-        print(f"built the random SD 1.5 diffusers folder in {time.perf_counter() - t:.0f} s")
-        results["export"] = measure("export", "", str(sft), str(folder))
-        subprocess.run([sys.executable, "-c", "import sys\nfrom colab_dreambooth.models.single_file.export import "
-                        "export_single_file as e; e(sys.argv[1], sys.argv[2], progress=False)",
-                        str(folder), str(ckpt)], cwd=REPO, check=True)
-        print(f"checkpoint: {sft.stat().st_size / 1e9:.2f} GB .safetensors, "
-              f"{ckpt.stat().st_size / 1e9:.2f} GB .ckpt (fp32)")
-        results["imports"] = measure("imports")
+        subprocess.run([sys.executable, "-c", BUILD, str(folder), args.model], cwd=REPO,
+                       check=True)
+        print(f"built the random {name} diffusers folder in {time.perf_counter() - t:.0f} s")
+        results["export"] = measure("export", "", str(sft), str(folder), sdxl=sdxl)
+        if not args.skip_ckpt:
+            subprocess.run([sys.executable, "-c", "import sys\nfrom colab_dreambooth.models.single_file.export import "
+                            "export_single_file as e; e(sys.argv[1], sys.argv[2], "
+                            f"fp16={sdxl}, progress=False)",
+                            str(folder), str(ckpt)], cwd=REPO, check=True)
+        print(f"checkpoint: {sft.stat().st_size / 1e9:.2f} GB .safetensors"
+              + ("" if args.skip_ckpt else f", {ckpt.stat().st_size / 1e9:.2f} GB .ckpt")
+              + (" (fp16)" if sdxl else " (fp32)"))
+        results["imports"] = measure("imports", sdxl=sdxl)
         runs = [("ours (.safetensors)", "ours", sft), ("ours (.ckpt)", "ours", ckpt),
                 ("ours --fp16 (.safetensors)", "ours-fp16", sft)]
         if not args.skip_diffusers:
             runs += [("diffusers (.safetensors): load+read", "diffusers-load", sft),
                      ("diffusers (.safetensors): load+save", "diffusers-load+save", sft),
                      ("diffusers (.ckpt): load+save", "diffusers-load+save", ckpt)]
+        if args.skip_ckpt:
+            runs = [run for run in runs if run[2] != ckpt]
         for label, case, source in runs:
             out = work / "out"
-            results[label] = measure(case, str(source), str(out), str(folder))
+            results[label] = measure(case, str(source), str(out), str(folder), sdxl=sdxl)
             shutil.rmtree(out, ignore_errors=True)
             print(f"{label:40} done", flush=True)
     finally:

@@ -376,8 +376,8 @@ def test_shipped_configs_cover_the_three_models():
     assert sd2["text_encoder"]["num_hidden_layers"] == 23 and sd2["tokenizer"]["pad_token"] == "!"
     assert sd2["scheduler"]["prediction_type"] == "epsilon"
     assert sd2v["scheduler"]["prediction_type"] == "v_prediction" and sd2v["unet"]["sample_size"] == 96
-    with pytest.raises(ValueError, match="sd1, sd2, sd2-v"):
-        load_model_config("sdxl")
+    with pytest.raises(ValueError, match="sd1, sd2, sd2-v, sdxl"):
+        load_model_config("sdxl-refiner")
 
 
 # ---------------------------------------------------------------------------------- CLI

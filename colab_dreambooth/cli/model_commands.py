@@ -28,8 +28,8 @@ def add_create_model(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     """Add ``create-model FILE OUT_DIR [--v-prediction|--epsilon] [--fp16] [--ema]``."""
     p = subparsers.add_parser(
         "create-model", help="convert a .safetensors/.ckpt checkpoint into a diffusers folder",
-        description="Create Model: convert an SD 1.x/2.x single-file checkpoint into a diffusers "
-                    "folder, offline and within Colab's memory.")
+        description="Create Model: convert an SD 1.x/2.x/XL single-file checkpoint into a "
+                    "diffusers folder, offline and within Colab's memory.")
     p.add_argument("file", type=Path, help="the .safetensors or .ckpt file")
     p.add_argument("out_dir", type=Path, help="the diffusers folder to create")
     pred = p.add_mutually_exclusive_group()

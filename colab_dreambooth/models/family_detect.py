@@ -15,6 +15,7 @@ import logging
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterable
 
 from colab_dreambooth.config.settings import TINY_MODEL, TINY_SDXL_MODEL
 from colab_dreambooth.models.single_file.readers import open_model_file
@@ -82,9 +83,15 @@ def file_family(path: str | Path) -> str:
     """The family of a single-file model, from its weight names alone."""
     source = open_model_file(path)
     try:
-        return SDXL if any(_SDXL_FILE_KEY.match(k) for k in source.shapes) else SD
+        return keys_family(source.shapes)
     finally:
         source.release()
+
+
+def keys_family(keys: Iterable[str]) -> str:
+    """The family of a single-file model's weight names (SDXL: a second text encoder under
+    ``conditioner.embedders.1.``)."""
+    return SDXL if any(_SDXL_FILE_KEY.match(k) for k in keys) else SD
 
 
 def _index_family(index: dict) -> str:
@@ -109,4 +116,5 @@ def _hub_model_index(repo_id: str) -> dict | None:
         return None
 
 
-__all__ = ["DEFAULT_RESOLUTION", "FAMILIES", "SD", "SDXL", "detect_family", "file_family", "folder_family"]
+__all__ = ["DEFAULT_RESOLUTION", "FAMILIES", "SD", "SDXL", "detect_family", "file_family",
+           "folder_family", "keys_family"]

@@ -21,6 +21,8 @@ from colab_dreambooth.models.single_file.dehydrated_file import (
 )
 from colab_dreambooth.safetensors_stream import COPY_CHUNK, SafetensorsReader, read_layout
 
+# The weight sub-folders of a base model (text_encoder_2: SDXL's second text encoder).
+BASE_SUBFOLDERS = ("text_encoder", "text_encoder_2", "unet", "vae")
 # A trained sub-model whose base counterpart has another name (EMA weights start as the UNet's).
 BASE_SUBFOLDER_OF = {"unet_ema": "unet"}
 
@@ -119,8 +121,7 @@ def base_subfolder(rel: str, base: BaseWeights) -> str | None:
 
 
 @safetensors_errors()
-def base_fingerprint(base: str | os.PathLike, subfolders: Sequence[str] = ("text_encoder", "unet",
-                                                                            "vae"),
+def base_fingerprint(base: str | os.PathLike, subfolders: Sequence[str] = BASE_SUBFOLDERS,
                      *, progress: bool = False) -> str:
     """SHA-256 over name, dtype, shape and bytes of every tensor of the base's ``subfolders``.
 
@@ -135,4 +136,4 @@ def base_fingerprint(base: str | os.PathLike, subfolders: Sequence[str] = ("text
 
 
 __all__ = ["BaseWeights", "base_subfolder", "base_fingerprint", "BASE_SUBFOLDER_OF",
-           "OTHER_WEIGHT_SUFFIXES"]
+           "BASE_SUBFOLDERS", "OTHER_WEIGHT_SUFFIXES"]

@@ -3,7 +3,9 @@
 The file loads in AUTOMATIC1111, ComfyUI and other tools, and back here with Create Model:
 UNet under ``model.diffusion_model.``, VAE under ``first_stage_model.``, text encoder under
 ``cond_stage_model.transformer.text_model.`` (SD 1.x) or in OpenCLIP's layout under
-``cond_stage_model.model.`` (SD 2.x). ``.safetensors`` is written tensor by tensor (memory stays
+``cond_stage_model.model.`` (SD 2.x); SDXL's two text encoders under ``conditioner.embedders.0.``
+(CLIP ViT-L) and ``conditioner.embedders.1.model.`` (OpenCLIP bigG, OpenCLIP's layout).
+``.safetensors`` is written tensor by tensor (memory stays
 near one tensor); ``.ckpt`` is a ``{"state_dict": ...}`` ``torch.save`` that loads with
 ``weights_only=True`` and needs the whole model in memory. No optimizer or training state goes
 in; the training facts (base model, instance prompts, steps) and the diffusers configs go in the
@@ -54,7 +56,7 @@ class ExportReport:
     """What :func:`export_single_file` wrote."""
 
     path: Path
-    version: str  # "sd1" or "sd2"
+    version: str  # "sd1", "sd2" or "sdxl"
     prediction_type: str
     dtype: str
     ema: bool
@@ -62,13 +64,13 @@ class ExportReport:
     size: int  # bytes on disk
 
     def __str__(self) -> str:
-        kind = {"sd1": "SD 1.x", "sd2": "SD 2.x"}[self.version]
+        kind = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}[self.version]
         return (f"{self.path} ({self.size / 1e9:.2f} GB, {self.tensors} tensors, {kind} "
                 f"{self.prediction_type}, {self.dtype}, {'EMA' if self.ema else 'plain'} UNet)")
 
 
 class FolderWeights(TensorFile):
-    """The weights of one diffusers part folder (``unet/``, ``vae/``, ``text_encoder/``):
+    """The weights of one diffusers part folder (``unet/``, ``vae/``, ``text_encoder/``...):
     a single file or shards with their ``.index.json``, safetensors or (older) ``.bin``."""
 
     def __init__(self, folder: Path):
@@ -123,26 +125,36 @@ def export_single_file(model_dir: str | Path, out_file: str | Path, *, fp16: boo
     if out_file.exists() and not overwrite:
         raise ExportError(f"{out_file} already exists: choose another name, or allow "
                           "overwriting (--overwrite)")
-    open_clip = configs["text_encoder"].get("hidden_act") == "gelu"  # OpenCLIP ViT-H (SD 2.x)
-    version = "sd2" if open_clip else "sd1"
+    if "text_encoder_2" in configs:
+        version = "sdxl"
+    else:  # OpenCLIP ViT-H (SD 2.x) or CLIP ViT-L (SD 1.x)
+        version = "sd2" if configs["text_encoder"].get("hidden_act") == "gelu" else "sd1"
     dtype = torch.float16 if fp16 else torch.float32
-    weights = {name: FolderWeights(model_dir / folder) for name, folder in
-               (("unet", "unet_ema" if ema else "unet"), ("vae", "vae"),
-                ("text_encoder", "text_encoder"))}
+    folders = [("unet", "unet_ema" if ema else "unet"), ("vae", "vae"),
+               ("text_encoder", "text_encoder")]
+    if version == "sdxl":
+        folders.append(("text_encoder_2", "text_encoder_2"))
+    weights = {name: FolderWeights(model_dir / folder) for name, folder in folders}
     if out_file.resolve().parent in {w.path.resolve() for w in weights.values()}:
         raise ExportError(f"{out_file} is inside the model's own weight folders: write it elsewhere")
     try:
         links = {
             "unet": ck.unet_links(weights["unet"].shapes, configs["unet"]),
             "vae": ck.vae_links(weights["vae"].shapes, configs["vae"]),
-            "text_encoder": (ck.open_clip_links(weights["text_encoder"].shapes,
-                                                duplicate_last_layer=True) if open_clip
-                             else ck.clip_links(weights["text_encoder"].shapes)),
         }
+        te = weights["text_encoder"].shapes
+        if version == "sdxl":
+            links["text_encoder"] = ck.clip_links(te, prefix=ck.SDXL_CLIP_PREFIX)
+            links["text_encoder_2"] = ck.open_clip_links(weights["text_encoder_2"].shapes,
+                                                         prefix=ck.SDXL_OPEN_CLIP_PREFIX)
+        elif version == "sd2":
+            links["text_encoder"] = ck.open_clip_links(te, duplicate_last_layer=True)
+        else:
+            links["text_encoder"] = ck.clip_links(te)
     except ck.UnmappedKeyError as exc:
-        raise ExportError(f"{model_dir} is not an SD 1.x/2.x model this exporter knows: {exc}") \
-            from exc
-    specs, produce = _plan(weights, links, configs, open_clip, dtype)
+        raise ExportError(f"{model_dir} is not an SD 1.x/2.x/XL model this exporter knows: "
+                          f"{exc}") from exc
+    specs, produce = _plan(weights, links, configs, version, dtype)
     prediction = configs["scheduler"].get("prediction_type", "epsilon")
     metadata = export_metadata(model_dir, configs, version=version, prediction_type=prediction,
                                ema=ema, dtype="fp16" if fp16 else "fp32")
@@ -174,6 +186,8 @@ def _read_configs(model_dir: Path, ema: bool) -> dict[str, dict[str, Any]]:
     files = {"unet": "unet_ema/config.json" if ema else "unet/config.json",
              "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
              "scheduler": "scheduler/scheduler_config.json"}
+    if (model_dir / "text_encoder_2").is_dir():  # SDXL
+        files["text_encoder_2"] = "text_encoder_2/config.json"
     if ema and not (model_dir / "unet_ema").is_dir():
         raise ExportError(f"{model_dir} has no EMA weights (unet_ema/): it was trained without "
                           "Train EMA; export without --ema")
@@ -191,7 +205,7 @@ def _read_configs(model_dir: Path, ema: bool) -> dict[str, dict[str, Any]]:
 
 
 def _plan(weights: dict[str, FolderWeights], links: dict[str, list[ck.KeyLink]],
-          configs: dict[str, dict], open_clip: bool, dtype: torch.dtype
+          configs: dict[str, dict], version: str, dtype: torch.dtype
           ) -> tuple[list[TensorSpec], Callable[[TensorSpec], torch.Tensor]]:
     """What to write (names, shapes) and how to make each tensor from the folder's weights."""
     specs: list[TensorSpec] = []
@@ -203,11 +217,14 @@ def _plan(weights: dict[str, FolderWeights], links: dict[str, list[ck.KeyLink]],
             shape = shapes[0]
             if link.fused:
                 shape = (sum(s[0] for s in shapes),) + tuple(shape[1:])
+            if link.transpose:
+                shape = tuple(reversed(shape))
             if link.conv1x1 and len(shape) == 2:
                 shape = tuple(shape) + (1, 1)
             specs.append(TensorSpec(link.ldm, tuple(shape), dtype))
             makers[link.ldm] = _maker(source, link, tuple(shape))
-    if open_clip:
+    positions = configs["text_encoder"].get("max_position_embeddings", 77)
+    if version == "sd2":
         width = configs["text_encoder"]["hidden_size"]
         # Not used by SD 2.x (diffusers drops them), but tools expecting OpenCLIP's full
         # layout look for them; shape [width, width] is also what diffusers' loader reads.
@@ -215,9 +232,14 @@ def _plan(weights: dict[str, FolderWeights], links: dict[str, list[ck.KeyLink]],
                   ck.OPEN_CLIP_PREFIX + "logit_scale":
                       lambda: torch.tensor(_OPEN_CLIP_LOGIT_SCALE)}
     else:
-        positions = configs["text_encoder"].get("max_position_embeddings", 77)
-        extras = {ck.CLIP_PREFIX + "embeddings.position_ids":
+        # What SD 1.x and SDXL files carry beside their weights (SDXL's projection is a
+        # weight of text_encoder_2, linked above).
+        prefix = ck.SDXL_CLIP_PREFIX if version == "sdxl" else ck.CLIP_PREFIX
+        extras = {prefix + "embeddings.position_ids":
                   lambda: torch.arange(positions, dtype=torch.int64)[None]}
+        if version == "sdxl":
+            extras[ck.SDXL_OPEN_CLIP_PREFIX + "logit_scale"] = \
+                lambda: torch.tensor(_OPEN_CLIP_LOGIT_SCALE)
     for name, make in extras.items():
         tensor = make()
         spec_dtype = dtype if tensor.dtype.is_floating_point else tensor.dtype
@@ -247,6 +269,8 @@ def _maker(source: FolderWeights, link: ck.KeyLink, shape: tuple[int, ...]
     def make() -> torch.Tensor:
         parts = [source.get(k) for k in link.diffusers]
         tensor = torch.cat(parts) if link.fused else parts[0]
+        if link.transpose:
+            tensor = tensor.t().contiguous()
         return tensor.reshape(shape)
 
     return make
@@ -287,6 +311,7 @@ def export_metadata(model_dir: Path, configs: dict[str, dict], *, version: str,
     params = _read_json(model_dir / "params.json")
     v = prediction_type == "v_prediction"
     architecture = ("stable-diffusion-v1" if version == "sd1" else
+                    "stable-diffusion-xl-v1-base" if version == "sdxl" else
                     "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512")
     resolution = params.get("resolution") or configs["vae"].get("sample_size") or 512
     concepts = params.get("concepts_list") if isinstance(params.get("concepts_list"), list) else []
@@ -312,7 +337,8 @@ def export_metadata(model_dir: Path, configs: dict[str, dict], *, version: str,
         "colab_dreambooth.dtype": dtype,
     }
     for part, key in CONFIG_METADATA_KEYS.items():
-        meta[key] = json.dumps(configs[part], sort_keys=True)
+        if part in configs:  # text_encoder_2: SDXL only
+            meta[key] = json.dumps(configs[part], sort_keys=True)
     return {k: _TOKEN.sub("<redacted>", str(v)) for k, v in meta.items()
             if v is not None and v != ""}
 

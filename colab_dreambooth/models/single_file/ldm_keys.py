@@ -9,6 +9,15 @@ every weight in one flat dict:
   Hugging Face layout) or ``cond_stage_model.model.`` (SD 2.x, OpenCLIP ViT-H with fused
   ``in_proj`` attention and 24 blocks of which diffusers keeps the first 23).
 
+Stable Diffusion XL (base 1.0 and its fine-tunes) keeps the same UNet and VAE prefixes (its
+UNet: three levels, none with attention at the top, more transformer layers deeper down, and
+the size/pooled-text embedding ``label_emb.0``) and two text encoders:
+
+- ``conditioner.embedders.0.transformer.text_model.``: CLIP ViT-L in the Hugging Face layout;
+- ``conditioner.embedders.1.model.``: OpenCLIP ViT-bigG in OpenCLIP's layout, all 32 blocks
+  kept, with ``text_projection`` stored as the matrix text features are multiplied by (the
+  transpose of diffusers' ``text_projection.weight``).
+
 Everything here is pure naming: :class:`KeyLink` says which diffusers weight(s) make which
 original weight, for a given model topology. Import and export both walk the same links, so
 the two directions cannot drift apart. No tensors are read here.
@@ -28,6 +37,11 @@ CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 # Some SD 1.x files (old transformers) lack the ``text_model.`` level.
 CLIP_PREFIX_SHORT = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+# SDXL's two text encoders (see the module docs); an SDXL refiner has only the OpenCLIP one,
+# as embedder 0.
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_OPEN_CLIP_PREFIX = "conditioner.embedders.0.model."
 # The EMA copy of the UNet in LDM training checkpoints: dots removed after ``model.``.
 EMA_PREFIX = "model_ema."
 
@@ -36,7 +50,10 @@ _UNET_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "o
                 ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"),
                 ("conv_shortcut", "skip_connection"))
 _UNET_TOP = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
-             "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}
+             "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
+             # SDXL: the embedding of the pooled text features and the size/crop numbers.
+             "add_embedding.linear_1.": "label_emb.0.0.",
+             "add_embedding.linear_2.": "label_emb.0.2."}
 # Inside the VAE's mid-block attention: diffusers name -> LDM name (LDM uses 1x1 convs).
 _VAE_ATTENTION = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.",
                   "to_out.0.": "proj_out."}
@@ -48,12 +65,14 @@ class KeyLink:
 
     ``diffusers`` holds one name, or three (query, key, value) that OpenCLIP stores fused along
     the first dimension as ``in_proj_weight``/``in_proj_bias``. ``conv1x1`` marks a diffusers
-    linear weight that the original layout stores as a 1x1 convolution (VAE attention).
+    linear weight that the original layout stores as a 1x1 convolution (VAE attention);
+    ``transpose`` one that it stores transposed (OpenCLIP's ``text_projection`` matrix).
     """
 
     diffusers: tuple[str, ...]
     ldm: str
     conv1x1: bool = False
+    transpose: bool = False
 
     @property
     def fused(self) -> bool:
@@ -69,8 +88,9 @@ class UnmappedKeyError(UserError, ValueError):
 def unet_links(diffusers_keys: Iterable[str], config: Mapping) -> list[KeyLink]:
     """Links for a ``UNet2DConditionModel`` with SD's block layout, given its diffusers config.
 
-    Works for any number of blocks, layers per block and widths (so SD-shaped tiny models map
-    the same way as SD 1.x/2.x); raises :class:`UnmappedKeyError` for parts SD does not have.
+    Works for any number of blocks, layers per block, transformer layers and widths (so
+    SD-shaped tiny models map the same way as SD 1.x/2.x, and SDXL's UNet too); raises
+    :class:`UnmappedKeyError` for parts SD does not have.
     """
     prefixes = _unet_prefixes(config)
     links = []
@@ -85,7 +105,7 @@ def _unet_prefixes(config: Mapping) -> list[tuple[str, str]]:
     layers = config["layers_per_block"]
     if not isinstance(layers, int):
         raise UnmappedKeyError("a UNet with a different number of layers per block is not an "
-                               "SD 1.x/2.x UNet")
+                               "SD 1.x/2.x/XL UNet")
     up_attention = [t.startswith("CrossAttn") for t in config["up_block_types"]]
     table = dict(_UNET_TOP)
     for i in range(n_blocks):
@@ -116,7 +136,7 @@ def _unet_ldm_name(key: str, prefixes: list[tuple[str, str]]) -> str:
             if ".resnets." in hf or hf.startswith("mid_block.resnets"):
                 rest = _replace_first_part(rest, _UNET_RESNET)
             return ldm + rest
-    raise UnmappedKeyError(f"UNet weight {key!r} has no place in the SD 1.x/2.x layout")
+    raise UnmappedKeyError(f"UNet weight {key!r} has no place in the SD 1.x/2.x/XL layout")
 
 
 def _replace_first_part(rest: str, table: Iterable[tuple[str, str]]) -> str:
@@ -185,8 +205,9 @@ def strip_text_model(key: str) -> str:
     return key[len("text_model."):] if key.startswith("text_model.") else key
 
 
-def clip_links(diffusers_keys: Iterable[str]) -> list[KeyLink]:
-    """Links for SD 1.x's CLIP ViT-L text encoder (Hugging Face layout in both files)."""
+def clip_links(diffusers_keys: Iterable[str], prefix: str = CLIP_PREFIX) -> list[KeyLink]:
+    """Links for the CLIP ViT-L text encoder of SD 1.x (or SDXL's first, with its ``prefix``):
+    Hugging Face layout in both files."""
     links = []
     for key in diffusers_keys:
         if key.endswith("position_ids"):
@@ -194,7 +215,7 @@ def clip_links(diffusers_keys: Iterable[str]) -> list[KeyLink]:
         name = strip_text_model(key)
         if name.startswith("text_projection"):
             raise UnmappedKeyError("a text encoder with a projection is not SD 1.x's")
-        links.append(KeyLink((key,), CLIP_PREFIX + name))
+        links.append(KeyLink((key,), prefix + name))
     return links
 
 
@@ -206,22 +227,26 @@ _OPEN_CLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
                   "final_layer_norm.bias": "ln_final.bias"}
 
 
-def open_clip_links(diffusers_keys: Iterable[str], *, duplicate_last_layer: bool = False
-                    ) -> list[KeyLink]:
-    """Links for SD 2.x's OpenCLIP text encoder.
+def open_clip_links(diffusers_keys: Iterable[str], *, duplicate_last_layer: bool = False,
+                    prefix: str = OPEN_CLIP_PREFIX) -> list[KeyLink]:
+    """Links for SD 2.x's OpenCLIP text encoder (or SDXL's second, with its ``prefix``).
 
     Query, key and value (``q_proj``/``k_proj``/``v_proj``) join into one ``in_proj`` weight.
     SD 2.x uses the penultimate layer, so diffusers drops OpenCLIP's last block; with
     ``duplicate_last_layer`` the export writes a copy of the last diffusers layer in its place,
     so tools that expect all of OpenCLIP's blocks find them (the copy is never used: like
-    kohya's sd-scripts, which fills the same gap).
+    kohya's sd-scripts, which fills the same gap). A ``text_projection.weight``
+    (``CLIPTextModelWithProjection``, SDXL) becomes OpenCLIP's transposed ``text_projection``.
     """
     names = {strip_text_model(k): k for k in diffusers_keys if not k.endswith("position_ids")}
     layers = sorted({int(m[1]) for n in names if (m := re.match(r"encoder\.layers\.(\d+)\.", n))})
     links = []
     for name, key in names.items():
         if name in _OPEN_CLIP_TOP:
-            links.append(KeyLink((key,), OPEN_CLIP_PREFIX + _OPEN_CLIP_TOP[name]))
+            links.append(KeyLink((key,), prefix + _OPEN_CLIP_TOP[name]))
+            continue
+        if name == "text_projection.weight":
+            links.append(KeyLink((key,), prefix + "text_projection", transpose=True))
             continue
         m = re.match(r"encoder\.layers\.(\d+)\.(.*)", name)
         if not m:
@@ -232,7 +257,7 @@ def open_clip_links(diffusers_keys: Iterable[str], *, duplicate_last_layer: bool
         if re.match(r"self_attn\.[kv]_proj\.", rest):
             continue  # joined with q_proj below
         for target in targets:
-            base = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{target}."
+            base = f"{prefix}transformer.resblocks.{target}."
             if fused:
                 kind = fused[1]
                 parts = tuple(_stored_name(names, f"encoder.layers.{index}.self_attn.{p}_proj.{kind}")
@@ -265,4 +290,5 @@ def ema_name(ldm_key: str) -> str:
 
 __all__ = ["KeyLink", "UnmappedKeyError", "unet_links", "vae_links", "clip_links",
            "open_clip_links", "strip_text_model", "ema_name", "UNET_PREFIX", "VAE_PREFIX",
-           "CLIP_PREFIX", "CLIP_PREFIX_SHORT", "OPEN_CLIP_PREFIX", "EMA_PREFIX"]
+           "CLIP_PREFIX", "CLIP_PREFIX_SHORT", "OPEN_CLIP_PREFIX", "EMA_PREFIX",
+           "SDXL_CLIP_PREFIX", "SDXL_OPEN_CLIP_PREFIX", "SDXL_REFINER_OPEN_CLIP_PREFIX"]

@@ -1,16 +1,17 @@
-"""The diffusers configs of an SD 1.x/2.x model: the shipped ones (``configs/``), the ones its
-LDM weights' shapes imply, the ones our exporter embeds in a file, and its prediction type.
+"""The diffusers configs of an SD 1.x/2.x/XL model: the shipped ones (``configs/``), the ones
+its LDM weights' shapes imply, the ones our exporter embeds in a file, and its prediction type.
 
-Works offline: the diffusers configs of SD 1.x, SD 2.x base (512, epsilon) and SD 2.x 768
-(v-prediction) ship in ``configs/``, and whatever the weights' shapes say (widths, layers,
-cross-attention size) overrides them, so SD-shaped models of any size convert too.
+Works offline: the diffusers configs of SD 1.x, SD 2.x base (512, epsilon), SD 2.x 768
+(v-prediction) and SDXL base 1.0 ship in ``configs/``, and whatever the weights' shapes say
+(widths, layers, transformer depths, cross-attention size) overrides them, so SD- and
+SDXL-shaped models of any size convert too.
 
 How the prediction type is chosen (it cannot be read from the weights): the caller's
 ``v_prediction``, else the file's metadata (the scheduler config our exporter embeds,
 ``modelspec.prediction_type``, kohya's ``ss_v_parameterization``), else a ``.yaml`` beside
 the file with ``parameterization: "v"`` (AUTOMATIC1111's convention), else the rule diffusers
-uses: SD 1.x is epsilon; SD 2.x is the 768-px v-prediction model unless the checkpoint's
-``global_step`` is 875000 (SD 2.x base, 512 px, epsilon).
+uses: SD 1.x and SDXL are epsilon; SD 2.x is the 768-px v-prediction model unless the
+checkpoint's ``global_step`` is 875000 (SD 2.x base, 512 px, epsilon).
 """
 
 from __future__ import annotations
@@ -31,21 +32,23 @@ from colab_dreambooth.models.tiny import clip_tokenizer
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("sd1", "sd2", "sd2-v")
+VARIANTS = ("sd1", "sd2", "sd2-v", "sdxl")
 
 # safetensors metadata keys under which our exporter embeds each part's diffusers config.
 CONFIG_METADATA_KEYS = {"unet": "colab_dreambooth.unet_config",
                         "vae": "colab_dreambooth.vae_config",
                         "text_encoder": "colab_dreambooth.text_encoder_config",
+                        "text_encoder_2": "colab_dreambooth.text_encoder_2_config",
                         "scheduler": "colab_dreambooth.scheduler_config"}
 
 SD2_BASE_GLOBAL_STEP = 875000  # SD 2.0/2.1-base checkpoints; diffusers' convert_from_ckpt rule
 
 
 def load_model_config(variant: str) -> dict[str, Any]:
-    """The shipped diffusers configs of ``sd1``, ``sd2`` (base, 512, epsilon) or ``sd2-v``
-    (768, v-prediction): a dict with ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and
-    ``scheduler`` sections."""
+    """The shipped diffusers configs of ``sd1``, ``sd2`` (base, 512, epsilon), ``sd2-v``
+    (768, v-prediction) or ``sdxl`` (base 1.0): a dict with ``unet``, ``vae``,
+    ``text_encoder``, ``tokenizer`` and ``scheduler`` sections (SDXL: also ``text_encoder_2``
+    and ``tokenizer_2``)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown model variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     text = (resources.files(__package__) / "configs" / f"{variant}.json").read_text("utf-8")
@@ -54,8 +57,9 @@ def load_model_config(variant: str) -> dict[str, Any]:
 
 def write_config_folder(configs: dict[str, Any], folder: str | Path,
                         dtype: torch.dtype = torch.float32) -> Path:
-    """Write a diffusers folder without weights: ``model_index.json``, the four configs and the
-    tokenizer. ``configs`` is :func:`load_model_config`'s dict (or one made like it). Also what
+    """Write a diffusers folder without weights: ``model_index.json``, the configs and the
+    tokenizer(s). ``configs`` is :func:`load_model_config`'s dict (or one made like it); with a
+    ``text_encoder_2`` section the folder is a ``StableDiffusionXLPipeline``'s. Also what
     ``from_single_file(path, config=folder)`` needs to work offline."""
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -66,19 +70,25 @@ def write_config_folder(configs: dict[str, Any], folder: str | Path,
     with torch.device("meta"):
         UNet2DConditionModel.from_config(_plain(configs["unet"])).save_config(folder / "unet")
         AutoencoderKL.from_config(_plain(configs["vae"])).save_config(folder / "vae")
-    text_config = CLIPTextConfig(**_plain(configs["text_encoder"]))
-    text_config.architectures = ["CLIPTextModel"]
-    text_config.dtype = str(dtype).removeprefix("torch.")
-    text_config.save_pretrained(folder / "text_encoder")
+    sdxl = "text_encoder_2" in configs
+    encoders = {"text_encoder": "CLIPTextModel"}
+    if sdxl:
+        encoders["text_encoder_2"] = "CLIPTextModelWithProjection"
+    for part, architecture in encoders.items():
+        text_config = CLIPTextConfig(**_plain(configs[part]))
+        text_config.architectures = [architecture]
+        text_config.dtype = str(dtype).removeprefix("torch.")
+        text_config.save_pretrained(folder / part)
     scheduler_config = dict(configs["scheduler"])
     scheduler_cls = getattr(diffusers, scheduler_config.get("_class_name", ""),
                             diffusers.PNDMScheduler)
     scheduler_cls.from_config(_plain(scheduler_config)).save_config(folder / "scheduler")
-    tokenizer = clip_tokenizer()
-    pad = configs.get("tokenizer", {}).get("pad_token")
-    if pad and pad != tokenizer.pad_token:
-        tokenizer.pad_token = pad  # SD 2.x pads with "!", same BPE otherwise
-    tokenizer.save_pretrained(folder / "tokenizer")
+    for part in ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",):
+        tokenizer = clip_tokenizer()
+        pad = configs.get(part, {}).get("pad_token")
+        if pad and pad != tokenizer.pad_token:
+            tokenizer.pad_token = pad  # SD 2.x and SDXL's second pad with "!", same BPE otherwise
+        tokenizer.save_pretrained(folder / part)
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
              "feature_extractor": [None, None], "image_encoder": [None, None],
              "requires_safety_checker": False, "safety_checker": [None, None],
@@ -87,6 +97,13 @@ def write_config_folder(configs: dict[str, Any], folder: str | Path,
              "tokenizer": ["transformers", "CLIPTokenizer"],
              "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"]}
+    if sdxl:
+        del index["requires_safety_checker"], index["safety_checker"]
+        index.update({"_class_name": "StableDiffusionXLPipeline",
+                      "force_zeros_for_empty_prompt": True,
+                      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                      "tokenizer_2": ["transformers", "CLIPTokenizer"]})
+        index = dict(sorted(index.items()))
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return folder
 
@@ -101,13 +118,15 @@ def _plain(config: dict[str, Any]) -> dict[str, Any]:
 def meta_model(name: str, config: dict[str, Any]) -> torch.nn.Module:
     """The diffusers/transformers model of ``config`` with no memory behind its weights."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):
         if name == "unet":
             return UNet2DConditionModel.from_config(_plain(config))
         if name == "vae":
             return AutoencoderKL.from_config(_plain(config))
+        if name == "text_encoder_2":  # SDXL's OpenCLIP bigG, with its projection
+            return CLIPTextModelWithProjection(CLIPTextConfig(**_plain(config)))
         return CLIPTextModel(CLIPTextConfig(**_plain(config)))
 
 
@@ -136,8 +155,13 @@ def _groups(widths: Iterable[int], preferred: int) -> int:
     return max(d for d in range(1, min(preferred, common) + 1) if common % d == 0)
 
 
-def unet_config_from_weights(shapes: dict[str, tuple[int, ...]], base: dict[str, Any]) -> dict:
-    """The UNet's diffusers config from its LDM weight shapes (names without the prefix)."""
+def unet_config_from_weights(shapes: dict[str, tuple[int, ...]], base: dict[str, Any],
+                             pooled_dim: int | None = None) -> dict:
+    """The UNet's diffusers config from its LDM weight shapes (names without the prefix).
+
+    SDXL (``base`` with per-level ``transformer_layers_per_block``): the depth of each level and
+    the size/pooled-text embedding too; ``pooled_dim``, the second text encoder's projection
+    width, splits that embedding's input into pooled text and six size/crop numbers."""
     keys = shapes.keys()
     inputs = _indices(keys, r"input_blocks\.(\d+)\.")
     n_blocks = len(_indices(keys, r"input_blocks\.(\d+)\.0\.op\.weight")) + 1
@@ -153,10 +177,14 @@ def unet_config_from_weights(shapes: dict[str, tuple[int, ...]], base: dict[str,
           else "UpBlock2D" for i in range(n_blocks)]
     attn = [k for k in keys if k.endswith("attn2.to_k.weight")]
     proj = [shapes[k] for k in keys if k.endswith(".proj_in.weight")]
-    depth = [0]
+    depth: int | list[int] = 1
     if "CrossAttnDownBlock2D" in down:
         block = first[down.index("CrossAttnDownBlock2D")]
-        depth = _indices(keys, rf"input_blocks\.{block}\.1\.transformer_blocks\.(\d+)\.")
+        depth = len(_indices(keys, rf"input_blocks\.{block}\.1\.transformer_blocks\.(\d+)\."))
+    if isinstance(base.get("transformer_layers_per_block"), list):
+        # SDXL: a depth per level (1 where a level has no attention, as SDXL's config says).
+        depth = [len(_indices(keys, rf"input_blocks\.{n}\.1\.transformer_blocks\.(\d+)\."))
+                 or 1 for n in first]
     derived = {
         "in_channels": _dim(shapes, "input_blocks.0.0.weight", 1, base["in_channels"]),
         "out_channels": _dim(shapes, "out.2.weight", 0, base["out_channels"]),
@@ -166,8 +194,14 @@ def unet_config_from_weights(shapes: dict[str, tuple[int, ...]], base: dict[str,
         "up_block_types": up,
         "cross_attention_dim": shapes[attn[0]][1] if attn else base["cross_attention_dim"],
         "use_linear_projection": bool(proj) and len(proj[0]) == 2,
-        "transformer_layers_per_block": len(depth),
+        "transformer_layers_per_block": depth,
     }
+    if "label_emb.0.0.weight" in shapes:  # SDXL: pooled text + size/crop numbers
+        embed_in = shapes["label_emb.0.0.weight"][1]
+        derived["addition_embed_type"] = "text_time"
+        derived["projection_class_embeddings_input_dim"] = embed_in
+        if pooled_dim is not None and (embed_in - pooled_dim) % 6 == 0 and embed_in > pooled_dim:
+            derived["addition_time_embed_dim"] = (embed_in - pooled_dim) // 6
     config = {**base, **derived}
     if widths != list(base["block_out_channels"]):
         config["norm_num_groups"] = _groups(widths, base.get("norm_num_groups", 32))
@@ -207,9 +241,10 @@ def vae_config_from_weights(shapes: dict[str, tuple[int, ...]], base: dict[str, 
 
 
 def text_config_from_weights(shapes: dict[str, tuple[int, ...]], base: dict[str, Any],
-                             open_clip: bool) -> dict:
+                             open_clip: bool, *, with_projection: bool = False) -> dict:
     """The text encoder's ``CLIPTextConfig`` from its LDM weight shapes (names without the
-    prefix). OpenCLIP files hold one block more than diffusers keeps (see module docs)."""
+    prefix). SD 2.x's OpenCLIP files hold one block more than diffusers keeps (see module
+    docs); ``with_projection`` (SDXL's second encoder) keeps every block and the projection."""
     if open_clip:
         vocab, hidden = shapes["token_embedding.weight"]
         positions = _dim(shapes, "positional_embedding", 0, base["max_position_embeddings"])
@@ -218,7 +253,7 @@ def text_config_from_weights(shapes: dict[str, tuple[int, ...]], base: dict[str,
                             base["intermediate_size"])
         # SD 2.x runs the penultimate block; real files (and our exports) hold one more, with
         # OpenCLIP's text_projection. Without it the file already ends at the used block.
-        layers = len(blocks) - (1 if "text_projection" in shapes else 0)
+        layers = len(blocks) - (1 if "text_projection" in shapes and not with_projection else 0)
     else:
         vocab, hidden = shapes["embeddings.token_embedding.weight"]
         positions = _dim(shapes, "embeddings.position_embedding.weight", 0,
@@ -230,13 +265,18 @@ def text_config_from_weights(shapes: dict[str, tuple[int, ...]], base: dict[str,
     if hidden != base["hidden_size"]:
         config["num_attention_heads"] = max(1, hidden // 64) if hidden % 64 == 0 else 1
         config["projection_dim"] = hidden
+    if with_projection:  # OpenCLIP's matrix [hidden, projection], or a linear layer's weight
+        config["projection_dim"] = (_dim(shapes, "text_projection", 1, config["projection_dim"])
+                                    if "text_projection" in shapes else
+                                    _dim(shapes, "text_projection.weight", 0,
+                                         config["projection_dim"]))
     return config
 
 
 def prediction_type(source: TensorFile, version: str, v_prediction: bool | None
                      ) -> tuple[str, str]:
-    """``(prediction_type, why)`` of ``source``, an SD ``version`` (``sd1``/``sd2``); see the
-    module docstring for the order of the clues."""
+    """``(prediction_type, why)`` of ``source``, an SD ``version`` (``sd1``/``sd2``/``sdxl``);
+    see the module docstring for the order of the clues."""
     if v_prediction is not None:
         return ("v_prediction" if v_prediction else "epsilon"), "as asked"
     meta = source.metadata
@@ -263,7 +303,7 @@ def prediction_type(source: TensorFile, version: str, v_prediction: bool | None
         if source.global_step == SD2_BASE_GLOBAL_STEP:
             return "epsilon", f"SD 2.x base (global_step {SD2_BASE_GLOBAL_STEP})"
         return "v_prediction", "SD 2.x default (768-px v model, as diffusers assumes)"
-    return "epsilon", "SD 1.x default"
+    return "epsilon", "SDXL default" if version == "sdxl" else "SD 1.x default"
 
 
 def embedded_configs(metadata: dict[str, str], derived: dict[str, dict]) -> dict[str, dict]:
@@ -291,11 +331,14 @@ def embedded_configs(metadata: dict[str, str], derived: dict[str, dict]) -> dict
 
 _SHAPE_FIELDS = {
     "unet": ("in_channels", "out_channels", "block_out_channels", "layers_per_block",
-             "down_block_types", "up_block_types", "cross_attention_dim", "use_linear_projection"),
+             "down_block_types", "up_block_types", "cross_attention_dim", "use_linear_projection",
+             "projection_class_embeddings_input_dim"),
     "vae": ("in_channels", "out_channels", "latent_channels", "block_out_channels",
             "layers_per_block"),
     "text_encoder": ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
                      "max_position_embeddings"),
+    "text_encoder_2": ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                       "max_position_embeddings", "projection_dim"),
 }
 
 
