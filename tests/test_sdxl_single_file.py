@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from test_convert import weights
 from test_dehydrate import assert_bit_identical
 
-from colab_dreambooth.models.family_detect import SDXL, detect_family, file_family, folder_family
+from colab_dreambooth.models.families import SDXL, detect_family, file_family, folder_family
 from colab_dreambooth.models.loading import load_components
 from colab_dreambooth.models.single_file import convert as convert_module
 from colab_dreambooth.models.single_file import ldm_keys as ck

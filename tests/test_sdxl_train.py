@@ -25,7 +25,7 @@ from colab_dreambooth.data.images import cover_and_crop
 from colab_dreambooth.demo import demo_config
 from colab_dreambooth.generation.sample import generate_samples
 from colab_dreambooth.models import lora_file
-from colab_dreambooth.models.family_detect import SD, SDXL, detect_family
+from colab_dreambooth.models.families import SD, SDXL, detect_family
 from colab_dreambooth.models.loading import load_components
 from colab_dreambooth.models.lora_file import read_lora
 from colab_dreambooth.models.pipelines import load_lora_pipeline, load_pipeline

@@ -22,8 +22,8 @@ from colab_dreambooth.config.fields import TABS, field_specs, is_shown
 from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.config.validation import validate
 from colab_dreambooth.errors import ConfigError, Problem
+from colab_dreambooth.models.families import DEFAULT_RESOLUTION, detect_family
 from colab_dreambooth.runtime.device import DeviceInfo, detect_device
-from colab_dreambooth.models.family_detect import DEFAULT_RESOLUTION, detect_family
 
 from .compat import set_titles
 from .controls import INPUT_WIDTH, FieldControl, make_control, read_controls

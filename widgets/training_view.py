@@ -26,7 +26,7 @@ from colab_dreambooth.config.params import resolve_concepts
 from colab_dreambooth.config.presets import resolve_auto
 from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.files import list_image_files
-from colab_dreambooth.models.family_detect import detect_family
+from colab_dreambooth.models.families import detect_family
 from colab_dreambooth.runtime.device import DeviceInfo
 from colab_dreambooth.training.optim import plan_steps
 from colab_dreambooth.training.train import TrainResult, train

@@ -7,7 +7,7 @@ Every row was sized with :func:`colab_dreambooth.training.memory.estimate_peak_m
 check that each row's estimate stays under 85% of its GPU's memory, with prior preservation on).
 
 SDXL (the ``family`` a caller passes: what
-:func:`~colab_dreambooth.models.family_detect.detect_family` reads from the base model) at
+:func:`~colab_dreambooth.models.families.detect_family` reads from the base model) at
 1024 px has a UNet three times SD 1.5's and about seven times its activations per image: each
 row's ``sdxl`` and ``sdxl_lora`` maps replace the values that must differ
 (gradient checkpointing, smaller batches, 8-bit Adam, the UNet alone), each with its reason.
@@ -26,7 +26,7 @@ from colab_dreambooth.runtime.device import DeviceInfo, detect_device
 
 # The fields a preset decides, in the order its table shows them (each declares its column).
 PRESET_FIELDS = preset_fields(DreamBoothConfig)
-# The model families of colab_dreambooth.models.family_detect (a layer above this one: callers
+# The model families of colab_dreambooth.models.families (a layer above this one: callers
 # detect the family and pass it).
 SD, SDXL = "SD", "SDXL"
 

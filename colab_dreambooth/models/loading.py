@@ -16,7 +16,7 @@ from colab_dreambooth.config.settings import TINY_MODEL, TINY_SDXL_MODEL
 from colab_dreambooth.config.validation import looks_like_local_path
 from colab_dreambooth.console import quiet_known_warnings
 from colab_dreambooth.errors import ModelLoadError
-from colab_dreambooth.models.family_detect import SD, SDXL, folder_family
+from colab_dreambooth.models.families import FAMILY, SD, folder_family
 from colab_dreambooth.models.single_file.convert import convert_single_file
 from colab_dreambooth.models.text_encoding import DualTextEncoder
 from colab_dreambooth.models.tiny import tiny_model_path, tiny_sdxl_model_path
@@ -38,7 +38,7 @@ class Components:
     inference_scheduler: Any  # the model's own sampling scheduler, saved with the result
     source: str  # the local folder it was read from
     tokenizer_2: Any = None  # SDXL's second tokenizer
-    family: str = SD  # colab_dreambooth.models.family_detect.SD or SDXL
+    family: str = SD  # colab_dreambooth.models.families.SD or SDXL
     vae_folder: str | None = None  # the VAE's diffusers folder (None: not a folder on disk)
 
     @property
@@ -61,23 +61,20 @@ def load_components(name: str, vae: str = "") -> Components:
     (SD 1.x/2.x or SDXL) is read from the folder. ``vae`` (the VAE field) replaces the model's
     VAE: see :func:`load_vae`.
     """
+    import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = resolve_model_folder(name)
-    family = folder_family(folder)
-    parts = "tokenizer, text_encoder, vae, unet, scheduler"
-    if family == SDXL:
-        parts = "tokenizer, tokenizer_2, text_encoder, text_encoder_2, vae, unet, scheduler"
+    family = FAMILY[folder_family(folder)]
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
-        tokenizer_2 = None
-        if family == SDXL:
-            tokenizer_2 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
-            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-                folder, subfolder="text_encoder_2")
-            text_encoder = DualTextEncoder(text_encoder, text_encoder_2)
+        tokenizers, encoders = [], []
+        for subfolder, tokenizer_folder, class_name, _ in family.text_encoders:
+            tokenizers.append(transformers.CLIPTokenizer.from_pretrained(
+                folder, subfolder=tokenizer_folder))
+            encoders.append(getattr(transformers, class_name).from_pretrained(
+                folder, subfolder=subfolder))
+        # SDXL's two encoders as one module: the loop handles them as SD's one.
+        text_encoder = encoders[0] if len(encoders) == 1 else DualTextEncoder(*encoders)
         vae_folder = str(folder / "vae")
         if vae.strip():
             vae_module, vae_folder = load_vae(vae, folder)
@@ -86,13 +83,15 @@ def load_components(name: str, vae: str = "") -> Components:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
         scheduler_config = _read_scheduler_config(folder)
     except (OSError, ValueError) as exc:
-        kind = "Stable Diffusion XL" if family == SDXL else "Stable Diffusion"
-        raise ModelLoadError(f"{folder} is not a complete {kind} diffusers folder ({parts}): "
-                             f"{exc}") from exc
+        parts = ", ".join([t for e in family.text_encoders for t in e[1::-1]]
+                          + ["vae", "unet", "scheduler"])
+        raise ModelLoadError(f"{folder} is not a complete {family.label} diffusers folder "
+                             f"({parts}): {exc}") from exc
     noise_scheduler = DDPMScheduler.from_config(scheduler_config)
     inference_scheduler = _scheduler_class(scheduler_config).from_config(scheduler_config)
-    return Components(tokenizer, text_encoder, vae_module, unet, noise_scheduler,
-                      inference_scheduler, str(folder), tokenizer_2, family, vae_folder)
+    return Components(tokenizers[0], text_encoder, vae_module, unet, noise_scheduler,
+                      inference_scheduler, str(folder),
+                      tokenizers[1] if len(tokenizers) > 1 else None, family.name, vae_folder)
 
 
 def load_vae(name: str, base_folder: str | Path) -> tuple[Any, str | None]:

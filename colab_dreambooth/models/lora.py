@@ -34,6 +34,7 @@ import torch
 
 from colab_dreambooth.config.settings import CONV_TYPES, DORA_TYPES, LORA_TYPES, safe_name
 from colab_dreambooth.errors import ConfigError, ModelLoadError, Problem
+from colab_dreambooth.models.families import architecture_names, unet_version
 from colab_dreambooth.models.lora_file import (
     ADAPTER_NAME,
     LOHA_NAMES,
@@ -338,11 +339,10 @@ def lora_metadata(config: "DreamBoothConfig", unet, *, steps: int, epochs: int, 
     Holds settings, counts and prompts only: never a token or a path beyond the base model's
     name.
     """
-    xl = getattr(unet.config, "addition_embed_type", None) == "text_time"  # SDXL
-    v2 = not xl and getattr(unet.config, "cross_attention_dim", 768) == 1024  # OpenCLIP ViT-H
+    version = unet_version(unet.config)
+    v2 = version == "sd2"
     v_pred = prediction_type == "v_prediction"
-    base_version = ("sdxl_base_v1-0" if xl else  # kohya's names
-                    ("sd_v2" if v2 else "sd_v1") + ("_v" if v_pred else ""))
+    base_version, architecture = architecture_names(version, v_pred)  # kohya's, SAI's
     te_trained = config.train_text_encoder is not False  # blank (auto): on, as in add_lora
     unet_alpha = effective_alpha(config.lora_alpha, config.lora_unet_rank)
     lora_type = config.lora_type
@@ -404,10 +404,7 @@ def lora_metadata(config: "DreamBoothConfig", unet, *, steps: int, epochs: int, 
                                                           for c in config.concepts_list)),
         "ss_instance_prompts": json.dumps(sorted(set(instance_prompts))),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ("stable-diffusion-xl-v1-base" if xl else
-                                   "stable-diffusion-v2-768-v" if v2 and v_pred else
-                                   "stable-diffusion-v2-512" if v2 else
-                                   "stable-diffusion-v1") + "/"
+        "modelspec.architecture": architecture + "/"
                                   + ("lora" if lora_type == "LoRA" else "lycoris"),
         "modelspec.implementation": "diffusers",
         "modelspec.title": safe_name(config.model_name),

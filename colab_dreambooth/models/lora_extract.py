@@ -46,6 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from colab_dreambooth.errors import ModelLoadError, UserError
+from colab_dreambooth.models.families import architecture_names, unet_version
 from colab_dreambooth.models.lora import AdapterPlan, adapter_plan, metadata_model_name
 from colab_dreambooth.models.lora_file import (
     SDXL_TEXT_PREFIXES,
@@ -349,17 +350,16 @@ def extract_metadata(base: str | os.PathLike, tuned: str | os.PathLike, tuned_fo
     plus what it was extracted from (model names only, never paths of this machine)."""
     unet_config = _read_json(tuned_folder / UNET / "config.json")
     scheduler = _read_json(tuned_folder / "scheduler" / "scheduler_config.json")
-    xl = unet_config.get("addition_embed_type") == "text_time"  # SDXL
-    v2 = not xl and unet_config.get("cross_attention_dim", 768) == 1024  # OpenCLIP ViT-H
+    version = unet_version(unet_config)
     v_pred = scheduler.get("prediction_type") == "v_prediction"
+    base_version, architecture = architecture_names(version, v_pred)  # kohya's, SAI's
     args = {"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_rank))} if conv_rank else {}
-    resolution = 1024 if xl else 768 if v2 and v_pred else 512
+    resolution = {"sdxl": 1024, "sd2": 768 if v_pred else 512}.get(version, 512)
     now = time.time()
     base_name, tuned_name = metadata_model_name(str(base)), metadata_model_name(str(tuned))
     return {
-        "ss_v2": str(v2),
-        "ss_base_model_version": ("sdxl_base_v1-0" if xl else
-                                  ("sd_v2" if v2 else "sd_v1") + ("_v" if v_pred else "")),
+        "ss_v2": str(version == "sd2"),
+        "ss_base_model_version": base_version,
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(rank)),
@@ -373,10 +373,7 @@ def extract_metadata(base: str | os.PathLike, tuned: str | os.PathLike, tuned_fo
                                 + f", clamp quantile {clamp_quantile:g}"),
         "colab_dreambooth.extracted_from": tuned_name,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ("stable-diffusion-xl-v1-base" if xl else
-                                   "stable-diffusion-v2-768-v" if v2 and v_pred else
-                                   "stable-diffusion-v2-512" if v2 else
-                                   "stable-diffusion-v1") + "/lora",
+        "modelspec.architecture": architecture + "/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": out.stem,
         "modelspec.resolution": f"{resolution}x{resolution}",

@@ -38,12 +38,13 @@ import torch
 
 from colab_dreambooth.errors import ModelLoadError
 from colab_dreambooth.files import file_mode, temp_file_beside
+from colab_dreambooth.models.families import FAMILY, SD, SDXL
 from colab_dreambooth.models.text_encoding import text_parts
 
 UNET_PREFIX = "lora_unet_"
-TEXT_ENCODER_PREFIX = "lora_te_"
+TEXT_ENCODER_PREFIX = FAMILY[SD].lora_prefixes["text_encoder"]  # lora_te_
 # SDXL: each text encoder (by diffusers sub-folder) has its own prefix.
-SDXL_TEXT_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+SDXL_TEXT_PREFIXES = FAMILY[SDXL].lora_prefixes  # lora_te1_, lora_te2_
 PREFIXES = (UNET_PREFIX, TEXT_ENCODER_PREFIX) + tuple(SDXL_TEXT_PREFIXES.values())
 ADAPTER_NAME = "default"
 

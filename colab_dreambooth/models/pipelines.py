@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from colab_dreambooth.errors import ModelLoadError
-from colab_dreambooth.models.family_detect import SDXL, folder_family
+from colab_dreambooth.models.families import SDXL, folder_family
 from colab_dreambooth.models.loading import (
     Components,
     dtype_argument,

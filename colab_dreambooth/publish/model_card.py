@@ -32,7 +32,7 @@ from colab_dreambooth.config.validation import looks_like_local_path
 from colab_dreambooth.errors import UserError
 from colab_dreambooth.files import copy_file_atomic, write_text_atomic
 from colab_dreambooth.generation.sample import save_image_atomic
-from colab_dreambooth.models.family_detect import SDXL, detect_family
+from colab_dreambooth.models.families import FAMILY, SDXL, detect_family
 from colab_dreambooth.models.lora import effective_alpha, lora_file_path, uses_conv, uses_dora
 from colab_dreambooth.runtime.environment import mount_drive_if_needed
 
@@ -278,8 +278,7 @@ def folder_name(path: str) -> str:
 # ----------------------------------------------------------------------------- internals
 def _pipeline_class(config: DreamBoothConfig) -> str:
     """The diffusers pipeline that runs the model: SDXL's for an SDXL base."""
-    sdxl = detect_family(config.base_model) == SDXL
-    return "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    return FAMILY[detect_family(config.base_model)].pipeline
 
 
 def _words(text: str) -> list[str]:

@@ -27,7 +27,7 @@ from colab_dreambooth.config.presets import (
 )
 from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.errors import ConfigError, Problem
-from colab_dreambooth.models.family_detect import detect_family
+from colab_dreambooth.models.families import detect_family
 from colab_dreambooth.runtime.device import DeviceInfo, detect_device
 from colab_dreambooth.runtime.environment import Runtime, detect_runtime, package_versions
 from colab_dreambooth.runtime.packages import INSTALL_HINT, importable

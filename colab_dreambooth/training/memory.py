@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING
 
 from colab_dreambooth.config.presets import apply_preset
 from colab_dreambooth.config.settings import TINY_MODEL, TINY_SDXL_MODEL
-from colab_dreambooth.models.family_detect import SD, SDXL, detect_family, folder_family
+from colab_dreambooth.models.families import SD, SDXL, detect_family, folder_family
 from colab_dreambooth.models.lora import uses_conv, uses_dora
 from colab_dreambooth.models.tiny import tiny_model_path, tiny_sdxl_model_path
 from colab_dreambooth.runtime.device import DeviceInfo
@@ -90,7 +90,7 @@ class ModelSizes:
     vae: int
     label: str
     text_encoder_2: int = 0  # SDXL's second text encoder (OpenCLIP bigG, with projection)
-    family: str = SD  # models.family_detect: "SD" or "SDXL"
+    family: str = SD  # models.families: "SD" or "SDXL"
     vae_fp32: bool = False  # the VAE runs in fp32 (SDXL's overflows in fp16)
 
     @property
@@ -487,7 +487,7 @@ def _attention(choice: str | None, device: DeviceInfo) -> str:
 def model_sizes(base_model: str) -> ModelSizes:
     """Parameter counts of ``base_model``: counted from its configs when they are on this
     machine (the tiny models, a local diffusers folder, a Hub model already downloaded), else
-    those of SDXL base for an SDXL model (:func:`~colab_dreambooth.models.family_detect.
+    those of SDXL base for an SDXL model (:func:`~colab_dreambooth.models.families.
     detect_family`), of SD 2.x for a name that says so and of SD 1.x otherwise. Loads no
     weights."""
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from colab_dreambooth.files import save_folder_atomic
-from colab_dreambooth.models.family_detect import SDXL, keys_family
+from colab_dreambooth.models.families import SDXL, keys_family
 from colab_dreambooth.models.single_file import ldm_keys as ck
 from colab_dreambooth.models.single_file.model_configs import (
     embedded_configs,

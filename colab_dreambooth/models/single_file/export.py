@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 from colab_dreambooth.files import temp_file_beside
+from colab_dreambooth.models.families import architecture_names
 from colab_dreambooth.models.single_file import ldm_keys as ck
 from colab_dreambooth.models.single_file.model_configs import CONFIG_METADATA_KEYS
 from colab_dreambooth.models.single_file.readers import (
@@ -310,9 +311,7 @@ def export_metadata(model_dir: Path, configs: dict[str, dict], *, version: str,
     info = _read_json(model_dir / "training_info.json")
     params = _read_json(model_dir / "params.json")
     v = prediction_type == "v_prediction"
-    architecture = ("stable-diffusion-v1" if version == "sd1" else
-                    "stable-diffusion-xl-v1-base" if version == "sdxl" else
-                    "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512")
+    architecture = architecture_names(version, v)[1]
     resolution = params.get("resolution") or configs["vae"].get("sample_size") or 512
     concepts = params.get("concepts_list") if isinstance(params.get("concepts_list"), list) else []
     prompts = info.get("instance_prompts") or [c.get("instance_prompt", "") for c in concepts

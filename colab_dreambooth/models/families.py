@@ -1,11 +1,20 @@
-"""Which model family a base model is (SD 1.x/2.x or SDXL), told without loading or downloading
-its weights: from the name of a built-in model, a diffusers folder's ``model_index.json``, a
-single file's weight names (its header only), a Hub model's ``model_index.json`` when it is
-in the Hub cache, and last from the name (no network: a lookup would stall an offline machine
-for a minute). Loading a model reads its downloaded folder, which has the last word.
+"""The model families (Stable Diffusion 1.x/2.x and SDXL): what differs between them, and
+telling which one a base model is.
 
-:func:`detect_family` is what the memory estimate, the presets, the forms and the loaders ask;
-:mod:`colab_dreambooth.models.families` holds what each family then does.
+:class:`ModelFamily` (:data:`FAMILY`) holds what differs as data: the text encoders (diffusers
+sub-folders, transformers classes, kohya LoRA prefixes), the diffusers pipeline, the training
+resolution. The behaviour that differs sits behind two objects the one training loop uses:
+the text module (SD's CLIP, or SDXL's two encoders as one
+:class:`~colab_dreambooth.models.text_encoding.DualTextEncoder`) and the
+:class:`~colab_dreambooth.models.text_encoding.Conditioning` it returns (SDXL adds the pooled
+embedding and each image's size/crop numbers to the UNet's inputs).
+
+:func:`detect_family` tells the family without loading or downloading weights: from the name
+of a built-in model, a diffusers folder's ``model_index.json``, a single file's weight names
+(its header only), a Hub model's ``model_index.json`` when it is in the Hub cache, and last
+from the name (no network: a lookup would stall an offline machine for a minute). Loading a
+model reads its downloaded folder, which has the last word. The memory estimate, the presets,
+the forms and the loaders ask it.
 """
 
 from __future__ import annotations
@@ -13,9 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from colab_dreambooth.config.settings import TINY_MODEL, TINY_SDXL_MODEL
 from colab_dreambooth.models.single_file.readers import open_model_file
@@ -25,8 +35,36 @@ log = logging.getLogger(__name__)
 SD = "SD"  # Stable Diffusion 1.x and 2.x: one CLIP text encoder
 SDXL = "SDXL"  # Stable Diffusion XL: two text encoders, pooled and size/crop conditioning
 FAMILIES = (SD, SDXL)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What a model family is made of, as data."""
+
+    name: str  # SD or SDXL
+    label: str  # for people
+    resolution: int  # the side it was trained at: what a form proposes for it
+    pipeline: str  # the diffusers pipeline class
+    # Per text encoder, in order: (diffusers sub-folder, tokenizer sub-folder, transformers
+    # class, kohya LoRA prefix).
+    text_encoders: tuple[tuple[str, str, str, str], ...]
+
+    @property
+    def lora_prefixes(self) -> dict[str, str]:
+        """kohya's LoRA key prefix of each text encoder, by diffusers sub-folder."""
+        return {folder: prefix for folder, _, _, prefix in self.text_encoders}
+
+
+FAMILY = {
+    SD: ModelFamily(SD, "Stable Diffusion 1.x/2.x", 512, "StableDiffusionPipeline",
+                    (("text_encoder", "tokenizer", "CLIPTextModel", "lora_te_"),)),
+    SDXL: ModelFamily(SDXL, "Stable Diffusion XL", 1024, "StableDiffusionXLPipeline",
+                      (("text_encoder", "tokenizer", "CLIPTextModel", "lora_te1_"),
+                       ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection",
+                        "lora_te2_"))),
+}
 # The side length each family was trained at: what a form proposes when the family changes.
-DEFAULT_RESOLUTION = {SD: 512, SDXL: 1024}
+DEFAULT_RESOLUTION = {name: family.resolution for name, family in FAMILY.items()}
 
 # Pipelines of the SDXL family in model_index.json (base, and fine-tunes saved by any tool).
 _SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
@@ -116,5 +154,25 @@ def _hub_model_index(repo_id: str) -> dict | None:
         return None
 
 
-__all__ = ["DEFAULT_RESOLUTION", "FAMILIES", "SD", "SDXL", "detect_family", "file_family",
+# ----------------------------------------------------------------------------- names in files
+def unet_version(unet_config: Mapping) -> str:
+    """``sd1``, ``sd2`` or ``sdxl`` from a UNet's config: SDXL's size/crop ("text_time")
+    conditioning, SD 2.x's OpenCLIP ViT-H width (1024), else SD 1.x."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return "sd2" if unet_config.get("cross_attention_dim", 768) == 1024 else "sd1"
+
+
+def architecture_names(version: str, v_prediction: bool) -> tuple[str, str]:
+    """``(kohya's ss_base_model_version, SAI's modelspec.architecture)`` of a model version
+    (:func:`unet_version`), the names the WebUI and other tools read from a file's header."""
+    if version == "sdxl":
+        return "sdxl_base_v1-0", "stable-diffusion-xl-v1-base"
+    if version == "sd2":
+        return (("sd_v2_v", "stable-diffusion-v2-768-v") if v_prediction
+                else ("sd_v2", "stable-diffusion-v2-512"))
+    return ("sd_v1_v" if v_prediction else "sd_v1"), "stable-diffusion-v1"
+
+
+__all__ = ["FAMILY", "ModelFamily", "DEFAULT_RESOLUTION", "architecture_names", "unet_version", "FAMILIES", "SD", "SDXL", "detect_family", "file_family",
            "folder_family", "keys_family"]
