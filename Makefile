@@ -48,7 +48,7 @@ COLAB_TEST_TOOLS := selenium lion-pytorch prodigyopt lycoris-lora
 COLAB_TESTS ?= tests/test_install_cell.py tests/test_widgets.py tests/test_notebooks.py \
 	tests/test_browser.py tests/test_runtime.py tests/test_models.py tests/test_sample.py \
 	tests/test_lora.py tests/test_lora_types.py tests/test_export.py tests/test_captioning.py \
-	tests/test_tiny_sdxl.py tests/test_sdxl_single_file.py
+	tests/test_tiny_sdxl.py tests/test_sdxl_single_file.py tests/test_sdxl_train.py
 
 venv-colab: $(COLAB_VENV)/.installed
 

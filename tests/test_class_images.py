@@ -34,7 +34,7 @@ def cached_loader(monkeypatch, tiny_parts):
     """Make generate_class_images reuse the module's loaded model (counts the loads)."""
     loads = []
 
-    def load(name):
+    def load(name, vae=""):
         loads.append(name)
         return tiny_parts
 
@@ -44,7 +44,7 @@ def cached_loader(monkeypatch, tiny_parts):
 
 @pytest.fixture
 def no_model(monkeypatch):
-    def fail(name):
+    def fail(name, vae=""):
         raise AssertionError(f"the model {name} was loaded")
 
     monkeypatch.setattr(class_images, "load_components", fail)
@@ -107,7 +107,7 @@ def test_rerun_on_a_complete_folder_generates_nothing_and_loads_no_model(
     first = generate_class_images(config, progress=False)
     assert first[0].generated == 2 and cached_loader == ["tiny"]
 
-    def fail(name):
+    def fail(name, vae=""):
         raise AssertionError("the model was loaded for a complete folder")
 
     monkeypatch.setattr(class_images, "load_components", fail)

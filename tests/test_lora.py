@@ -446,7 +446,7 @@ def test_lora_with_ema_is_refused_before_any_model_loads(tiny_config, monkeypatc
     assert not lora_problems(tiny_config.copy(use_ema=True))  # EMA alone is fine
     assert not lora_problems(tiny_config.copy(use_lora=True))
 
-    def no_loading(name):
+    def no_loading(name, vae=""):
         raise AssertionError("a model was loaded before the settings were checked")
 
     monkeypatch.setattr(train_module, "load_components", no_loading)

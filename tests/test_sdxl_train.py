@@ -28,7 +28,11 @@ from colab_dreambooth.models import lora_file
 from colab_dreambooth.models.families import SD, SDXL, detect_family
 from colab_dreambooth.models.loading import load_components
 from colab_dreambooth.models.lora_file import read_lora
-from colab_dreambooth.models.pipelines import load_lora_pipeline, load_pipeline
+from colab_dreambooth.models.pipelines import (
+    load_lora_pipeline,
+    load_pipeline,
+    pipeline_text_encoder,
+)
 from colab_dreambooth.models.text_encoding import (
     DualTextEncoder,
     encode_token_ids,
@@ -219,7 +223,7 @@ def test_training_conditions_on_each_images_size(lora_run):
 def test_diffusers_sdxl_loader_reproduces_the_trained_model(lora_run):
     base = sdxl_pipeline()
     before = pipe_outputs(base)
-    state = lora_file.state_for_diffusers(lora_run.state, base.text_encoder)
+    state = lora_file.state_for_diffusers(lora_run.state, pipeline_text_encoder(base))
     base.load_lora_weights(state)
     loaded = pipe_outputs(base)
     for name in ("states", "pooled", "noise"):
@@ -426,7 +430,7 @@ def test_extract_lora_from_a_full_sdxl_fine_tune(tmp_path):
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     base = sdxl_pipeline()
     before = pipe_outputs(base)
-    base.load_lora_weights(lora_file.state_for_diffusers(state, base.text_encoder))
+    base.load_lora_weights(lora_file.state_for_diffusers(state, pipeline_text_encoder(base)))
     got, want = pipe_outputs(base), pipe_outputs(load_pipeline(tuned, device="cpu"))
     for name in ("states", "pooled", "noise"):
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4)

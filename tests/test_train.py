@@ -272,7 +272,7 @@ def test_bad_data_stops_before_any_model_loads(tiny_config, tmp_path, monkeypatc
     config = tiny_config.copy()
     config.concepts_list[0].instance_data_dir = str(folder)
 
-    def no_models(name):
+    def no_models(name, vae=""):
         raise AssertionError("a model was loaded before the data was checked")
 
     monkeypatch.setattr(train_module, "load_components", no_models)

@@ -234,20 +234,23 @@ def needs_peft_loader(state: dict[str, torch.Tensor]) -> bool:
 
 def state_for_diffusers(state: dict[str, torch.Tensor], text_encoder) -> dict[str, torch.Tensor]:
     """The kohya state as the installed diffusers reads it. Before 0.40 (Colab has 0.39) its
-    loader looks for the text encoder's layers under ``text_model.``, which transformers 5's
-    CLIPTextModel no longer has: there the names lose that part, as the modules did."""
+    loader looks for a text encoder's layers under ``text_model.``, which transformers 5's
+    CLIPTextModel no longer has (its CLIPTextModelWithProjection, SDXL's second encoder, still
+    does): there the names lose that part, as the modules did. ``text_encoder`` is the model's
+    text module (SDXL: both encoders, e.g. ``pipelines.pipeline_text_encoder(pipe)``)."""
     from importlib.metadata import version
 
     from packaging.version import Version
 
-    if Version(version("diffusers")) >= Version("0.40") or hasattr(
-            text_parts(text_encoder)["text_encoder"], "text_model"):
+    if Version(version("diffusers")) >= Version("0.40"):
         return state
+    flattened = [prefix + "text_model_" for module, prefix in model_prefixes(None, text_encoder)
+                 if not hasattr(module, "text_model")]
     renamed = {}
     for key, value in state.items():
-        for prefix in (TEXT_ENCODER_PREFIX, *SDXL_TEXT_PREFIXES.values()):
-            if key.startswith(prefix + "text_model_"):
-                key = prefix + key[len(prefix + "text_model_"):]
+        for old in flattened:
+            if key.startswith(old):
+                key = old.removesuffix("text_model_") + key[len(old):]
         renamed[key] = value
     return renamed
 
