@@ -75,3 +75,17 @@ def test_resume_with_another_process_count_is_refused(demo_root, tmp_path):
     launch(save_params(config, tmp_path / "m.json"), tmp_path / "d")
     with pytest.raises(CheckpointError, match="processes: 2 in the checkpoint, 1 now"):
         train(config, resume=True, progress=False)
+
+
+def test_two_processes_train_sdxl_in_sync(demo_root, tmp_path):
+    """SDXL under DistributedDataParallel: both text encoders train as one wrapped module and
+    the processes end with the same weights."""
+    config = demo_config(demo_root, steps=3).copy(
+        pretrained_model_name_or_path="tiny-sdxl", models_root=str(tmp_path), model_name="xl",
+        seed=3, train_batch_size=1, save_every_steps=0, save_preview_every=0,
+        save_preview_every_steps=0, train_text_encoder=True)
+    out = launch(save_params(config, tmp_path / "xl.json"), tmp_path / "digests")
+    assert out.stdout.count("steps=3 stopped=False") == 2
+    digests = {p.read_text() for p in (tmp_path / "digests").iterdir()}
+    assert len(digests) == 1
+    assert (tmp_path / "dreambooth" / "xl" / "model" / "text_encoder_2").is_dir()

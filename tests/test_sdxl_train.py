@@ -297,6 +297,39 @@ def test_sampling_with_clip_skip_and_long_prompts(full_run):
 
 
 # ----------------------------------------------------------------------------- resume
+def test_full_sdxl_stop_then_resume_equals_an_uninterrupted_run(demo_root, tmp_path):
+    """Both text encoders trained, EMA, buckets, random crops and flips, accumulation: stopped
+    at step 3 and resumed, the run ends with the losses and weights of one never stopped."""
+    import threading
+
+    def config(name):
+        c = demo_config(demo_root, steps=5).copy(
+            pretrained_model_name_or_path="tiny-sdxl", models_root=str(tmp_path),
+            model_name=name, seed=11, train_batch_size=1, train_text_encoder=True,
+            use_ema=True, enable_bucket=True, hflip=True, center_crop=False,
+            gradient_accumulation_steps=2, save_every_steps=2, checkpoints_to_keep=1,
+            cache_latents=False, lr_scheduler="cosine", lr_warmup_steps=1)
+        c.concepts_list[0].num_class_images = 2
+        return c
+
+    whole = train(config("whole"), progress=False)
+    stop = threading.Event()
+    first = train(config("split"), stop=stop, progress=False,
+                  on_step=lambda step, loss, lr: step == 3 and stop.set())
+    assert first.stopped_early and first.steps == 3
+    second = train(config("split"), resume=True, progress=False)
+    assert second.losses == whole.losses and second.steps == 5
+
+    def weights(model: Path) -> dict[str, torch.Tensor]:
+        return {f"{part}.{k}": v for part in ("unet", "unet_ema", "text_encoder", "text_encoder_2")
+                for f in sorted((model / part).glob("*.safetensors"))
+                for k, v in load_file(f).items()}
+
+    a, b = weights(whole.model_dir), weights(second.model_dir)
+    assert a.keys() == b.keys() and any(k.startswith("text_encoder_2.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_sigkill_then_resume_matches_an_uninterrupted_sdxl_lora_run(demo_root, tmp_path):
     base = demo_config(demo_root, steps=8).copy(
         pretrained_model_name_or_path="tiny-sdxl", models_root=str(tmp_path), seed=7,

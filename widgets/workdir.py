@@ -13,6 +13,7 @@ from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.demo import demo_config, make_demo_data
 from colab_dreambooth.files import list_image_files
 from colab_dreambooth.runtime.environment import mount_drive_if_needed
+from colab_dreambooth.models.families import DEFAULT_RESOLUTION, detect_family
 
 PARAMS_FILE = "params.json"
 
@@ -24,9 +25,11 @@ def params_file(work_dir: str | os.PathLike) -> Path:
 
 def prepare_config(work_dir: str | os.PathLike, *, base_model: str, instance_dir: str = "",
                    instance_prompt: str, class_prompt: str, instance_token: str = "",
-                   class_token: str = "", num_class_images: int = 0, resolution: int = 512,
+                   class_token: str = "", num_class_images: int = 0,
+                   resolution: int | None = None,
                    demo_if_empty: bool = False) -> tuple[DreamBoothConfig, list[str]]:
-    """The configuration notebook 01 starts from, and notes saying where things come from.
+    """The configuration notebook 01 starts from, and notes saying where things come from
+    (``resolution`` None: the base model family's own, 512 for SD 1.x/2.x, 1024 for SDXL).
 
     Settings already saved in ``WORK_DIR/params.json`` are kept except the ones given here
     (the notebook's parameters win). A blank ``instance_dir`` means ``WORK_DIR/data/instance``;
@@ -34,6 +37,8 @@ def prepare_config(work_dir: str | os.PathLike, *, base_model: str, instance_dir
     there so the notebooks run end to end with no photos. Models go under ``WORK_DIR``.
     """
     work = Path(work_dir).expanduser()
+    if resolution is None:  # the side the base model was trained at: 512 SD, 1024 SDXL
+        resolution = DEFAULT_RESOLUTION[detect_family(base_model)]
     mount_drive_if_needed(work, instance_dir)  # never a folder under an unmounted Drive
     work.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []

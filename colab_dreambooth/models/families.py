@@ -56,7 +56,7 @@ class ModelFamily:
 
 
 FAMILY = {
-    SD: ModelFamily(SD, "Stable Diffusion 1.x/2.x", 512, "StableDiffusionPipeline",
+    SD: ModelFamily(SD, "Stable Diffusion", 512, "StableDiffusionPipeline",
                     (("text_encoder", "tokenizer", "CLIPTextModel", "lora_te_"),)),
     SDXL: ModelFamily(SDXL, "Stable Diffusion XL", 1024, "StableDiffusionXLPipeline",
                       (("text_encoder", "tokenizer", "CLIPTextModel", "lora_te1_"),
@@ -155,12 +155,17 @@ def _hub_model_index(repo_id: str) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- names in files
-def unet_version(unet_config: Mapping) -> str:
-    """``sd1``, ``sd2`` or ``sdxl`` from a UNet's config: SDXL's size/crop ("text_time")
-    conditioning, SD 2.x's OpenCLIP ViT-H width (1024), else SD 1.x."""
-    if unet_config.get("addition_embed_type") == "text_time":
+def unet_version(unet_config: Mapping | object) -> str:
+    """``sd1``, ``sd2`` or ``sdxl`` from a UNet's config (a dict or a config object): SDXL's
+    size/crop ("text_time") conditioning, SD 2.x's OpenCLIP ViT-H width (1024), else SD 1.x."""
+    def get(key: str, default=None):
+        if isinstance(unet_config, Mapping):
+            return unet_config.get(key, default)
+        return getattr(unet_config, key, default)
+
+    if get("addition_embed_type") == "text_time":
         return "sdxl"
-    return "sd2" if unet_config.get("cross_attention_dim", 768) == 1024 else "sd1"
+    return "sd2" if get("cross_attention_dim", 768) == 1024 else "sd1"
 
 
 def architecture_names(version: str, v_prediction: bool) -> tuple[str, str]:

@@ -131,7 +131,7 @@ class ExtractReport:
                 line += f"; {self.unchanged[part]} unchanged layers left out"
             lines.append(line)
         if not self.text_encoder:
-            lines.append(f"  text encoder left out: its largest change, "
+            lines.append(f"  text_encoder left out: its largest change, "
                          f"{self.text_encoder_max_diff:.3g}, is not above min_diff "
                          f"{self.min_diff:g} (lower --min-diff to include it)")
         lines.append("  (error: ||change - LoRA|| / ||change|| per layer; a higher rank lowers "

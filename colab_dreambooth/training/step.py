@@ -68,8 +68,10 @@ def prompts_known(config) -> bool:
     """True when every prompt's text states can be computed before the run (then
     :meth:`PromptStates.encode_all` encodes them and the frozen encoders leave the GPU): the
     text encoder(s) never train, and each prompt's states stand alone (Pad Tokens; no Shuffle
-    Tags, which makes new prompts every epoch)."""
-    return (not config.train_text_encoder and config.pad_tokens and not config.shuffle_tags)
+    Tags, which makes new prompts every epoch). Blank (auto) Train Text Encoder is not known
+    to be off (a LoRA run and most presets train it)."""
+    return (config.train_text_encoder is False and bool(config.pad_tokens)
+            and not config.shuffle_tags)
 
 
 class PromptStates:

@@ -1,5 +1,5 @@
 """Run by tests/test_multiprocess.py under ``accelerate launch``: train a parameters JSON, and
-have every process write a digest of its UNet weights just before the model is saved (so the
+have every process write a digest of its UNet and text-encoder weights just before the model is saved (so the
 test can check the processes stayed in sync)."""
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ def main() -> None:
 
     def save_with_digest(accelerator, config, parts, unet, *rest):
         digest = hashlib.sha256()
-        for tensor in accelerator.unwrap_model(unet).state_dict().values():
-            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        text_encoder = rest[0]  # SDXL: both encoders
+        for model in (unet, text_encoder):
+            for tensor in accelerator.unwrap_model(model).state_dict().values():
+                digest.update(tensor.detach().float().cpu().numpy().tobytes())
         args.digests.mkdir(parents=True, exist_ok=True)
         (args.digests / f"rank{accelerator.process_index}.txt").write_text(digest.hexdigest())
         return save(accelerator, config, parts, unet, *rest)
