@@ -468,3 +468,30 @@ def test_extract_lora_from_a_full_sdxl_fine_tune(tmp_path):
     for name in ("states", "pooled", "noise"):
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4)
         assert (want[name] - before[name]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("model,lora,clip_skip", [("tiny-sdxl", False, 1), ("tiny-sdxl", True, 2),
+                                                  ("tiny", False, 2), ("tiny", True, 1)])
+def test_every_trained_weight_gets_a_gradient(demo_root, model, lora, clip_skip):
+    """Layers the conditioning never reads (SDXL's first encoder after its penultimate state,
+    SD's last layers under Clip Skip) are frozen: several GPUs (DistributedDataParallel)
+    refuse parameters without a gradient."""
+    from colab_dreambooth.runtime.device import DeviceInfo
+    from colab_dreambooth.training.placement import make_accelerator, place_models
+
+    config = demo_config(demo_root).copy(pretrained_model_name_or_path=model, use_lora=lora,
+                                         train_text_encoder=True, clip_skip=clip_skip)
+    parts = load_components(model)
+    placed = place_models(parts.unet, parts.text_encoder, parts.vae, config,
+                          make_accelerator(config, DeviceInfo.cpu()))
+    condition = encode_token_ids(placed.text_encoder,
+                                 prompt_token_ids(parts.tokenizers, [PROMPT]), clip_skip)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+    out = placed.unet(latents, 10, condition.states, **condition.unet_kwargs(time_ids)).sample
+    out.square().mean().backward()
+    trained = {name: p for module in (placed.unet, placed.text_encoder)
+               for name, p in module.named_parameters() if p.requires_grad}
+    assert any("text_encoder" in n or "text_model" in n or "encoder.layers" in n
+               for n in trained)
+    assert [n for n, p in trained.items() if p.grad is None] == []

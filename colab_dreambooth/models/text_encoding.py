@@ -94,6 +94,22 @@ def _final_layer_norm(text_encoder):
     return getattr(model, "text_model", model).final_layer_norm
 
 
+def unused_text_modules(text_encoder, clip_skip: int) -> list[torch.nn.Module]:
+    """The text-encoder layers whose output the conditioning never uses, so they get no
+    gradient (which DistributedDataParallel refuses, and an optimizer would only carry):
+    with Clip Skip N the last N - 1 layers of SD's CLIP; for SDXL the first encoder's last
+    N layers and its final layer norm (its penultimate state is used; the second encoder's
+    pooled output runs through all of its layers, as kohya's sdxl_train freezes them)."""
+    parts = text_parts(text_encoder)
+    if len(parts) == 1:
+        skipped, norm = clip_skip - 1, False
+    else:
+        skipped, norm = clip_skip, True
+    model = getattr(parts["text_encoder"], "text_model", parts["text_encoder"])
+    unused = list(model.encoder.layers[len(model.encoder.layers) - skipped:]) if skipped else []
+    return unused + ([model.final_layer_norm] if norm else [])
+
+
 def freeze_final_layer_norm(text_encoder) -> list[torch.nn.Parameter]:
     """Stop CLIP's final layer norm (of each text encoder) from training (Freeze CLIP
     Normalization); return its parameters so they can be left out of the optimizer."""

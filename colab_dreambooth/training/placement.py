@@ -22,6 +22,7 @@ from colab_dreambooth.models.text_encoding import (
     DualTextEncoder,
     freeze_final_layer_norm,
     num_text_layers,
+    unused_text_modules,
 )
 from colab_dreambooth.runtime.device import DeviceInfo
 from colab_dreambooth.training.numerics import half_model_dtype
@@ -98,6 +99,9 @@ def place_models(unet: torch.nn.Module, text_encoder: torch.nn.Module, vae: torc
         for module in (unet, text_encoder):
             _to(module, accelerator.device, weight_dtype)
         add_lora(unet, text_encoder, config)
+    if config.train_text_encoder:
+        for module in unused_text_modules(text_encoder, config.clip_skip):
+            module.requires_grad_(False)  # no gradient reaches it (adapters included)
     unet.train()
     text_encoder.train(config.train_text_encoder)
     set_memory_attention(unet, config.attention, on_cuda)
