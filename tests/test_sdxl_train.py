@@ -495,3 +495,46 @@ def test_every_trained_weight_gets_a_gradient(demo_root, model, lora, clip_skip)
     assert any("text_encoder" in n or "text_model" in n or "encoder.layers" in n
                for n in trained)
     assert [n for n, p in trained.items() if p.grad is None] == []
+
+
+@pytest.mark.parametrize("lora_type", ["LoCon", "LoHa"])
+def test_lycoris_types_on_sdxl_load_back(demo_root, tmp_path, lora_type):
+    """LoCon (3x3 convolutions too; diffusers' loader) and LoHa (peft) train on SDXL and load
+    onto the base as the trained model."""
+    config = demo_config(demo_root, steps=2).copy(
+        pretrained_model_name_or_path="tiny-sdxl", models_root=str(tmp_path), model_name="ly",
+        use_lora=True, lora_type=lora_type, lora_unet_rank=4, lora_txt_rank=2,
+        lora_conv_rank=2, lora_learning_rate=1e-2, lora_txt_learning_rate=1e-2,
+        train_batch_size=1)
+    config.concepts_list[0].num_class_images = 2
+    captured: dict = {}
+    original = saving_module.save_lora_model
+
+    def spy(config, parts, unet, text_encoder, step, *rest):
+        unet.eval()
+        text_encoder.eval()
+        captured.update(outputs(unet, text_encoder, parts.tokenizers))
+        return original(config, parts, unet, text_encoder, step, *rest)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(saving_module, "save_lora_model", spy)
+        result = train(config, progress=False)
+    state = read_lora(result.lora_file)[0]
+    assert {k.split("_")[1] for k in state} == {"unet", "te1", "te2"}
+    pipe = load_lora_pipeline("tiny-sdxl", result.lora_file, device="cpu")
+    loaded = pipe_outputs(pipe)
+    for name in ("states", "pooled", "noise"):
+        torch.testing.assert_close(loaded[name], captured[name], rtol=1e-4, atol=1e-4)
+
+
+def test_sdxl_below_768_px_is_warned(tiny_config, caplog):
+    from colab_dreambooth.training.train import _warn_low_resolution
+
+    for base, resolution, warned in (("stabilityai/stable-diffusion-xl-base-1.0", 512, True),
+                                     ("stabilityai/stable-diffusion-xl-base-1.0", 1024, False),
+                                     ("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, False),
+                                     ("tiny-sdxl", 64, False)):
+        caplog.clear()
+        _warn_low_resolution(tiny_config.copy(pretrained_model_name_or_path=base,
+                                              resolution=resolution))
+        assert ("SDXL was trained at 1024 px" in caplog.text) == warned, base

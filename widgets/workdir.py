@@ -12,8 +12,8 @@ from colab_dreambooth.config.params import load_params
 from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.demo import demo_config, make_demo_data
 from colab_dreambooth.files import list_image_files
-from colab_dreambooth.runtime.environment import mount_drive_if_needed
 from colab_dreambooth.models.families import DEFAULT_RESOLUTION, detect_family
+from colab_dreambooth.runtime.environment import mount_drive_if_needed
 
 PARAMS_FILE = "params.json"
 
