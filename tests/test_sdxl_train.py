@@ -538,3 +538,21 @@ def test_sdxl_below_768_px_is_warned(tiny_config, caplog):
         _warn_low_resolution(tiny_config.copy(pretrained_model_name_or_path=base,
                                               resolution=resolution))
         assert ("SDXL was trained at 1024 px" in caplog.text) == warned, base
+
+
+def test_release_of_an_sdxl_fine_tune(full_run, tmp_path):
+    """Notebook 04's release on SDXL: the single file (which Create Model reads back as an
+    SDXL folder), the card, a dehydrated copy and an extracted LoRA, sent to a folder."""
+    from colab_dreambooth.models.families import file_family
+    from colab_dreambooth.publish.release import ReleaseSettings, make_release
+
+    settings = ReleaseSettings(fp16=True, dehydrate=True, extract_lora=True, extract_rank=4,
+                               destination=str(tmp_path / "drive"))
+    result = make_release(full_run.config, settings, progress=False)
+    assert file_family(result.export) == SDXL
+    assert "StableDiffusionXLPipeline" in result.card.read_text(encoding="utf-8")
+    assert result.dehydrated.is_file() and result.extracted.is_file()
+    # Two steps move the text encoders less than kohya's min_diff: the UNet's layers only.
+    assert {k.split("_")[1] for k in read_lora(result.extracted)[0]} == {"unet"}
+    sent = tmp_path / "drive" / "zwx-xl"
+    assert (sent / result.export.name).is_file() and (sent / "text_encoder_2").is_dir()
