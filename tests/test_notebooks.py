@@ -133,3 +133,27 @@ def test_all_four_notebooks_run_in_order_unattended(tmp_path, monkeypatch):
 
 def png_outputs(nb) -> list:
     return [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+
+
+def test_the_notebooks_train_and_export_an_sdxl_model(tmp_path, monkeypatch):
+    """A user who picks an SDXL model in notebook 01 goes through 03 and 04 unchanged: the
+    family comes from the base model (here the tiny SDXL-shaped one)."""
+    work = tmp_path / "work"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    common = {"BASE_MODEL": "tiny-sdxl", "WORK_DIR": str(work), "UNATTENDED": True}
+    execute("01_prepare_data.ipynb", {**common, "RESOLUTION": 64}, tmp_path)
+    config = load_params(work / "params.json")
+    assert config.pretrained_model_name_or_path == "tiny-sdxl"
+    trained = execute("03_train.ipynb", {**common, "STEPS": 2}, tmp_path)
+    assert "Finished 2 steps" in text_output(trained)
+    model = load_params(work / "params.json").model_dir / "model"
+    assert (model / "text_encoder_2").is_dir() and (model / "tokenizer_2").is_dir()
+    tested = execute("04_test_and_export.ipynb",
+                     {**common, "N_SAMPLES": 1, "SAMPLE_STEPS": 2}, tmp_path)
+    assert png_outputs(tested)
+    from colab_dreambooth.models.families import SDXL, file_family
+
+    export = model.parent / "release" / f"{config.model_name}.safetensors"
+    assert file_family(export) == SDXL

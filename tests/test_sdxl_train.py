@@ -78,6 +78,20 @@ def pipe_outputs(pipe) -> dict[str, torch.Tensor]:
                    (pipe.tokenizer, pipe.tokenizer_2))
 
 
+def capture_at_save(captured: dict):
+    """A stand-in for save_lora_model that first records the trained model's
+    :func:`outputs` into ``captured``."""
+    original = saving_module.save_lora_model
+
+    def spy(config, parts, unet, text_encoder, step, *rest):
+        unet.eval()
+        text_encoder.eval()
+        captured.update(outputs(unet, text_encoder, parts.tokenizers))
+        return original(config, parts, unet, text_encoder, step, *rest)
+
+    return spy
+
+
 # ----------------------------------------------------------------------------- the family
 def test_family_is_read_from_the_model(sdxl_parts):
     assert detect_family("tiny-sdxl") == SDXL and detect_family("tiny") == SD
@@ -172,13 +186,7 @@ def lora_run(demo_root, tmp_path_factory):
         cache_latents=False)
     config.concepts_list[0].num_class_images = 3
     captured: dict = {}
-    original = saving_module.save_lora_model
-
-    def spy(config, parts, unet, text_encoder, step, *rest):
-        unet.eval()
-        text_encoder.eval()
-        captured.update(outputs(unet, text_encoder, parts.tokenizers))
-        return original(config, parts, unet, text_encoder, step, *rest)
+    spy = capture_at_save(captured)
 
     seen: list[torch.Tensor] = []
     from diffusers import UNet2DConditionModel
@@ -508,13 +516,7 @@ def test_lycoris_types_on_sdxl_load_back(demo_root, tmp_path, lora_type):
         train_batch_size=1)
     config.concepts_list[0].num_class_images = 2
     captured: dict = {}
-    original = saving_module.save_lora_model
-
-    def spy(config, parts, unet, text_encoder, step, *rest):
-        unet.eval()
-        text_encoder.eval()
-        captured.update(outputs(unet, text_encoder, parts.tokenizers))
-        return original(config, parts, unet, text_encoder, step, *rest)
+    spy = capture_at_save(captured)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(saving_module, "save_lora_model", spy)
