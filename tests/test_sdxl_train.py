@@ -527,6 +527,41 @@ def test_lycoris_types_on_sdxl_load_back(demo_root, tmp_path, lora_type):
     loaded = pipe_outputs(pipe)
     for name in ("states", "pooled", "noise"):
         torch.testing.assert_close(loaded[name], captured[name], rtol=1e-4, atol=1e-4)
+    if lora_type == "LoCon":
+        _lycoris_reads_it(state, captured, tmp_path)
+
+
+def _lycoris_reads_it(state: dict, captured: dict, tmp_path: Path) -> None:
+    """LyCORIS's own SDXL network (two text encoders: lora_te1_/lora_te2_), the layout the
+    WebUI and ComfyUI follow, has our file's keys and shapes and computes the trained model's
+    outputs from it."""
+    kohya = pytest.importorskip("lycoris.kohya")
+    parts = load_components("tiny-sdxl")
+    encoders = list(text_parts(parts.text_encoder).values())
+    # LyCORIS names a module as it finds it: transformers 5 flattened CLIPTextModel (the first
+    # encoder) but not CLIPTextModelWithProjection (the second).
+    weights = {(k.replace("lora_te1_text_model_", "lora_te1_")
+                if not hasattr(encoders[0], "text_model") else k): v for k, v in state.items()}
+    preset = tmp_path / "preset.toml"
+    preset.write_text(
+        'enable_conv = true\nunet_target_module = ["Transformer2DModel", "ResnetBlock2D", '
+        '"Downsample2D", "Upsample2D"]\nunet_target_name = []\n'
+        'text_encoder_target_module = ["CLIPAttention", "CLIPMLP"]\n'
+        'text_encoder_target_name = []\n', encoding="utf-8")
+    from lycoris.utils.preset import read_preset
+
+    # Loading from weights keeps the class-wide preset of the last network made: set kohya's
+    # LoCon targets (LyCORIS's default "full" also adapts the time and size embeddings).
+    kohya.LycorisNetworkKohya.apply_preset(read_preset(str(preset)))
+    network, _ = kohya.create_network_from_weights(1.0, None, parts.vae, encoders, parts.unet,
+                                                   weights_sd=weights)
+    network.apply_to(encoders, parts.unet, True, True)
+    network.load_state_dict(weights)
+    theirs = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+    assert theirs == {k: tuple(v.shape) for k, v in weights.items()}
+    got = outputs(parts.unet.eval(), parts.text_encoder.eval(), parts.tokenizers)
+    for name in ("states", "pooled", "noise"):
+        torch.testing.assert_close(got[name], captured[name], rtol=1e-4, atol=1e-4)
 
 
 def test_sdxl_below_768_px_is_warned(tiny_config, caplog):
