@@ -329,3 +329,19 @@ def test_sdxl_activations_are_sd15s_times_the_counted_ratio(one_thread):
     assert memory.SDXL_ACTIVATIONS_GB == pytest.approx(memory.ACTIVATIONS_GB * ratio, rel=0.02)
     assert memory.SDXL_ACTIVATIONS_CHECKPOINTED_GB == pytest.approx(
         memory.ACTIVATIONS_CHECKPOINTED_GB * ratio_checkpointed, rel=0.02)
+
+
+def test_sdxl_disk_estimates_count_both_text_encoders():
+    """Checkpoints, the saved folder and the export hold the second text encoder too: the
+    fp16 export is SDXL base's real single file, 6.94 GB."""
+    from colab_dreambooth.config.settings import DreamBoothConfig
+    from colab_dreambooth.training.memory import SDXL_BASE
+    from colab_dreambooth.training.space import checkpoint_bytes, export_bytes, model_bytes
+
+    sizes = SDXL_BASE
+    both = sizes.unet + sizes.text_encoder + sizes.text_encoder_2
+    config = DreamBoothConfig(train_text_encoder=True, use_ema=False, optimizer="AdamW",
+                              use_8bit_adam=False)
+    assert checkpoint_bytes(config, sizes, eight_bit=False) == both * (4 + 8) + (1 << 20)
+    assert model_bytes(config, sizes) == (both + sizes.vae) * 4 + (2 << 20)
+    assert abs(export_bytes(sizes, fp16=True) / 1e9 - 6.94) < 0.01

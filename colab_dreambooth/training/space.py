@@ -120,7 +120,7 @@ def trained_parameters(config: "DreamBoothConfig", sizes: ModelSizes) -> int:
     """The weights a checkpoint stores (LoRA: only the adapters)."""
     if config.use_lora:
         return adapter_parameters(config, sizes)
-    return sizes.unet + (sizes.text_encoder if config.train_text_encoder else 0)
+    return sizes.unet + (sizes.text_encoders if config.train_text_encoder else 0)
 
 
 def checkpoint_bytes(config: "DreamBoothConfig", sizes: ModelSizes, *,
@@ -145,12 +145,12 @@ def model_bytes(config: "DreamBoothConfig", sizes: ModelSizes) -> int:
     if config.use_lora:
         return trained_parameters(config, sizes) * 4 + (1 << 20)
     ema = sizes.unet * 4 if config.use_ema else 0
-    return (sizes.unet + sizes.text_encoder + sizes.vae) * 4 + ema + (2 << 20)
+    return (sizes.unet + sizes.text_encoders + sizes.vae) * 4 + ema + (2 << 20)
 
 
 def export_bytes(sizes: ModelSizes, *, fp16: bool = True) -> int:
     """One single-file export (notebook 04's release): UNet, text encoder and VAE."""
-    return (sizes.unet + sizes.text_encoder + sizes.vae) * (2 if fp16 else 4)
+    return (sizes.unet + sizes.text_encoders + sizes.vae) * (2 if fp16 else 4)
 
 
 def checkpoint_saves(config: "DreamBoothConfig", total_steps: int, steps_per_epoch: int) -> int:
