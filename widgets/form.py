@@ -22,7 +22,7 @@ from colab_dreambooth.config.fields import TABS, field_specs, is_shown
 from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.config.validation import validate
 from colab_dreambooth.errors import ConfigError, Problem
-from colab_dreambooth.models.families import DEFAULT_RESOLUTION, detect_family
+from colab_dreambooth.models.families import FAMILY, detect_family
 from colab_dreambooth.runtime.device import DeviceInfo, detect_device
 
 from .compat import set_titles
@@ -200,8 +200,8 @@ class ConfigForm:
         config = self._read()[0]
         family = detect_family(config.base_model)
         if self._family is not None and family != self._family \
-                and config.resolution == DEFAULT_RESOLUTION[self._family]:
-            self.fields["resolution"].set(DEFAULT_RESOLUTION[family])
+                and config.resolution == FAMILY[self._family].resolution:
+            self.fields["resolution"].set(FAMILY[family].resolution)
         self._family = family
 
     @property

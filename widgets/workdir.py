@@ -12,7 +12,7 @@ from colab_dreambooth.config.params import load_params
 from colab_dreambooth.config.settings import DreamBoothConfig
 from colab_dreambooth.demo import demo_config, make_demo_data
 from colab_dreambooth.files import list_image_files
-from colab_dreambooth.models.families import DEFAULT_RESOLUTION, detect_family
+from colab_dreambooth.models.families import FAMILY, detect_family
 from colab_dreambooth.runtime.environment import mount_drive_if_needed
 
 PARAMS_FILE = "params.json"
@@ -38,7 +38,7 @@ def prepare_config(work_dir: str | os.PathLike, *, base_model: str, instance_dir
     """
     work = Path(work_dir).expanduser()
     if resolution is None:  # the side the base model was trained at: 512 SD, 1024 SDXL
-        resolution = DEFAULT_RESOLUTION[detect_family(base_model)]
+        resolution = FAMILY[detect_family(base_model)].resolution
     mount_drive_if_needed(work, instance_dir)  # never a folder under an unmounted Drive
     work.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []

@@ -21,14 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from colab_dreambooth.config.fields import preset_fields
-from colab_dreambooth.config.settings import DreamBoothConfig
+from colab_dreambooth.config.settings import SD, SDXL, DreamBoothConfig
 from colab_dreambooth.runtime.device import DeviceInfo, detect_device
 
 # The fields a preset decides, in the order its table shows them (each declares its column).
 PRESET_FIELDS = preset_fields(DreamBoothConfig)
-# The model families of colab_dreambooth.models.families (a layer above this one: callers
-# detect the family and pass it).
-SD, SDXL = "SD", "SDXL"
 
 _FP16 = ("fp16", "no bf16 on this GPU; fp16 runs on its tensor cores")
 _BF16 = ("bf16", "bf16 tensor cores: fp16's speed without its overflow risk")

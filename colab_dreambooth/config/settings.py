@@ -31,6 +31,8 @@ MAX_TOKEN_LENGTHS = (75, 150, 225)
 TINY_MODEL = "tiny"
 TINY_SDXL_MODEL = "tiny-sdxl"  # the tiny SDXL-shaped model (colab_dreambooth.models.tiny)
 TINY_MODELS = (TINY_MODEL, TINY_SDXL_MODEL)
+# The model families; colab_dreambooth.models.families says which one a base model is.
+SD, SDXL = "SD", "SDXL"
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 

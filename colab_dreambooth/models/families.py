@@ -27,14 +27,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from colab_dreambooth.config.settings import TINY_MODEL, TINY_SDXL_MODEL
+from colab_dreambooth.config.settings import SD, SDXL, TINY_MODEL, TINY_SDXL_MODEL
 from colab_dreambooth.models.single_file.readers import open_model_file
 
 log = logging.getLogger(__name__)
 
-SD = "SD"  # Stable Diffusion 1.x and 2.x: one CLIP text encoder
-SDXL = "SDXL"  # Stable Diffusion XL: two text encoders, pooled and size/crop conditioning
-FAMILIES = (SD, SDXL)
 
 
 @dataclass(frozen=True)
@@ -43,7 +40,7 @@ class ModelFamily:
 
     name: str  # SD or SDXL
     label: str  # for people
-    resolution: int  # the side it was trained at: what a form proposes for it
+    resolution: int  # the side it was trained at: what the forms propose for it
     pipeline: str  # the diffusers pipeline class
     # Per text encoder, in order: (diffusers sub-folder, tokenizer sub-folder, transformers
     # class, kohya LoRA prefix).
@@ -63,8 +60,6 @@ FAMILY = {
                        ("text_encoder_2", "tokenizer_2", "CLIPTextModelWithProjection",
                         "lora_te2_"))),
 }
-# The side length each family was trained at: what a form proposes when the family changes.
-DEFAULT_RESOLUTION = {name: family.resolution for name, family in FAMILY.items()}
 
 # Pipelines of the SDXL family in model_index.json (base, and fine-tunes saved by any tool).
 _SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
@@ -179,5 +174,5 @@ def architecture_names(version: str, v_prediction: bool) -> tuple[str, str]:
     return ("sd_v1_v" if v_prediction else "sd_v1"), "stable-diffusion-v1"
 
 
-__all__ = ["FAMILY", "ModelFamily", "DEFAULT_RESOLUTION", "architecture_names", "unet_version", "FAMILIES", "SD", "SDXL", "detect_family", "file_family",
-           "folder_family", "keys_family"]
+__all__ = ["FAMILY", "ModelFamily", "SD", "SDXL", "architecture_names", "detect_family",
+           "file_family", "folder_family", "keys_family", "unet_version"]

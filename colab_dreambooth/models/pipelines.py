@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from colab_dreambooth.errors import ModelLoadError
-from colab_dreambooth.models.families import SDXL, folder_family
+from colab_dreambooth.models.families import FAMILY, SDXL, folder_family
 from colab_dreambooth.models.loading import (
     Components,
     dtype_argument,
@@ -84,16 +84,13 @@ def load_pipeline(model_dir: str | Path, device: str | None = None,
     folder = resolve_model(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device == "cuda" else torch.float32)
-    if folder_family(folder) == SDXL:
-        from diffusers import StableDiffusionXLPipeline
+    import diffusers
 
-        pipe = StableDiffusionXLPipeline.from_pretrained(str(folder), **dtype_argument(dtype))
-    else:
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline.from_pretrained(str(folder), **dtype_argument(dtype),
-                                                       safety_checker=None,
-                                                       requires_safety_checker=False)
+    family = folder_family(folder)
+    # SD's pipeline has a safety checker slot (DreamBooth models are the user's own: none).
+    extra = {} if family == SDXL else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = getattr(diffusers, FAMILY[family].pipeline).from_pretrained(
+        str(folder), **dtype_argument(dtype), **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

@@ -58,16 +58,11 @@ def chunked_input_ids(tokenizer, prompts: list[str], *, max_token_length: int = 
 def encode_chunks(text_encoder, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
     """Text-encoder states for ``(batch, chunks, length)`` ids: ``(batch, positions, width)``
     with ``positions = length`` for one chunk, else ``1 + 75 * chunks + 1``."""
-    batch, chunks, length = input_ids.shape
-    device = next(_unwrap(text_encoder).parameters()).device
-    flat = input_ids.reshape(batch * chunks, length).to(device)
     if clip_skip > 1:
-        out = text_encoder(flat, output_hidden_states=True)
-        states = out.hidden_states[-clip_skip]
-        states = _final_layer_norm(text_encoder)(states)
-    else:
-        states = text_encoder(flat)[0]
-    return _join_chunks(states, batch, chunks, length)
+        norm = _final_layer_norm(text_encoder)
+        return _chunked_states(text_encoder, input_ids,
+                               lambda out: norm(out.hidden_states[-clip_skip]))[0]
+    return _chunked_states(text_encoder, input_ids, lambda out: out[0], hidden=False)[0]
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], *, pad_tokens: bool = True,
@@ -88,10 +83,15 @@ def _unwrap(module):
     return getattr(module, "module", module)
 
 
-def _final_layer_norm(text_encoder):
+def _text_model(text_encoder):
+    """The module holding CLIP's layers: transformers 4 keeps them in ``.text_model``, 5 puts
+    them on CLIPTextModel itself (not on CLIPTextModelWithProjection)."""
     model = _unwrap(text_encoder)
-    # transformers 4 keeps the layers in .text_model; 5 puts them on the model itself.
-    return getattr(model, "text_model", model).final_layer_norm
+    return getattr(model, "text_model", model)
+
+
+def _final_layer_norm(text_encoder):
+    return _text_model(text_encoder).final_layer_norm
 
 
 def unused_text_modules(text_encoder, clip_skip: int) -> list[torch.nn.Module]:
@@ -105,7 +105,7 @@ def unused_text_modules(text_encoder, clip_skip: int) -> list[torch.nn.Module]:
         skipped, norm = clip_skip - 1, False
     else:
         skipped, norm = clip_skip, True
-    model = getattr(parts["text_encoder"], "text_model", parts["text_encoder"])
+    model = _text_model(parts["text_encoder"])
     unused = list(model.encoder.layers[len(model.encoder.layers) - skipped:]) if skipped else []
     return unused + ([model.final_layer_norm] if norm else [])
 
@@ -194,12 +194,15 @@ def encode_token_ids(text_module: torch.nn.Module, ids: tuple[torch.Tensor, ...]
     return Conditioning(encode_chunks(text_module, ids[0], clip_skip))
 
 
-def _chunked_states(encoder, input_ids: torch.Tensor, pick) -> tuple[torch.Tensor, Any]:
-    """Hidden states chosen by ``pick`` for chunked ids, joined as :func:`encode_chunks` does,
+def _chunked_states(encoder, input_ids: torch.Tensor, pick, *, hidden: bool = True
+                    ) -> tuple[torch.Tensor, Any]:
+    """The states ``pick`` takes from the encoder's output for ``(batch, chunks, length)`` ids
+    (all hidden states asked for when ``hidden``), with the chunks joined (:func:`_join_chunks`),
     and the encoder's whole output."""
     batch, chunks, length = input_ids.shape
-    device = next(encoder.parameters()).device
-    out = encoder(input_ids.reshape(batch * chunks, length).to(device), output_hidden_states=True)
+    device = next(_unwrap(encoder).parameters()).device
+    flat = input_ids.reshape(batch * chunks, length).to(device)
+    out = encoder(flat, output_hidden_states=True) if hidden else encoder(flat)
     return _join_chunks(pick(out), batch, chunks, length), out
 
 
